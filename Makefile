@@ -1,0 +1,79 @@
+# Digit Recognizer pipeline. `make help` lists the targets; `make train submit` is the main job.
+# Variables on the command line override the preset: make train PRESET=quick EPOCHS=3 RUN=myrun
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON_BASE ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESET ?= standard
+RUN ?= $(PRESET)
+SOURCE ?= auto
+UPLOAD ?= 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+RAW := data/raw
+PROCESSED := data/processed
+RUNDIR := runs/$(RUN)
+SUBMISSION := submissions/submission.csv
+
+.PHONY: help venv fetch prepare train predict submit score report test bench clean
+
+help: ## list the targets
+	@echo "Digit Recognizer pipeline. Usage: make TARGET [PRESET=quick|standard|overnight] [RUN=name] [KEY=value ...]"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_.\/$$()-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(VENV)/.installed ## create .venv from requirements.txt (every target does this first)
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+fetch: $(RAW)/train.csv ## download the competition data (SOURCE=auto|kaggle|mnist)
+
+$(RAW)/train.csv: | $(VENV)/.installed
+	$(PY) -m pipeline.fetch --source $(SOURCE)
+
+prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
+
+$(PROCESSED)/meta.json: $(RAW)/train.csv | $(VENV)/.installed
+	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction $(VAL_FRACTION))
+
+train: $(RUNDIR)/model.npz ## train PRESET into runs/RUN (resumes an unfinished run)
+
+$(RUNDIR)/model.npz: $(PROCESSED)/meta.json | $(VENV)/.installed
+	$(PY) -m pipeline.train --preset $(PRESET) --run $(RUN) $(MAKEOVERRIDES)
+
+predict: $(RUNDIR)/test_probs.npz ## class probabilities of runs/RUN on test.csv
+
+$(RUNDIR)/test_probs.npz: $(RUNDIR)/model.npz | $(VENV)/.installed
+	$(PY) -m pipeline.predict --run $(RUN)
+
+submit: $(SUBMISSION) ## write submissions/submission.csv (uploads when Kaggle credentials exist and UPLOAD=1)
+
+$(SUBMISSION): $(RUNDIR)/test_probs.npz | $(VENV)/.installed
+	$(PY) -m pipeline.submit --run $(RUN) --upload $(UPLOAD)
+
+score: $(SUBMISSION) ## accuracy of the submission against the offline answer key
+	$(PY) -m pipeline.score --submission $(SUBMISSION)
+
+report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
+
+$(RUNDIR)/report/report.md: $(RUNDIR)/model.npz | $(VENV)/.installed
+	$(PY) -m pipeline.report --run $(RUN)
+
+test: $(VENV)/.dev-installed ## run the tests
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.dev-installed ## engine vs PyTorch throughput on this CPU
+	$(PY) -m bench.bench
+
+clean: ## remove processed data, runs and submissions (keeps data/raw and .venv)
+	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION)

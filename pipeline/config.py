@@ -1,0 +1,147 @@
+"""Training configuration: a TOML preset from configs/ plus KEY=value overrides.
+
+Overrides are type-checked against the preset's defaults and unknown keys fail loudly (nanoGPT's
+rules, without its exec). Keys are case-insensitive so `make train EPOCHS=3` and `epochs=3` agree.
+"""
+import tomllib
+from dataclasses import asdict, dataclass, fields
+
+from pipeline import paths
+from pipeline.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "seed_small"          # a named architecture from pipeline.nn.architectures
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "adam"           # sgd | adam | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9             # sgd
+    nesterov: bool = False            # sgd
+    weight_decay: float = 0.0         # decoupled (sgd, adamw)
+    l2: float = 0.0                   # coupled penalty added to the loss
+    l1: float = 0.0
+    schedule: str = "exponential"     # constant | step | exponential | cosine | onecycle
+    lr_decay: float = 0.95            # exponential: lr * lr_decay**epoch; step: factor per step_epochs
+    step_epochs: int = 10             # step schedule
+    warmup_epochs: float = 0.0        # cosine
+    label_smoothing: float = 0.0
+    augment: bool = False
+    rotate_deg: float = 10.0
+    zoom: float = 0.1
+    shift: float = 0.1
+    seed: int = 0
+    split_seed: int = -1              # -1: use the split written by prepare; else resplit train.csv
+    val_fraction: float = 0.1
+    device: str = "auto"              # auto | cpu | gpu
+    early_stop_patience: int = 0      # 0: off
+    early_stop_metric: str = "val_acc"
+    ckpt_every: int = 0               # steps; 0: about every 2 minutes of work
+    max_time: str = ""                # e.g. 8h, 90m: stop cleanly with a checkpoint
+    members: int = 1                  # ensemble members (overnight preset)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# Variables the Makefile passes that are not training options (stage-level), ignored here.
+STAGE_VARIABLES = {"PRESET", "RUN", "SOURCE", "UPLOAD", "FORCE", "JOBS", "PYTHON", "VENV", "MESSAGE",
+                   "SUBMISSION", "KAGGLE_KERNEL_ID"}
+
+
+def preset_path(name):
+    path = paths.configs() / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in paths.configs().glob("*.toml")))
+        raise UserError(f"unknown preset '{name}' (known: {known})")
+    return path
+
+
+def load_toml(path):
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+
+
+def _coerce(name, default, value):
+    """Convert an override string (or TOML value) to the type of the default."""
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if not isinstance(value, str):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{name}: expected {kind.__name__}, got {value!r}")
+    text = value.strip()
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+    except ValueError:
+        pass
+    raise UserError(f"{name}: expected {kind.__name__}, got {value!r}")
+
+
+def build_config(preset="quick", overrides=()):
+    """Resolve a preset and `KEY=value` strings into a TrainConfig."""
+    data = load_toml(preset_path(preset))
+    return apply_values(TrainConfig(), data, source=f"preset {preset}", overrides=overrides)
+
+
+def apply_values(cfg, data, source="config", overrides=()):
+    known = {f.name: f for f in fields(cfg)}
+    for key, value in data.items():
+        if key not in known:
+            raise UserError(f"{source}: unknown key '{key}'")
+        setattr(cfg, key, _coerce(key, getattr(cfg, key), value))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not KEY=value")
+        key, value = item.split("=", 1)
+        if key.upper() in STAGE_VARIABLES:
+            continue
+        name = key.lower()
+        if name not in known:
+            raise UserError(f"unknown setting '{key}' (known: {', '.join(k.upper() for k in known)})")
+        setattr(cfg, name, _coerce(key, getattr(cfg, name), value))
+    return cfg
+
+
+def to_toml(d) -> str:
+    """Write a flat dict (plus one level of tables) as TOML; enough for resolved configs."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {fmt(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"

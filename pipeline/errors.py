@@ -1,0 +1,26 @@
+"""User-facing failures: one line on stderr, exit code 2, no traceback."""
+import functools
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix (bad input, missing file, bad option): shown as one line."""
+
+
+def cli_main(fn):
+    """Wrap a stage's main(): UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(argv=None):
+        try:
+            code = fn(argv)
+        except UserError as exc:
+            msg = " ".join(str(exc).split())  # one line, whatever the message held
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 0 if code is None else code
+
+    return wrapper

@@ -1,0 +1,57 @@
+"""The run folder: what `train` writes and `predict`, `submit`, `report`, `ensemble` read.
+
+runs/NAME/
+  config.toml            the resolved TrainConfig (plus `preset`)
+  metrics.jsonl          one record per epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr,
+                         images_per_s, wall_time_s
+  checkpoints/           latest / previous / best training state (resume)
+  model.npz              the delivered weights (best by validation): Model.state_dict()
+  summary.json           arch, best_val_acc, best_val_loss, best_epoch, epochs_done, wall_time_s, finished
+  val_predictions.npz    idx (rows of data/processed/train.npz), y, probs float32 (n_val, 10) of model.npz
+  test_probs.npz         probs float32 (M, 10) on test.csv (written by predict)
+  report/                figures (written by report)
+"""
+import json
+import re
+
+from pipeline import paths
+from pipeline.config import TrainConfig, apply_values, load_toml
+from pipeline.errors import UserError
+from pipeline.fileio import load_npz
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def run_dir(name):
+    if not RUN_NAME.match(str(name)):
+        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-'")
+    return paths.runs() / name
+
+
+def load_config(folder) -> TrainConfig:
+    path = folder / "config.toml"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: train the run first (`make train RUN={folder.name}`)")
+    data = load_toml(path)
+    data.pop("preset", None)
+    return apply_values(TrainConfig(), data, source=str(path))
+
+
+def load_summary(folder):
+    path = folder / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_model(folder, xp=None):
+    """Build the run's architecture and load model.npz into it."""
+    import numpy as np
+
+    from pipeline.nn import build_model
+
+    cfg = load_config(folder)
+    path = folder / "model.npz"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={folder.name}`)")
+    model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp or np)
+    model.load_state_dict(load_npz(path))
+    return model
