@@ -8,6 +8,8 @@ PYTHON_BASE ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= standard
+# The preset is passed only when given, so `make train RUN=x` resumes x with its own preset.
+PRESET_ARG := $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET))
 RUN ?= $(PRESET)
 SOURCE ?= auto
 UPLOAD ?= 1
@@ -49,7 +51,7 @@ $(PROCESSED)/meta.json: $(RAW)/train.csv | $(VENV)/.installed
 train: $(RUNDIR)/model.npz ## train PRESET into runs/RUN (resumes an unfinished run)
 
 $(RUNDIR)/model.npz: $(PROCESSED)/meta.json | $(VENV)/.installed
-	$(PY) -m pipeline.train --preset $(PRESET) --run $(RUN) $(MAKEOVERRIDES)
+	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) $(MAKEOVERRIDES)
 
 predict: $(RUNDIR)/test_probs.npz ## class probabilities of runs/RUN on test.csv
 
@@ -69,8 +71,8 @@ report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
 $(RUNDIR)/report/report.md: $(RUNDIR)/model.npz | $(VENV)/.installed
 	$(PY) -m pipeline.report --run $(RUN)
 
-test: $(VENV)/.dev-installed ## run the tests
-	$(PY) -m pytest -q tests
+test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collected, is a failure)
+	$(PY) -m pytest -q tests; code=$$?; if [ $$code -eq 5 ]; then echo 'make test: no tests collected' >&2; exit 1; fi; exit $$code
 
 bench: $(VENV)/.dev-installed ## engine vs PyTorch throughput on this CPU
 	$(PY) -m bench.bench

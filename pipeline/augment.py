@@ -1,0 +1,59 @@
+"""On-the-fly augmentation: one random affine resampling per image (rotation, zoom, shift), bilinear.
+
+Vectorized over the batch with the array module of the images (NumPy or CuPy). The random draws come from
+a NumPy Generator, so the same seed gives the same batch on CPU and GPU.
+"""
+import numpy as np
+
+from pipeline.nn.backend import get_array_module
+
+
+def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1):
+    """Randomly rotate (+-rotate_deg), zoom (1 +- zoom) and shift (+- shift * size) every image.
+
+    x: (N, H, W, C) float array in NHWC; returns a new array of the same shape and dtype.
+    Pixels that map from outside the image are 0 (background).
+    """
+    xp = get_array_module(x)
+    n, h, w, c = x.shape
+    angle = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, n))
+    scale = 1.0 + rng.uniform(-zoom, zoom, n)
+    tx = rng.uniform(-shift, shift, n) * w
+    ty = rng.uniform(-shift, shift, n) * h
+    # Inverse map: output pixel -> source pixel, about the image centre.
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    inv = np.stack([np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1).astype(x.dtype)  # (N, 2, 2)
+    inv = xp.asarray(inv)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    gy, gx = xp.meshgrid(xp.arange(h, dtype=x.dtype) - cy, xp.arange(w, dtype=x.dtype) - cx, indexing="ij")
+    oy = gy[None] - xp.asarray(ty.astype(x.dtype))[:, None, None]
+    ox = gx[None] - xp.asarray(tx.astype(x.dtype))[:, None, None]
+    sx = inv[:, 0, 0, None, None] * ox + inv[:, 0, 1, None, None] * oy + cx
+    sy = inv[:, 1, 0, None, None] * ox + inv[:, 1, 1, None, None] * oy + cy
+    return bilinear_sample(x, sy, sx)
+
+
+def bilinear_sample(x, sy, sx):
+    """Sample x (N, H, W, C) at float coordinates sy, sx (N, H', W'); zero outside the image."""
+    xp = get_array_module(x)
+    n, h, w, c = x.shape
+    y0 = xp.floor(sy).astype(np.int32)
+    x0 = xp.floor(sx).astype(np.int32)
+    wy = (sy - y0).astype(x.dtype)[..., None]
+    wx = (sx - x0).astype(x.dtype)[..., None]
+    # A zero border of one pixel makes out-of-range corners read 0 without masks.
+    padded = xp.zeros((n, h + 2, w + 2, c), dtype=x.dtype)
+    padded[:, 1:-1, 1:-1] = x
+    flat = padded.reshape(n * (h + 2) * (w + 2), c)
+    base = (xp.arange(n, dtype=np.int64) * (h + 2) * (w + 2))[:, None, None]
+
+    def corner(yy, xx):
+        inside = (yy >= -1) & (yy <= h) & (xx >= -1) & (xx <= w)
+        yy = xp.clip(yy + 1, 0, h + 1)
+        xx = xp.clip(xx + 1, 0, w + 1)
+        vals = flat[(base + yy * (w + 2) + xx).reshape(-1)].reshape(yy.shape + (c,))
+        return vals * inside[..., None].astype(x.dtype)
+
+    top = corner(y0, x0) * (1 - wx) + corner(y0, x0 + 1) * wx
+    bottom = corner(y0 + 1, x0) * (1 - wx) + corner(y0 + 1, x0 + 1) * wx
+    return (top * (1 - wy) + bottom * wy).astype(x.dtype, copy=False)

@@ -1,0 +1,300 @@
+"""Train a model from a preset into runs/NAME/, resuming bit-exactly from the newest checkpoint.
+
+    python -m pipeline.train --preset quick --run myrun EPOCHS=5 LR=2e-3
+
+Reads top to bottom: options, init or resume, data, model and optimizer, one loop, final outputs.
+Every random draw is a pure function of (seed, epoch, step) or lives in the checkpoint, so a run killed
+at any moment and resumed ends with the very same weights as one that never stopped.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+
+from pipeline import checkpoint, dataset, runs
+from pipeline.augment import random_affine
+from pipeline.config import TrainConfig, apply_values, build_config, load_toml, to_toml
+from pipeline.errors import UserError, cli_main
+from pipeline.fileio import save_npz, write_json, write_text
+from pipeline.nn import build_model, make_optimizer, make_schedule, select_device, softmax, softmax_cross_entropy, to_numpy
+
+DEFAULT_PRESET = "standard"
+CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of work
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", help=f"preset in configs/ (default: {DEFAULT_PRESET}, or the run's own on resume)")
+    ap.add_argument("--run", help="run name under runs/ (default: the preset's name)")
+    ap.add_argument("--force", action="store_true", help="resume even though the config changed")
+    ap.add_argument("overrides", nargs="*", help="KEY=value settings (EPOCHS=3 LR=1e-3 ...)")
+    args = ap.parse_args(argv)
+    env_force = [o for o in args.overrides if o.upper().startswith("FORCE=")]
+    if env_force and env_force[-1].split("=", 1)[1] not in ("", "0"):
+        args.force = True
+    return args
+
+
+def parse_duration(text):
+    """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0 for empty)."""
+    text = text.strip().lower()
+    if not text:
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+
+
+def resolve_config(args, folder):
+    """New run: preset + overrides. Existing run: its own config; a different one is refused unless forced."""
+    saved_path = folder / "config.toml"
+    if not saved_path.is_file():
+        preset = args.preset or DEFAULT_PRESET
+        return preset, build_config(preset, args.overrides)
+    saved = load_toml(saved_path)
+    saved_preset = saved.pop("preset", DEFAULT_PRESET)
+    preset = args.preset or saved_preset
+    if args.preset:
+        wanted = build_config(preset, args.overrides)
+    else:
+        wanted = apply_values(apply_values(TrainConfig(), saved, str(saved_path)), {}, overrides=args.overrides)
+    current = apply_values(TrainConfig(), saved, source=str(saved_path))
+    if wanted != current or preset != saved_preset:
+        changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
+        if preset != saved_preset:
+            changed.insert(0, "preset")
+        if not args.force:
+            raise UserError(f"runs/{folder.name} was started with another config (changed: {', '.join(changed)}); "
+                            f"use another RUN=, or FORCE=1 to continue with the new one")
+        print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}", file=sys.stderr)
+        return preset, wanted
+    return preset, current
+
+
+def load_data(cfg, xp):
+    x, y = dataset.load_train()
+    if cfg.split_seed < 0:
+        train_idx, val_idx = dataset.load_split()
+    else:
+        train_idx, val_idx = dataset.stratified_split(y, cfg.val_fraction, cfg.split_seed)
+    return (xp.asarray(x[train_idx]), xp.asarray(y[train_idx]), xp.asarray(x[val_idx]), xp.asarray(y[val_idx]),
+            val_idx)
+
+
+def evaluate(model, x, y, batch_size=1000):
+    """Mean loss, accuracy and probabilities (numpy) in eval mode."""
+    probs, total = [], 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model.forward(x[i:i + batch_size], train=False)
+        loss, _ = softmax_cross_entropy(logits, y[i:i + batch_size])
+        total += float(loss) * len(logits)
+        probs.append(to_numpy(softmax(logits)))
+    probs = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
+    n = max(len(x), 1)
+    return total / n, float((probs.argmax(1) == to_numpy(y)).mean()) if len(x) else 0.0, probs
+
+
+def epoch_order(seed, epoch, n):
+    """The permutation of training rows for one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0xD1617]).permutation(n)
+
+
+def batch_rng(seed, epoch, step):
+    """The augmentation generator of one batch: a pure function of (seed, epoch, step)."""
+    return np.random.default_rng([seed, epoch, step, 0xA06])
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can checkpoint first."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def progress(total, desc, leave):
+    """A tqdm bar on a terminal; nothing when output is not a TTY (CI logs get one line per epoch)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave, unit="batch", dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    folder = runs.run_dir(args.run or args.preset or DEFAULT_PRESET)
+    preset, cfg = resolve_config(args, folder)
+    max_time = parse_duration(cfg.max_time)
+    if cfg.members != 1:
+        raise UserError(f"preset {preset} trains an ensemble of {cfg.members} members: that is `make ensemble`'s job "
+                        f"(not available yet); use MEMBERS=1 to train one net")
+    if (folder / "model.npz").is_file() and (folder / "summary.json").is_file():
+        print(f"runs/{folder.name} has finished training (model.npz); nothing to do")
+        return 0
+
+    xp = select_device(cfg.device)
+    x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
+    n_train = len(y_tr)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
+    opt = make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                         weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
+    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs, steps_per_epoch, lr_decay=cfg.lr_decay,
+                             step_epochs=cfg.step_epochs, warmup_epochs=cfg.warmup_epochs)
+
+    ckpt_dir = folder / "checkpoints"
+    state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0,
+             "history": [], "wall_time_s": 0.0, "done": False,
+             "epoch_sums": {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}}
+    arrays = checkpoint.load_newest(ckpt_dir)
+    if arrays is not None:
+        model_state, opt_state, rng_state, state = checkpoint.unpack(arrays)
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        model.set_rng_state(rng_state)
+        print(f"resuming runs/{folder.name} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+        print(f"training runs/{folder.name}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
+              f"validation images, on {'GPU' if xp is not np else 'CPU'}")
+    if args.force:
+        write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+
+    def save(kind="latest"):
+        packed = checkpoint.pack(model.state_dict(), opt.state_dict(), model.get_rng_state(), state)
+        if kind == "best":
+            checkpoint.write_best(ckpt_dir, packed)
+        else:
+            checkpoint.write_latest(ckpt_dir, packed)
+
+    started = time.monotonic()
+    wall_before = state["wall_time_s"]
+    last_save = time.monotonic()
+    epoch_bar = progress(cfg.epochs, "epochs", leave=True)
+    epoch_bar.update(state["epoch"])
+    with StopSignal() as stop:
+        while state["epoch"] < cfg.epochs and not state["done"]:
+            epoch = state["epoch"]
+            order = epoch_order(cfg.seed, epoch, n_train)
+            sums = state["epoch_sums"]  # the epoch's running totals survive a mid-epoch resume
+            t_epoch = time.monotonic() - sums["seconds"]
+            bar = progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            bar.update(state["step"])
+            while state["step"] < steps_per_epoch:
+                step = state["step"]
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                xb, yb = x_tr[xp.asarray(rows)], y_tr[xp.asarray(rows)]
+                if cfg.augment:
+                    xb = random_affine(xb, batch_rng(cfg.seed, epoch, step), cfg.rotate_deg, cfg.zoom, cfg.shift)
+                lr = schedule(epoch * steps_per_epoch + step)
+                logits = model.forward(xb, train=True)
+                loss, dlogits = softmax_cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                model.backward(dlogits)
+                opt.step(model.params(), lr)
+                state["step"] += 1
+                sums["loss"] += float(loss) * len(rows)
+                sums["correct"] += int((logits.argmax(1) == yb).sum())
+                sums["seen"] += len(rows)
+                sums["seconds"] = time.monotonic() - t_epoch
+                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}", acc=f"{sums['correct'] / sums['seen']:.4f}",
+                                img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
+                bar.update(1)
+                state["wall_time_s"] = wall_before + time.monotonic() - started
+                out_of_time = max_time and state["wall_time_s"] >= max_time
+                due = (step + 1) % cfg.ckpt_every == 0 if cfg.ckpt_every > 0 else \
+                    time.monotonic() - last_save >= CKPT_SECONDS
+                if stop.signum or out_of_time or (due and state["step"] < steps_per_epoch):
+                    save()
+                    last_save = time.monotonic()
+                if stop.signum:
+                    bar.close()
+                    print(f"\nstopped by signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step "
+                          f"{state['step']}; `make train RUN={folder.name}` continues", file=sys.stderr)
+                    return 128 + stop.signum
+                if out_of_time:
+                    bar.close()
+                    print(f"MAX_TIME reached: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
+                          f"`make train RUN={folder.name}` continues", file=sys.stderr)
+                    return 3
+            bar.close()
+
+            # End of epoch: validation, history, best, early stopping, checkpoint.
+            val_loss, val_acc, _ = evaluate(model, x_val, y_val)
+            seen = max(sums["seen"], 1)
+            lr = schedule(epoch * steps_per_epoch + steps_per_epoch - 1)
+            record = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen, "train_acc": sums["correct"] / seen,
+                      "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                      "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
+                      "wall_time_s": wall_before + time.monotonic() - started}
+            state["history"].append(record)
+            score = val_acc if cfg.early_stop_metric == "val_acc" else -val_loss
+            improved = state["best_score"] is None or score > state["best_score"]
+            if improved:
+                state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
+            else:
+                state["bad_epochs"] += 1
+            if cfg.early_stop_patience and state["bad_epochs"] >= cfg.early_stop_patience:
+                state["done"] = True
+            state["epoch"], state["step"] = epoch + 1, 0
+            state["epoch_sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            state["wall_time_s"] = record["wall_time_s"]
+            write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+            if improved:
+                save("best")
+            save()
+            last_save = time.monotonic()
+            epoch_bar.update(1)
+            line = (f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  acc {record['train_acc']:.4f}  "
+                    f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.2e}  {record['images_per_s']:.0f} img/s")
+            epoch_bar.write(line) if not epoch_bar.disable else print(line, flush=True)
+            if state["done"]:
+                print(f"early stop: no improvement in {cfg.early_stop_patience} epochs")
+    epoch_bar.close()
+    finish(folder, cfg, model, ckpt_dir, x_val, y_val, val_idx, state)
+    return 0
+
+
+def finish(folder, cfg, model, ckpt_dir, x_val, y_val, val_idx, state):
+    """Deliver the best-by-validation weights: val predictions, summary, then model.npz (the Makefile's target)."""
+    best_path = ckpt_dir / checkpoint.BEST
+    if best_path.exists():
+        model_state, _, _, _ = checkpoint.unpack(checkpoint.read(best_path))
+        model.load_state_dict(model_state)
+    val_loss, val_acc, probs = evaluate(model, x_val, y_val)
+    save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
+    history = state["history"]
+    write_json(folder / "summary.json", {
+        "arch": cfg.arch, "best_val_acc": val_acc, "best_val_loss": val_loss, "best_epoch": state["best_epoch"],
+        "epochs_done": len(history), "wall_time_s": state["wall_time_s"], "finished": True,
+        "train_images_per_s": float(np.median([r["images_per_s"] for r in history])) if history else None,
+    })
+    save_npz(folder / "model.npz", model.state_dict())
+    print(f"runs/{folder.name}: best epoch {state['best_epoch']}, val_acc {val_acc:.4f}, "
+          f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{folder.name}/model.npz")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
