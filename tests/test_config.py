@@ -1,0 +1,34 @@
+"""Presets and KEY=value overrides: typed, case-insensitive, unknown keys refused."""
+import tomllib
+
+import pytest
+
+from pipeline.config import TrainConfig, build_config, to_toml
+from pipeline.errors import UserError
+
+
+@pytest.mark.parametrize("preset", ["quick", "standard", "overnight"])
+def test_every_preset_loads(preset):
+    cfg = build_config(preset)
+    assert cfg.epochs > 0 and cfg.batch_size > 0
+
+
+def test_overrides_are_typed_and_case_insensitive():
+    cfg = build_config("quick", ["EPOCHS=7", "lr=0.01", "AUGMENT=1", "RUN=ignored", "PRESET=quick"])
+    assert (cfg.epochs, cfg.lr, cfg.augment) == (7, 0.01, True)
+
+
+@pytest.mark.parametrize("bad", ["EPOCHS=three", "NOPE=1", "AUGMENT=maybe", "epochs"])
+def test_bad_overrides_are_refused(bad):
+    with pytest.raises(UserError):
+        build_config("quick", [bad])
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(UserError, match="quick"):
+        build_config("nosuch")
+
+
+def test_resolved_config_round_trips_through_toml():
+    cfg = TrainConfig(arch="deotte", lr=3e-4, augment=True, max_time="8h")
+    assert tomllib.loads(to_toml(cfg.to_dict())) == cfg.to_dict()
