@@ -20,7 +20,7 @@ PROCESSED := data/processed
 RUNDIR := runs/$(RUN)
 SUBMISSION := submissions/submission.csv
 
-.PHONY: help venv fetch prepare train predict submit score report test bench clean
+.PHONY: FORCE help venv fetch prepare train predict submit score report test bench clean
 
 help: ## list the targets
 	@echo "Digit Recognizer pipeline. Usage: make TARGET [PRESET=quick|standard|overnight] [RUN=name] [KEY=value ...]"
@@ -60,8 +60,12 @@ $(RUNDIR)/test_probs.npz: $(RUNDIR)/model.npz | $(VENV)/.installed
 
 submit: $(SUBMISSION) ## write submissions/submission.csv (uploads when Kaggle credentials exist and UPLOAD=1)
 
-$(SUBMISSION): $(RUNDIR)/test_probs.npz | $(VENV)/.installed
-	$(PY) -m pipeline.submit --run $(RUN) --upload $(UPLOAD)
+# The submission is rebuilt when RUN names another run: submissions/.run changes only then.
+submissions/.run: FORCE
+	@mkdir -p submissions; echo "$(RUN)" | cmp -s - $@ || echo "$(RUN)" > $@
+
+$(SUBMISSION): $(RUNDIR)/test_probs.npz submissions/.run | $(VENV)/.installed
+	$(PY) -m pipeline.submit --run $(RUN) --upload $(UPLOAD) $(if $(MESSAGE),--message "$(MESSAGE)")
 
 score: $(SUBMISSION) ## accuracy of the submission against the offline answer key
 	$(PY) -m pipeline.score --submission $(SUBMISSION)
@@ -76,6 +80,8 @@ test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collect
 
 bench: $(VENV)/.dev-installed ## engine vs PyTorch throughput on this CPU
 	$(PY) -m bench.bench
+
+FORCE:
 
 clean: ## remove processed data, runs and submissions (keeps data/raw and .venv)
 	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION)

@@ -21,6 +21,9 @@ def cli_main(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
+            sys.stderr.close()
+            return 0
         return 0 if code is None else code
 
     return wrapper

@@ -53,5 +53,8 @@ def load_model(folder, xp=None):
     if not path.is_file():
         raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={folder.name}`)")
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp or np)
-    model.load_state_dict(load_npz(path))
+    try:
+        model.load_state_dict(load_npz(path))
+    except ValueError as exc:
+        raise UserError(f"{path} does not fit architecture {cfg.arch}: {exc}") from None
     return model

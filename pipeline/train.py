@@ -25,6 +25,8 @@ from pipeline.fileio import save_npz, write_json, write_text
 from pipeline.nn import build_model, make_optimizer, make_schedule, select_device, softmax, softmax_cross_entropy, to_numpy
 
 DEFAULT_PRESET = "standard"
+# How a run is executed, not what it computes: these may change on resume without FORCE.
+RUN_CONTROL = ("max_time", "ckpt_every", "device")
 CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of work
 
 
@@ -68,6 +70,8 @@ def resolve_config(args, folder):
     else:
         wanted = apply_values(apply_values(TrainConfig(), saved, str(saved_path)), {}, overrides=args.overrides)
     current = apply_values(TrainConfig(), saved, source=str(saved_path))
+    for key in RUN_CONTROL:
+        setattr(current, key, getattr(wanted, key))
     if wanted != current or preset != saved_preset:
         changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
         if preset != saved_preset:

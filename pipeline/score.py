@@ -1,0 +1,162 @@
+"""Score a submission against the offline answer key (SOURCE=mnist only).
+
+    python -m pipeline.score [--submission submissions/submission.csv] [--key data/raw/test_labels.csv]
+
+The key `ImageId,Label,mnist_test` is written by the offline mnist source; real Kaggle data has none.
+This is the ONLY module that reads it: training and model selection never see the test labels.
+Prints accuracy (all rows and the official MNIST test rows), per-class precision/recall/F1 and the
+confusion matrix, and saves them as score.json beside the submission.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import dataset, paths
+from pipeline.errors import UserError, cli_main
+from pipeline.fileio import write_json
+from pipeline.submit import validate_submission
+
+KEY_COLUMNS = ["ImageId", "Label", "mnist_test"]
+
+
+def confusion_matrix(y_true, y_pred, num_classes=dataset.NUM_CLASSES):
+    """int64 (C, C): entry [t, p] counts images of true class t predicted as p."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def per_class_scores(confusion):
+    """Per-class precision, recall, F1 and support from a (C, C) confusion matrix (0 where undefined)."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    hits = np.diag(confusion)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+    rows = []
+    for c in range(len(confusion)):
+        precision = hits[c] / predicted[c] if predicted[c] else 0.0
+        recall = hits[c] / actual[c] if actual[c] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": c, "precision": float(precision), "recall": float(recall), "f1": float(f1),
+                     "support": int(actual[c])})
+    return rows
+
+
+def _accuracy(y_true, y_pred):
+    n = len(y_true)
+    correct = int(np.sum(y_true == y_pred))
+    return {"rows": n, "correct": correct, "accuracy": correct / n if n else None}
+
+
+def score_predictions(y_true, y_pred, official):
+    """Every figure of score.json from true labels, predicted labels and the official-row mask (all (M,)).
+
+    {accuracy, correct, rows, official_mnist_test: {accuracy, correct, rows}, macro_f1,
+     per_class: [{class, precision, recall, f1, support}], confusion: (10, 10) rows true, columns predicted}
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    official = np.asarray(official, dtype=bool)
+    confusion = confusion_matrix(y_true, y_pred)
+    per_class = per_class_scores(confusion)
+    return {
+        **_accuracy(y_true, y_pred),  # accuracy, correct, rows over every test row: the headline
+        "official_mnist_test": _accuracy(y_true[official], y_pred[official]),
+        "macro_f1": float(np.mean([r["f1"] for r in per_class])),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def load_answer_key(path):
+    """(labels int64 (M,), official bool (M,)) ordered by ImageId 1..M."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no answer key at {path}: scoring needs the offline answer key, which only the "
+                        f"mnist source writes (`make fetch SOURCE=mnist`); real Kaggle test labels are hidden")
+    try:
+        key = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the answer key: {exc}") from None
+    if list(key.columns) != KEY_COLUMNS:
+        raise UserError(f"{path}: header must be {','.join(KEY_COLUMNS)}, got {','.join(map(str, key.columns))}")
+    if key.isna().any().any() or not all(pd.api.types.is_integer_dtype(key[c]) for c in KEY_COLUMNS):
+        raise UserError(f"{path}: every value must be an integer")
+    if not np.array_equal(key["ImageId"].to_numpy(), np.arange(1, len(key) + 1)):
+        raise UserError(f"{path}: ImageId must be 1..{len(key)} in order")
+    labels = key["Label"].to_numpy(dtype=np.int64)
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= dataset.NUM_CLASSES:
+        raise UserError(f"{path}: Label must be 0..{dataset.NUM_CLASSES - 1}")
+    if not key["mnist_test"].isin([0, 1]).all():
+        raise UserError(f"{path}: mnist_test must be 0 or 1")
+    return labels, key["mnist_test"].to_numpy() == 1
+
+
+def score_submission(submission_path, key_path):
+    """Validate the submission against the key's row count and score it; returns the score dict."""
+    labels, official = load_answer_key(key_path)
+    submission = validate_submission(submission_path, len(labels))
+    score = score_predictions(labels, submission["Label"].to_numpy(), official)
+    return {"submission": str(submission_path), "key": str(key_path), **score}
+
+
+def format_accuracy(score):
+    lines = []
+    for title, part in (("accuracy, all test rows", score), ("accuracy, official MNIST", score["official_mnist_test"])):
+        acc = "n/a" if part["accuracy"] is None else f"{100 * part['accuracy']:.2f}%"
+        lines.append(f"{title:<26} {acc:>8}  ({part['correct']}/{part['rows']})")
+    lines.append(f"{'macro F1':<26} {score['macro_f1']:>8.4f}")
+    return "\n".join(lines)
+
+
+def format_per_class(per_class):
+    lines = ["class  precision  recall      F1  support"]
+    lines += [f"{r['class']:>5}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7}"
+              for r in per_class]
+    return "\n".join(lines)
+
+
+def format_confusion(confusion):
+    """Rows: true class; columns: predicted class."""
+    confusion = np.asarray(confusion)
+    width = max(5, len(str(int(confusion.max(initial=0)))) + 1)
+    lines = ["true\\pred" + "".join(f"{p:>{width}}" for p in range(len(confusion)))]
+    lines += [f"{t:>9}" + "".join(f"{v:>{width}}" for v in row) for t, row in enumerate(confusion)]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m pipeline.score", description=__doc__.splitlines()[0])
+    p.add_argument("--submission", type=Path, default=None, help="default submissions/submission.csv")
+    p.add_argument("--key", type=Path, default=None, help="default data/raw/test_labels.csv")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default score.json beside the submission)")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    submission = args.submission or paths.submissions() / "submission.csv"
+    key = args.key or paths.data_raw() / "test_labels.csv"
+    if not submission.is_file():
+        raise UserError(f"{submission} does not exist: run `make submit` first")
+    score = score_submission(submission, key)
+    out = args.out or submission.parent / "score.json"
+    write_json(out, score)
+    print(f"score of {submission} against {key}")
+    print(format_accuracy(score))
+    print()
+    print(format_per_class(score["per_class"]))
+    print()
+    print("confusion matrix (rows: true class, columns: predicted class)")
+    print(format_confusion(score["confusion"]))
+    print(f"\nsaved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Write the Kaggle submission of a run and upload it when credentials exist.
+
+    python -m pipeline.submit --run NAME [--upload 0|1] [--out submissions/submission.csv] [--message TEXT]
+
+The CSV is `ImageId,Label` with ImageId 1..M in test.csv order and Label the argmax of
+runs/NAME/test_probs.npz. It is validated before it is written (atomically), so an invalid submission
+never replaces a good one. A failed upload exits 2 but leaves the written CSV in place.
+"""
+import argparse
+import csv
+import io
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import dataset, paths, runs
+from pipeline.errors import UserError, cli_main
+from pipeline.fileio import write_text
+from pipeline.predict import check_probs, load_test_probs
+
+COLUMNS = ["ImageId", "Label"]
+COMPETITION = "digit-recognizer"
+
+
+def labels_from_probs(probs):
+    """probs (M, 10) -> int64 labels (M,): the most probable class of each test image."""
+    return np.asarray(probs).argmax(axis=1).astype(np.int64)
+
+
+def build_submission(labels):
+    """labels (M,) -> DataFrame ImageId 1..M, Label."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return pd.DataFrame({"ImageId": np.arange(1, len(labels) + 1, dtype=np.int64), "Label": labels})
+
+
+def _read_csv_strict(source, name):
+    """Read a submission CSV as text cells, refusing rows with the wrong number of fields."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.reader(fh))
+        else:
+            rows = list(csv.reader(source))
+    except FileNotFoundError:
+        raise UserError(f"{name} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{name}: cannot read it as CSV: {exc}") from None
+    if not rows:
+        raise UserError(f"{name} is empty: expected the header {','.join(COLUMNS)}")
+    header, body = rows[0], rows[1:]
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise UserError(f"{name} line {line}: {len(row)} fields, expected {len(header)}")
+    return pd.DataFrame(body, columns=header, dtype=object)
+
+
+def validate_submission(submission, n_test, name=None):
+    """Check a submission (DataFrame, CSV path, or text stream) for n_test test images.
+
+    Rules: header exactly ImageId,Label; n_test rows; no missing values; integers only; ImageId is
+    1..n_test in order; Label in 0..9. Raises UserError naming the first problem; returns the
+    submission as a DataFrame of int64 columns.
+    """
+    if name is None:
+        name = str(submission) if isinstance(submission, (str, Path)) else "submission"
+    df = submission if isinstance(submission, pd.DataFrame) else _read_csv_strict(submission, name)
+
+    if [str(c) for c in df.columns] != COLUMNS:
+        raise UserError(f"{name}: header must be {','.join(COLUMNS)}, got {','.join(map(str, df.columns))}")
+    if len(df) != n_test:
+        raise UserError(f"{name}: {len(df)} rows, expected one per test image ({n_test})")
+
+    parsed = {}
+    for col in COLUMNS:
+        values = df[col]
+        if values.dtype == bool:
+            raise UserError(f"{name}: {col} must be integers, got booleans")
+        text = values.astype(str).str.strip()
+        missing = values.isna().to_numpy() | (text == "").to_numpy()
+        if missing.any():
+            raise UserError(f"{name}: {int(missing.sum())} missing {col} values (first at row {_first(missing)})")
+        integer = text.str.fullmatch(r"[+-]?\d{1,18}").to_numpy()  # 18 digits always fit in int64
+        if not integer.all():
+            row = _first(~integer)
+            raise UserError(f"{name}: {col} must be integers, row {row} has {text.iloc[row - 1]!r}")
+        parsed[col] = text.astype(np.int64).to_numpy()
+
+    expected_ids = np.arange(1, n_test + 1, dtype=np.int64)
+    wrong_id = parsed["ImageId"] != expected_ids
+    if wrong_id.any():
+        row = _first(wrong_id)
+        raise UserError(f"{name}: ImageId must be 1..{n_test} in order, row {row} has {parsed['ImageId'][row - 1]}")
+    labels = parsed["Label"]
+    bad_label = (labels < 0) | (labels >= dataset.NUM_CLASSES)
+    if bad_label.any():
+        row = _first(bad_label)
+        raise UserError(f"{name}: Label must be 0..{dataset.NUM_CLASSES - 1}, row {row} has {labels[row - 1]}")
+    return pd.DataFrame(parsed)
+
+
+def _first(mask):
+    """1-based row number of the first True in mask (data rows, header not counted)."""
+    return int(np.flatnonzero(mask)[0]) + 1
+
+
+def write_submission(df, path, n_test):
+    """Validate the exact CSV text, then write it atomically; an invalid one leaves `path` untouched."""
+    text = df.to_csv(index=False, lineterminator="\n")
+    validate_submission(io.StringIO(text), n_test, name=f"{path} (not written)")
+    write_text(path, text)
+    return Path(path)
+
+
+def upload_message(run_name, summary, extra=""):
+    """Kaggle submission message naming the run, its architecture and its validation accuracy."""
+    acc = summary.get("best_val_acc")
+    acc_text = f"val acc {100 * acc:.2f}%" if isinstance(acc, (int, float)) else "val acc unknown"
+    arch = summary.get("arch")
+    head = f"run {run_name}" + (f" ({arch})" if arch else "") + f", {acc_text}"
+    return f"{extra.strip()} | {head}" if extra and extra.strip() else head
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run name under runs/ (its test_probs.npz is used)")
+    p.add_argument("--upload", type=int, choices=[0, 1], default=1,
+                   help="1: upload when Kaggle credentials exist (default); 0: only write the CSV")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default submissions/submission.csv)")
+    p.add_argument("--message", default="", help="text added to the submission message")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    folder = runs.run_dir(args.run)
+    if not folder.is_dir():
+        raise UserError(f"run '{args.run}' not found in {folder.parent}: train it first (`make train RUN={args.run}`)")
+    out = args.out or paths.submissions() / "submission.csv"
+
+    probs = load_test_probs(folder)
+    n_test = dataset.load_meta().get("test_rows")
+    if not isinstance(n_test, int):
+        raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
+    if probs.ndim != 2 or probs.shape != (n_test, dataset.NUM_CLASSES):
+        raise UserError(f"{folder / 'test_probs.npz'} has shape {probs.shape} but test.csv has {n_test} rows: "
+                        f"rerun `make predict RUN={args.run}`")
+    check_probs(probs, n_test, what=str(folder / "test_probs.npz"))  # NaN rows would argmax to a silent 0
+
+    labels = labels_from_probs(probs)
+    path = write_submission(build_submission(labels), out, n_test)
+    counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
+    print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
+
+    message = upload_message(args.run, runs.load_summary(folder), args.message)
+    if not args.upload:
+        print(f"upload skipped (--upload 0); {path} is ready")
+        return 0
+    from pipeline import kaggle_api
+
+    if not kaggle_api.has_credentials():
+        print(f"{path} is ready; no Kaggle credentials found, so it was not uploaded. Upload it with "
+              f"`kaggle competitions submit -c {COMPETITION} -f {shlex.quote(str(path))} -m {shlex.quote(message)}` "
+              f"or set credentials and rerun `python -m pipeline.submit --run {args.run}`")
+        return 0
+    answer = kaggle_api.submit(path, message)  # UserError on failure: exit 2, the CSV stays written
+    print(f"uploaded {path} ({message}): {answer}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""predict: test_probs.npz from a fake run equals the model's own eval-mode output; clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import predict
+from pipeline.config import TrainConfig, to_toml
+from pipeline.errors import UserError
+from pipeline.fileio import load_npz, save_npz
+
+N_TEST = 12
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """PIPELINE_ROOT with a tiny test.npz and runs/r1 holding a freshly built seed_small."""
+    from pipeline.nn import build_model
+
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    x = np.random.default_rng(0).random((N_TEST, 28, 28, 1), dtype=np.float32)
+    save_npz(processed / "test.npz", {"x": x})
+    (processed / "meta.json").write_text(json.dumps({"test_rows": N_TEST}))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(TrainConfig(arch="seed_small").to_dict()))
+    model = build_model("seed_small", seed=3, dtype=np.float32)
+    save_npz(run / "model.npz", model.state_dict())
+    return tmp_path, run, x, model
+
+
+def test_predict_writes_probs_of_the_saved_weights(project, capsys):
+    _, run, x, model = project
+    assert predict.main(["--run", "r1", "--device", "cpu", "--batch-size", "5"]) == 0
+    probs = load_npz(run / "test_probs.npz")["probs"]
+    assert probs.dtype == np.float32 and probs.shape == (N_TEST, 10)
+    # config seed is 0, the weights come from seed 3: equality proves model.npz was loaded
+    np.testing.assert_allclose(probs, model.predict_proba(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(predict.load_test_probs(run), probs)
+    assert "12 test images" in capsys.readouterr().out
+
+
+def test_predict_errors(project, capsys):
+    root, run, _, _ = project
+    assert predict.main(["--run", "nope", "--device", "cpu"]) == 2
+    assert "run 'nope' not found" in capsys.readouterr().err
+    (run / "model.npz").unlink()
+    assert predict.main(["--run", "r1", "--device", "cpu"]) == 2
+    assert "model.npz is missing" in capsys.readouterr().err
+    (root / "data" / "processed" / "test.npz").unlink()
+    assert predict.main(["--run", "r1", "--device", "cpu"]) == 2
+    assert "make prepare" in capsys.readouterr().err
+    assert not (run / "test_probs.npz").exists()
+
+
+def test_predict_refuses_weights_of_another_architecture(project):
+    _, run, x, _ = project
+    save_npz(run / "model.npz", {"0.w": np.zeros((3, 3, 1, 2), np.float32)})
+    with pytest.raises(UserError, match="does not fit"):
+        predict.predict_probs(run, x)
+
+
+def test_check_probs():
+    good = np.full((2, 10), 0.1, np.float32)
+    predict.check_probs(good, 2)
+    with pytest.raises(UserError, match="shape"):
+        predict.check_probs(good, 3)
+    with pytest.raises(UserError, match="NaN"):
+        predict.check_probs(np.where(np.eye(2, 10) > 0, np.nan, 0.1), 2)
+    with pytest.raises(UserError, match="probability"):
+        predict.check_probs(np.full((2, 10), 0.2), 2)

@@ -1,0 +1,109 @@
+"""report: every file written for a fake run, report.md written last and linking them, and its helpers."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import report
+from pipeline.config import TrainConfig, to_toml
+from pipeline.errors import UserError
+from pipeline.fileio import save_npz
+
+FIGURES = ["curves.png", "lr.png", "confusion.png", "worst.png", "per_class.png", "filters.png"]
+N_TRAIN = 40
+
+
+def make_fake_run(root, name="r1", epochs=3):
+    """A finished run under root/runs/NAME plus root/data/processed/train.npz, built by hand (no training)."""
+    from pipeline.nn import build_model
+
+    rng = np.random.default_rng(0)
+    processed = root / "data" / "processed"
+    processed.mkdir(parents=True, exist_ok=True)
+    y_train = np.arange(N_TRAIN) % 10
+    save_npz(processed / "train.npz", {"x": rng.random((N_TRAIN, 28, 28, 1), dtype=np.float32), "y": y_train})
+
+    folder = root / "runs" / name
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(to_toml(TrainConfig(arch="seed_small", epochs=epochs).to_dict()))
+    save_npz(folder / "model.npz", build_model("seed_small", seed=0, dtype=np.float32).state_dict())
+    records = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 1 - 0.1 / e, "val_loss": 1.2 / e,
+                "val_acc": 1 - 0.12 / e, "lr": 1e-3 * 0.5 ** (e - 1), "images_per_s": 500.0,
+                "wall_time_s": 10.0 * e} for e in range(1, epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text(json.dumps({
+        "arch": "seed_small", "best_val_acc": 0.9375, "best_val_loss": 0.4, "best_epoch": epochs,
+        "epochs_done": epochs, "wall_time_s": 3725.0, "finished": True}))
+
+    val_idx = np.arange(20, N_TRAIN)  # 20 rows, two of each class
+    y_val = y_train[val_idx]
+    predicted = y_val.copy()
+    predicted[[1, 5, 7]] = [7, 0, 9]  # three mistakes
+    probs = np.full((len(val_idx), 10), 0.02, np.float32)
+    probs[np.arange(len(val_idx)), predicted] = 0.82
+    save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": y_val, "probs": probs})
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    return make_fake_run(tmp_path)
+
+
+def test_report_writes_every_file_and_report_md_last(run, capsys):
+    assert report.main(["--run", "r1"]) == 0
+    out = run / "report"
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    md = (out / "report.md").read_text()
+    for name in FIGURES:
+        assert f"]({name})" in md
+    assert os.stat(out / "report.md").st_mtime_ns >= max(os.stat(out / n).st_mtime_ns for n in FIGURES)
+    assert "93.75%" in md and "1h 02m 05s" in md and "3 of 3" in md
+    assert "17 images" not in md and "20 images, 3 misclassified" in md
+    assert "| 1 | 1.0000 | 0.5000 | 0.6667 | 2 |" in md  # class 1: one of two found, never predicted wrongly
+    assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["report.md"])  # no temp files
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_report_missing_run_and_missing_inputs(run, capsys):
+    assert report.main(["--run", "nope"]) == 2
+    assert "run 'nope' not found" in capsys.readouterr().err
+    (run / "val_predictions.npz").unlink()
+    assert report.main(["--run", "r1"]) == 2
+    assert "val_predictions.npz is missing" in capsys.readouterr().err
+    assert not (run / "report" / "report.md").exists()
+
+
+def test_load_metrics_keeps_last_record_of_a_repeated_epoch(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_acc": 0.6}\n'
+                                            '\n{"epoch": 2, "val_acc": 0.7}\n')
+    assert [m["val_acc"] for m in report.load_metrics(tmp_path)] == [0.5, 0.7]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(UserError, match="line 2"):
+        report.load_metrics(tmp_path)
+
+
+def test_worst_misclassified_orders_by_true_class_probability():
+    y = np.array([0, 1, 2, 3])
+    probs = np.array([[0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0], [0.1, 0.85, 0.05, 0], [0, 0, 0, 1.0]])
+    assert report.worst_misclassified(y, probs).tolist() == [2, 1]
+    assert report.worst_misclassified(y, probs, limit=1).tolist() == [2]
+
+
+def test_first_conv_kernel_prefers_layer_0_then_lowest_layer():
+    w0 = np.zeros((3, 3, 1, 4))
+    assert report.first_conv_kernel({"0.w": w0, "1.w": np.ones((3, 3, 4, 8))}) is w0
+    w2 = np.zeros((5, 5, 1, 2))
+    assert report.first_conv_kernel({"10.w": np.ones((3, 3, 2, 2)), "2.w": w2, "1.g": np.ones(3)}) is w2
+    with pytest.raises(UserError):
+        report.first_conv_kernel({"0.w": np.ones((4, 10))})
+
+
+def test_format_duration():
+    assert report.format_duration(59.6) == "1m 00s"
+    assert report.format_duration(3725) == "1h 02m 05s"
+    assert report.format_duration(None) == "unknown"

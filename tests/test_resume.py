@@ -1,0 +1,159 @@
+"""A training run killed with SIGKILL anywhere and resumed ends with byte-identical weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.dataset import stratified_split
+from pipeline.fileio import load_npz, save_npz
+
+REPO = Path(__file__).resolve().parent.parent
+# deotte on a few dozen images: BatchNorm, dropout (model RNG), augmentation and Adam state all in play.
+SETTINGS = ["ARCH=deotte", "EPOCHS=2", "BATCH_SIZE=16", "CKPT_EVERY=1", "AUGMENT=1", "SEED=3", "DEVICE=cpu",
+            "SCHEDULE=exponential", "LR_DECAY=0.5"]
+
+
+def write_processed(root, n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = rng.random((n, 28, 28, 1), dtype=np.float32) * 0.2
+    for i, label in enumerate(y):  # a class-dependent bar so the loss moves
+        x[i, 2 + 2 * label:4 + 2 * label, 4:24] = 1.0
+    folder = root / "data" / "processed"
+    train_idx, val_idx = stratified_split(y, 0.2, 0)
+    save_npz(folder / "train.npz", {"x": x, "y": y.astype(np.int64)})
+    save_npz(folder / "test.npz", {"x": x[:20]})
+    save_npz(folder / "split.npz", {"train_idx": train_idx, "val_idx": val_idx})
+    (folder / "meta.json").write_text(json.dumps({"train_rows": n, "test_rows": 20}))
+
+
+def env_for(root):
+    env = dict(os.environ, PIPELINE_ROOT=str(root), PYTHONPATH=str(REPO))
+    env.pop("KAGGLE_USERNAME", None)
+    return env
+
+
+def train(root, run, extra=(), wrapper=None):
+    code = wrapper or "import sys; from pipeline.train import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, "--preset", "quick", "--run", run, *SETTINGS, *extra],
+                            env=env_for(root), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    write_processed(root)
+    code, out, err = finish(train(root, "ref"))
+    assert code == 0, err
+    return root, load_npz(root / "runs" / "ref" / "model.npz"), (root / "runs" / "ref" / "metrics.jsonl")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
+
+
+def history(path):
+    return [{k: v for k, v in json.loads(l).items() if k not in ("images_per_s", "wall_time_s")}
+            for l in path.read_text().splitlines()]
+
+
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(reference, tmp_path):
+    root, ref_weights, ref_metrics = reference
+    write_processed(root=tmp_path)
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(12):
+        proc = train(tmp_path, "killed")
+        time.sleep(float(rng.uniform(1.0, 3.5)))  # Python start-up and imports take about a second
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        code, out, err = finish(proc)
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, err
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 1
+    assert_same_weights(load_npz(tmp_path / "runs" / "killed" / "model.npz"), ref_weights)
+    assert history(tmp_path / "runs" / "killed" / "metrics.jsonl") == history(ref_metrics)
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+from pipeline import checkpoint, train
+calls = {"n": 0}
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith("previous.npz"):
+        calls["n"] += 1
+        if calls["n"] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # between 'latest -> previous' and 'incoming -> latest'
+checkpoint.os.replace = replace
+sys.exit(train.main())
+"""
+
+
+@pytest.mark.parametrize("kill_at", [4, 7])  # mid-epoch 1 and epoch 2 (6 steps per epoch)
+def test_sigkill_inside_a_checkpoint_write_then_resume(reference, tmp_path, kill_at, monkeypatch):
+    root, ref_weights, _ = reference
+    write_processed(tmp_path)
+    monkeypatch.setenv("KILL_AT", str(kill_at))
+    code, _, err = finish(train(tmp_path, "ckpt", wrapper=KILL_IN_CHECKPOINT))
+    assert code == -signal.SIGKILL, err
+    assert not (tmp_path / "runs" / "ckpt" / "checkpoints" / "latest.npz").exists()
+    code, out, err = finish(train(tmp_path, "ckpt"))
+    assert code == 0, err
+    assert_same_weights(load_npz(tmp_path / "runs" / "ckpt" / "model.npz"), ref_weights)
+
+
+def test_corrupt_latest_is_skipped_with_a_warning(reference, tmp_path):
+    root, ref_weights, _ = reference
+    write_processed(tmp_path)
+    proc = train(tmp_path, "corrupt", extra=["MAX_TIME=0.5s"])
+    code, _, err = finish(proc)
+    assert code == 3, err
+    latest = tmp_path / "runs" / "corrupt" / "checkpoints" / "latest.npz"
+    latest.write_bytes(latest.read_bytes()[:100])
+    code, out, err = finish(train(tmp_path, "corrupt"))
+    assert code == 0, err
+    assert "older checkpoint" in err
+    assert_same_weights(load_npz(tmp_path / "runs" / "corrupt" / "model.npz"), ref_weights)
+
+
+def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
+    write_processed(tmp_path)
+    proc = train(tmp_path, "term")
+    deadline = time.time() + 60
+    latest = tmp_path / "runs" / "term" / "checkpoints" / "latest.npz"
+    while not latest.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code in (143, 0), err  # 0 only if it finished before the signal landed
+    if code == 143:
+        assert "checkpoint saved" in err
+
+
+def test_changed_config_on_resume_is_refused_unless_forced(reference, tmp_path):
+    write_processed(tmp_path)
+    code, _, err = finish(train(tmp_path, "cfg", extra=["MAX_TIME=0.5s"]))
+    assert code == 3, err
+    code, _, err = finish(train(tmp_path, "cfg", extra=["LR=0.5"]))
+    assert code == 2 and "FORCE=1" in err and err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = finish(train(tmp_path, "cfg", extra=["LR=0.5", "FORCE=1"]))
+    assert code == 0, err

@@ -1,0 +1,198 @@
+"""submit: validate_submission's rules, the CSV written from a run, and the upload paths (no network)."""
+import io
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pipeline
+from pipeline import submit
+from pipeline.errors import UserError
+from pipeline.fileio import save_npz
+
+N_TEST = 6
+
+
+def good_csv(n=N_TEST, labels=None):
+    labels = labels if labels is not None else [i % 10 for i in range(n)]
+    return "ImageId,Label\n" + "".join(f"{i + 1},{labels[i]}\n" for i in range(n))
+
+
+def test_validate_accepts_good_csv_dataframe_and_path(tmp_path):
+    df = submit.validate_submission(io.StringIO(good_csv()), N_TEST)
+    assert df["ImageId"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert df["Label"].tolist() == [0, 1, 2, 3, 4, 5]
+    path = tmp_path / "s.csv"
+    path.write_text(good_csv())
+    assert submit.validate_submission(path, N_TEST).equals(df)
+    frame = pd.DataFrame({"ImageId": np.arange(1, 7), "Label": [9, 8, 7, 0, 0, 1]})
+    assert submit.validate_submission(frame, N_TEST)["Label"].tolist() == [9, 8, 7, 0, 0, 1]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("imageid,label\n1,0\n2,1\n3,2\n4,3\n5,4\n6,5\n", "header"),
+    ("ImageId,Label,Extra\n1,0,0\n2,1,0\n3,2,0\n4,3,0\n5,4,0\n6,5,0\n", "header"),
+    ("Label,ImageId\n0,1\n1,2\n2,3\n3,4\n4,5\n5,6\n", "header"),
+    ("", "empty"),
+    ("ImageId,Label\n1,0\n2,1\n3,2\n4,3\n5,4\n", "rows"),
+    ("ImageId,Label\n1,0\n2,1\n3,2\n4,3\n5,4\n6,5\n7,6\n", "rows"),
+    ("ImageId,Label\n1,0\n3,1\n2,2\n4,3\n5,4\n6,5\n", "ImageId"),
+    ("ImageId,Label\n0,0\n1,1\n2,2\n3,3\n4,4\n5,5\n", "ImageId"),
+    ("ImageId,Label\n1,0\n2,1\n3,2\n4,3\n5,4\n5,5\n", "ImageId"),
+    ("ImageId,Label\n1,0\n2,1\n3,10\n4,3\n5,4\n6,5\n", "Label must be 0..9"),
+    ("ImageId,Label\n1,0\n2,-1\n3,2\n4,3\n5,4\n6,5\n", "Label must be 0..9"),
+    ("ImageId,Label\n1,0\n2,1.0\n3,2\n4,3\n5,4\n6,5\n", "integers"),
+    ("ImageId,Label\n1,0\n2,seven\n3,2\n4,3\n5,4\n6,5\n", "integers"),
+    ("ImageId,Label\n1,0\n2.5,1\n3,2\n4,3\n5,4\n6,5\n", "integers"),
+    ("ImageId,Label\n1,0\n2,\n3,2\n4,3\n5,4\n6,5\n", "missing"),
+    ("ImageId,Label\n1,0\n,1\n3,2\n4,3\n5,4\n6,5\n", "missing"),
+    ("ImageId,Label\n1,0\n2\n3,2\n4,3\n5,4\n6,5\n", "fields"),
+    ("ImageId,Label\n1,0\n2,1,1\n3,2\n4,3\n5,4\n6,5\n", "fields"),
+])
+def test_validate_rejects_bad_csv(text, problem):
+    with pytest.raises(UserError, match=problem):
+        submit.validate_submission(io.StringIO(text), N_TEST)
+
+
+@pytest.mark.parametrize("frame, problem", [
+    (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [0.0, 1.5, 2.0]}), "integers"),
+    (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [0.0, np.nan, 2.0]}), "missing"),
+    (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [True, False, True]}), "integers"),
+    (pd.DataFrame({"ImageId": [1, 2, 3], "Label": [0, 1, 2], "x": [0, 0, 0]}), "header"),
+    (pd.DataFrame({"ImageId": [3, 2, 1], "Label": [0, 1, 2]}), "ImageId"),
+])
+def test_validate_rejects_bad_dataframe(frame, problem):
+    with pytest.raises(UserError, match=problem):
+        submit.validate_submission(frame, 3)
+
+
+def test_validate_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        submit.validate_submission(tmp_path / "nope.csv", 3)
+
+
+# ---------------------------------------------------------------- the stage on a fake run
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """PIPELINE_ROOT with meta.json (N_TEST test rows) and runs/r1 holding test_probs.npz and summary.json."""
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    for var in [v for v in os.environ if v.startswith("KAGGLE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "home" / ".kaggle"))
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    (processed / "meta.json").write_text(json.dumps({"train_rows": 20, "test_rows": N_TEST}))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = np.array([3, 1, 4, 1, 5, 9])
+    probs = rng.random((N_TEST, 10)).astype(np.float32) * 0.1
+    probs[np.arange(N_TEST), labels] = 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    save_npz(run / "test_probs.npz", {"probs": probs})
+    (run / "summary.json").write_text(json.dumps({"arch": "seed_small", "best_val_acc": 0.98765}))
+    return types.SimpleNamespace(root=tmp_path, run=run, labels=labels,
+                                 csv=tmp_path / "submissions" / "submission.csv")
+
+
+def fake_kaggle_api(monkeypatch, credentials=True, answer="Successfully submitted", error=None):
+    """Replace pipeline.kaggle_api (whether or not it exists yet); returns the list of submit calls."""
+    calls = []
+    module = types.ModuleType("pipeline.kaggle_api")
+    module.has_credentials = lambda: credentials
+
+    def fake_submit(csv_path, message):
+        calls.append((str(csv_path), message))
+        if error:
+            raise UserError(error)
+        return answer
+
+    module.submit = fake_submit
+    monkeypatch.setitem(sys.modules, "pipeline.kaggle_api", module)
+    monkeypatch.setattr(pipeline, "kaggle_api", module, raising=False)
+    return calls
+
+
+def test_submit_writes_valid_csv_from_run(project, capsys, monkeypatch):
+    calls = fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    df = submit.validate_submission(project.csv, N_TEST)
+    assert df["Label"].tolist() == project.labels.tolist()
+    assert project.csv.read_text().splitlines()[:2] == ["ImageId,Label", "1,3"]
+    assert calls == []
+    assert "upload skipped" in capsys.readouterr().out
+
+
+def test_submit_rejects_probs_of_wrong_length_and_keeps_old_file(project, capsys):
+    project.csv.parent.mkdir(parents=True)
+    project.csv.write_text("previous good submission\n")
+    save_npz(project.run / "test_probs.npz", {"probs": np.full((N_TEST - 1, 10), 0.1, np.float32)})
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    assert "rerun `make predict" in capsys.readouterr().err
+    assert project.csv.read_text() == "previous good submission\n"
+    assert [p.name for p in project.csv.parent.iterdir()] == ["submission.csv"]  # no temp file left
+
+
+def test_write_submission_never_overwrites_with_invalid(tmp_path):
+    path = tmp_path / "submission.csv"
+    path.write_text(good_csv())
+    bad = pd.DataFrame({"ImageId": np.arange(1, N_TEST + 1), "Label": [0, 1, 2, 3, 4, 11]})
+    with pytest.raises(UserError, match="not written"):
+        submit.write_submission(bad, path, N_TEST)
+    assert path.read_text() == good_csv()
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
+
+
+def test_submit_missing_run_or_probs(project, capsys):
+    assert submit.main(["--run", "nope", "--upload", "0"]) == 2
+    assert "run 'nope' not found" in capsys.readouterr().err
+    (project.run / "test_probs.npz").unlink()
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    assert "make predict RUN=r1" in capsys.readouterr().err
+    assert not project.csv.exists()
+
+
+def test_upload_success_message_names_run_and_accuracy(project, capsys, monkeypatch):
+    calls = fake_kaggle_api(monkeypatch, answer="Successfully submitted to Digit Recognizer")
+    assert submit.main(["--run", "r1", "--upload", "1", "--message", "try 3"]) == 0
+    assert len(calls) == 1
+    path, message = calls[0]
+    assert path == str(project.csv)
+    assert "r1" in message and "98.77%" in message and "seed_small" in message and "try 3" in message
+    assert "Successfully submitted to Digit Recognizer" in capsys.readouterr().out
+
+
+def test_upload_failure_exits_2_and_keeps_csv(project, capsys, monkeypatch):
+    calls = fake_kaggle_api(monkeypatch, error="upload refused: daily limit reached")
+    assert submit.main(["--run", "r1"]) == 2
+    assert len(calls) == 1
+    assert "daily limit reached" in capsys.readouterr().err
+    submit.validate_submission(project.csv, N_TEST)
+
+
+def test_no_credentials_prints_how_to_upload(project, capsys, monkeypatch):
+    calls = fake_kaggle_api(monkeypatch, credentials=False)
+    assert submit.main(["--run", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert calls == []
+    assert "kaggle competitions submit -c digit-recognizer -f" in out and str(project.csv) in out
+    assert "98.77%" in out
+
+
+def test_upload_message_without_accuracy():
+    assert submit.upload_message("r9", {}) == "run r9, val acc unknown"
+
+
+def test_submit_refuses_nan_probabilities(project, capsys):
+    probs = np.full((N_TEST, 10), 0.1, np.float32)
+    probs[2] = np.nan
+    save_npz(project.run / "test_probs.npz", {"probs": probs})
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not project.csv.exists()
