@@ -20,7 +20,7 @@ PROCESSED := data/processed
 RUNDIR := runs/$(RUN)
 SUBMISSION := submissions/submission.csv
 
-.PHONY: FORCE help venv fetch prepare train predict submit score report test bench clean
+.PHONY: FORCE help venv fetch prepare train predict ensemble submit score report test bench clean
 
 help: ## list the targets
 	@echo "Digit Recognizer pipeline. Usage: make TARGET [PRESET=quick|standard|overnight] [RUN=name] [KEY=value ...]"
@@ -45,18 +45,21 @@ $(RAW)/train.csv: | $(VENV)/.installed
 
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
-$(PROCESSED)/meta.json: $(RAW)/train.csv | $(VENV)/.installed
+$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed
 	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction $(VAL_FRACTION))
 
-train: $(RUNDIR)/model.npz ## train PRESET into runs/RUN (resumes an unfinished run)
+train: $(RUNDIR)/summary.json ## train PRESET into runs/RUN (resumes an unfinished run)
 
-$(RUNDIR)/model.npz: $(PROCESSED)/meta.json | $(VENV)/.installed
+$(RUNDIR)/summary.json: $(PROCESSED)/meta.json | $(VENV)/.installed
 	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) $(MAKEOVERRIDES)
 
 predict: $(RUNDIR)/test_probs.npz ## class probabilities of runs/RUN on test.csv
 
-$(RUNDIR)/test_probs.npz: $(RUNDIR)/model.npz | $(VENV)/.installed
+$(RUNDIR)/test_probs.npz: $(RUNDIR)/summary.json | $(VENV)/.installed
 	$(PY) -m pipeline.predict --run $(RUN)
+
+ensemble: ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)
+	$(PY) -m pipeline.ensemble --run $(RUN) $(if $(filter 1,$(TTA)),--tta)
 
 submit: $(SUBMISSION) ## write submissions/submission.csv (uploads when Kaggle credentials exist and UPLOAD=1)
 
@@ -72,7 +75,7 @@ score: $(SUBMISSION) ## accuracy of the submission against the offline answer ke
 
 report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
 
-$(RUNDIR)/report/report.md: $(RUNDIR)/model.npz | $(VENV)/.installed
+$(RUNDIR)/report/report.md: $(RUNDIR)/summary.json | $(VENV)/.installed
 	$(PY) -m pipeline.report --run $(RUN)
 
 test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collected, is a failure)

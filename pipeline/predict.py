@@ -91,8 +91,15 @@ def main(argv=None):
     folder = runs.run_dir(args.run)
     if not folder.is_dir():
         raise UserError(f"run '{args.run}' not found in {folder.parent}: train it first (`make train RUN={args.run}`)")
-    x = load_test_images()
     xp = select_device(args.device)
+    if (folder / "members").is_dir():  # an ensemble run: its prediction is the blend chosen by validation
+        from pipeline import ensemble
+
+        report = ensemble.build(folder, xp)
+        print(f"{folder / TEST_PROBS}: {report['strategy']} of {len(report['weights'])} members, "
+              f"validation estimate {report['estimate']['accuracy']:.5f}")
+        return 0
+    x = load_test_images()
     start = time.perf_counter()
     probs = predict_probs(folder, x, xp=xp, batch_size=args.batch_size)
     seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ never replaces a good one. A failed upload exits 2 but leaves the written CSV in
 import argparse
 import csv
 import io
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -155,7 +156,13 @@ def main(argv=None):
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
 
-    message = upload_message(args.run, runs.load_summary(folder), args.message)
+    summary = runs.load_summary(folder)
+    blend = folder / "ensemble.json"
+    if blend.is_file():  # an ensemble: name the blend and its validation estimate
+        info = json.loads(blend.read_text())
+        summary = {"arch": f"{info['strategy']} of {len(info['weights'])} {summary.get('arch', '')}".strip(),
+                   "best_val_acc": info["estimate"]["accuracy"]}
+    message = upload_message(args.run, summary, args.message)
     if not args.upload:
         print(f"upload skipped (--upload 0); {path} is ready")
         return 0

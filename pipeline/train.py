@@ -7,6 +7,7 @@ Every random draw is a pure function of (seed, epoch, step) or lives in the chec
 at any moment and resumed ends with the very same weights as one that never stopped.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -150,13 +151,56 @@ def main(argv=None):
     args = parse_args(argv)
     folder = runs.run_dir(args.run or args.preset or DEFAULT_PRESET)
     preset, cfg = resolve_config(args, folder)
+    if cfg.members > 1:
+        return train_ensemble(folder, preset, cfg, args.force)
+    return train_one(folder, preset, cfg, args.force)
+
+
+def member_config(cfg, k):
+    """Member k of an ensemble: its own seed and its own stratified split of train.csv."""
+    base_split = cfg.split_seed if cfg.split_seed >= 0 else cfg.seed
+    return dataclasses.replace(cfg, members=1, seed=cfg.seed + k, split_seed=base_split + 1000 + k)
+
+
+def train_ensemble(folder, preset, cfg, force):
+    """Train the members one after another under runs/NAME/members/K/; each resumes as a single run does."""
+    if cfg.members < 1:
+        raise UserError(f"MEMBERS must be at least 1, got {cfg.members}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+    deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
+    for k in range(cfg.members):
+        mcfg = member_config(cfg, k)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"MAX_TIME reached before member {k}; `make train RUN={folder.name}` continues", file=sys.stderr)
+                return 3
+            mcfg.max_time = f"{left:.0f}s"
+        print(f"== member {k + 1}/{cfg.members} (seed {mcfg.seed}, split {mcfg.split_seed})")
+        code = train_one(folder / "members" / str(k), preset, mcfg, force, label=f"{folder.name}/members/{k}")
+        if code:
+            return code
+    members = [runs.load_summary(folder / "members" / str(k)) for k in range(cfg.members)]
+    write_json(folder / "summary.json", {
+        "arch": cfg.arch, "ensemble": True, "members": cfg.members, "finished": True,
+        "best_val_acc": max(m["best_val_acc"] for m in members),
+        "member_val_acc": [m["best_val_acc"] for m in members],
+        "wall_time_s": sum(m["wall_time_s"] for m in members),
+    })
+    print(f"runs/{folder.name}: {cfg.members} members trained; `make ensemble RUN={folder.name}` blends them")
+    return 0
+
+
+def train_one(folder, preset, cfg, force, label=None):
+    """Train (or resume) one net into `folder`; returns the process exit code."""
+    label = label or folder.name
     max_time = parse_duration(cfg.max_time)
-    if cfg.members != 1:
-        raise UserError(f"preset {preset} trains an ensemble of {cfg.members} members: that is `make ensemble`'s job "
-                        f"(not available yet); use MEMBERS=1 to train one net")
     if (folder / "model.npz").is_file() and (folder / "summary.json").is_file():
-        print(f"runs/{folder.name} has finished training (model.npz); nothing to do")
+        print(f"runs/{label} has finished training; nothing to do")
         return 0
+    if folder.parent.name == "members" and (folder / "config.toml").is_file():
+        check_member_config(folder, preset, cfg, force)
 
     xp = select_device(cfg.device)
     x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
@@ -178,13 +222,13 @@ def main(argv=None):
         model.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
         model.set_rng_state(rng_state)
-        print(f"resuming runs/{folder.name} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+        print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
     else:
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
-        print(f"training runs/{folder.name}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
+        print(f"training runs/{label}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
               f"validation images, on {'GPU' if xp is not np else 'CPU'}")
-    if args.force:
+    if force:
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
 
     def save(kind="latest"):
@@ -227,7 +271,7 @@ def main(argv=None):
                                 img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
                 bar.update(1)
                 state["wall_time_s"] = wall_before + time.monotonic() - started
-                out_of_time = max_time and state["wall_time_s"] >= max_time
+                out_of_time = max_time and time.monotonic() - started >= max_time  # per invocation: one night each
                 due = (step + 1) % cfg.ckpt_every == 0 if cfg.ckpt_every > 0 else \
                     time.monotonic() - last_save >= CKPT_SECONDS
                 if stop.signum or out_of_time or (due and state["step"] < steps_per_epoch):
@@ -236,12 +280,12 @@ def main(argv=None):
                 if stop.signum:
                     bar.close()
                     print(f"\nstopped by signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step "
-                          f"{state['step']}; `make train RUN={folder.name}` continues", file=sys.stderr)
+                          f"{state['step']}; `make train RUN={label.split('/')[0]}` continues", file=sys.stderr)
                     return 128 + stop.signum
                 if out_of_time:
                     bar.close()
                     print(f"MAX_TIME reached: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
-                          f"`make train RUN={folder.name}` continues", file=sys.stderr)
+                          f"`make train RUN={label.split('/')[0]}` continues", file=sys.stderr)
                     return 3
             bar.close()
 
@@ -277,12 +321,23 @@ def main(argv=None):
             if state["done"]:
                 print(f"early stop: no improvement in {cfg.early_stop_patience} epochs")
     epoch_bar.close()
-    finish(folder, cfg, model, ckpt_dir, x_val, y_val, val_idx, state)
+    finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state)
     return 0
 
 
-def finish(folder, cfg, model, ckpt_dir, x_val, y_val, val_idx, state):
-    """Deliver the best-by-validation weights: val predictions, summary, then model.npz (the Makefile's target)."""
+def check_member_config(folder, preset, cfg, force):
+    """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked)."""
+    saved = load_toml(folder / "config.toml")
+    saved.pop("preset", None)
+    current = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
+    for key in RUN_CONTROL:
+        setattr(current, key, getattr(cfg, key))
+    if current != cfg and not force:
+        raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
+
+
+def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state):
+    """Deliver the best-by-validation weights: val predictions, model.npz, then summary.json (the Makefile's target)."""
     best_path = ckpt_dir / checkpoint.BEST
     if best_path.exists():
         model_state, _, _, _ = checkpoint.unpack(checkpoint.read(best_path))
@@ -290,14 +345,14 @@ def finish(folder, cfg, model, ckpt_dir, x_val, y_val, val_idx, state):
     val_loss, val_acc, probs = evaluate(model, x_val, y_val)
     save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
     history = state["history"]
+    save_npz(folder / "model.npz", model.state_dict())
     write_json(folder / "summary.json", {
         "arch": cfg.arch, "best_val_acc": val_acc, "best_val_loss": val_loss, "best_epoch": state["best_epoch"],
         "epochs_done": len(history), "wall_time_s": state["wall_time_s"], "finished": True,
         "train_images_per_s": float(np.median([r["images_per_s"] for r in history])) if history else None,
     })
-    save_npz(folder / "model.npz", model.state_dict())
-    print(f"runs/{folder.name}: best epoch {state['best_epoch']}, val_acc {val_acc:.4f}, "
-          f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{folder.name}/model.npz")
+    print(f"runs/{label}: best epoch {state['best_epoch']}, val_acc {val_acc:.4f}, "
+          f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{label}/model.npz")
 
 
 if __name__ == "__main__":

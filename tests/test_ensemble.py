@@ -1,0 +1,117 @@
+"""Selection by validation: each row is judged only by members that held it out of training."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import ensemble
+from pipeline.fileio import save_npz
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def onehot(labels, conf=0.9):
+    p = np.full((len(labels), 10), (1 - conf) / 9, np.float32)
+    p[np.arange(len(labels)), labels] = conf
+    return p
+
+
+def test_estimate_uses_only_held_out_rows():
+    y = np.arange(6) % 10
+    P = np.stack([onehot(y), onehot((y + 1) % 10)])  # member 0 always right, member 1 always wrong
+    H = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], bool)
+    assert ensemble.blend_estimate([1, 0], P, H, y) == {"accuracy": 1.0, "log_loss": pytest.approx(-np.log(0.9)),
+                                                        "rows": 3}
+    assert ensemble.blend_estimate([0, 1], P, H, y)["accuracy"] == 0.0
+    # Both: rows 0-2 judged by member 0 alone, rows 3-5 by member 1 alone.
+    assert ensemble.blend_estimate([1, 1], P, H, y) == {"accuracy": 0.5, "log_loss": pytest.approx(
+        (-np.log(0.9) * 3 - np.log(0.1 / 9) * 3) / 6), "rows": 6}
+
+
+def test_perfect_training_rows_never_help_a_member():
+    # Member 1 is perfect on rows it trained on (H False there) and wrong on its held-out rows:
+    # the estimate must see only the wrong ones.
+    y = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    good, bad = onehot(y), onehot((y + 3) % 10)
+    H = np.array([[1] * 8, [0, 0, 0, 0, 1, 1, 1, 1]], bool)
+    P = np.stack([good, np.where(H[1][:, None], bad, good)])
+    assert ensemble.blend_estimate([0, 1], P, H, y)["accuracy"] == 0.0
+
+
+def test_best_single_topk_and_greedy_choices():
+    rng = np.random.default_rng(0)
+    n, k = 400, 4
+    y = rng.integers(0, 10, n)
+    H = np.ones((k, n), bool)
+    P = np.empty((k, n, 10), np.float32)
+    # Members 0..2 make independent errors on 20 % of rows; member 3 is noise.
+    for i in range(3):
+        wrong = rng.random(n) < 0.2
+        P[i] = onehot(np.where(wrong, (y + 1 + i) % 10, y), conf=0.6)
+    P[3] = onehot(rng.integers(0, 10, n), conf=0.9)
+    (name, weights, est), cands = ensemble.choose(P, H, y)
+    singles = [ensemble.blend_estimate(np.eye(k)[i], P, H, y)["accuracy"] for i in range(k)]
+    assert cands[0][0] == "best single" and cands[0][2]["accuracy"] == max(singles)
+    assert weights[3] == 0, "the noise member must not be chosen"
+    assert est["accuracy"] > max(singles), "three independent 80 % members blend above each of them"
+    assert est["accuracy"] == max(c[2]["accuracy"] for c in cands)
+
+
+def test_a_single_clearly_best_member_is_chosen_alone():
+    y = np.arange(50) % 10
+    H = np.ones((3, 50), bool)
+    P = np.stack([onehot(y, 0.99), onehot((y + 1) % 10, 0.99), onehot((y + 2) % 10, 0.99)])
+    (name, weights, est), _ = ensemble.choose(P, H, y)
+    assert name == "best single" and list(weights) == [1, 0, 0] and est["accuracy"] == 1.0
+
+
+def test_shift_images_moves_by_whole_pixels():
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    x[0, 5, 7] = 1
+    assert ensemble.shift_images(x, 1, -2)[0, 6, 5, 0] == 1
+    assert ensemble.shift_images(x, 0, 0).sum() == 1
+
+
+def write_member(folder, idx, y, probs, test_probs, finished=True):
+    folder.mkdir(parents=True)
+    save_npz(folder / "val_predictions.npz", {"idx": idx, "y": y, "probs": probs})
+    save_npz(folder / "test_probs.npz", {"probs": test_probs})
+    if finished:
+        (folder / "model.npz").write_bytes(b"")
+        os.utime(folder / "test_probs.npz")  # cache newer than the model
+        (folder / "summary.json").write_text(json.dumps({"best_val_acc": 1.0}))
+
+
+def test_build_blends_finished_members_and_skips_unfinished(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    n, m = 40, 12
+    y = np.arange(n) % 10
+    x = np.zeros((n, 28, 28, 1), np.float32)
+    save_npz(tmp_path / "data/processed/train.npz", {"x": x, "y": y})
+    save_npz(tmp_path / "data/processed/test.npz", {"x": np.zeros((m, 28, 28, 1), np.float32)})
+    (tmp_path / "data/processed/meta.json").write_text(json.dumps({"test_rows": m}))
+    run = tmp_path / "runs" / "ens"
+    halves = [np.arange(0, 20), np.arange(20, 40)]
+    test_labels = np.arange(m) % 10
+    for k, idx in enumerate(halves):
+        write_member(run / "members" / str(k), idx, y[idx], onehot(y[idx]), onehot(test_labels))
+    write_member(run / "members" / "2", halves[0], y[halves[0]], onehot(y[halves[0]]), onehot(test_labels),
+                 finished=False)
+    with pytest.warns(UserWarning, match="unfinished members 2"):
+        report = ensemble.build(run)
+    assert report["members"] == ["0", "1"] and report["skipped"] == ["2"]
+    probs = np.load(run / "test_probs.npz")["probs"]
+    assert probs.shape == (m, 10) and list(probs.argmax(1)) == list(test_labels)
+    assert json.loads((run / "ensemble.json").read_text())["estimate"]["accuracy"] == 1.0
+
+
+def test_cli_on_a_run_without_members_is_one_line_exit_2(tmp_path):
+    (tmp_path / "runs" / "single").mkdir(parents=True)
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "pipeline.ensemble", "--run", "single"], env=env, cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "members" in r.stderr
