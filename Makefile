@@ -43,6 +43,8 @@ fetch: $(RAW)/train.csv ## download the competition data (SOURCE=auto|kaggle|mni
 $(RAW)/train.csv: | $(VENV)/.installed
 	$(PY) -m pipeline.fetch --source $(SOURCE)
 
+$(RAW)/test.csv: $(RAW)/train.csv ;  # fetch writes test.csv before train.csv
+
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
 $(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed
