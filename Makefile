@@ -43,7 +43,8 @@ fetch: $(RAW)/train.csv ## download the competition data (SOURCE=auto|kaggle|mni
 $(RAW)/train.csv: | $(VENV)/.installed
 	$(PY) -m pipeline.fetch --source $(SOURCE)
 
-$(RAW)/test.csv: $(RAW)/train.csv ;  # fetch writes test.csv before train.csv
+# fetch writes test.csv before train.csv, so train.csv stands for both
+$(RAW)/test.csv: $(RAW)/train.csv ;
 
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
