@@ -20,7 +20,7 @@ PROCESSED := data/processed
 RUNDIR := runs/$(RUN)
 SUBMISSION := submissions/submission.csv
 
-.PHONY: FORCE help venv fetch prepare train predict ensemble submit score report test bench clean
+.PHONY: FORCE help venv fetch prepare train predict ensemble submit score report test bench clean kernel kernel-push kernel-output
 
 help: ## list the targets
 	@echo "Digit Recognizer pipeline. Usage: make TARGET [PRESET=quick|standard|overnight] [RUN=name] [KEY=value ...]"
@@ -86,6 +86,25 @@ test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collect
 
 bench: $(VENV)/.dev-installed ## engine vs PyTorch throughput on this CPU
 	$(PY) -m bench.bench
+
+KERNEL_DIR := kernels/digit-recognizer
+KERNEL := $(KERNEL_DIR)/kernel-metadata.json
+KERNEL_SUBMISSION := submissions/kernel/submission.csv
+
+kernel: $(KERNEL) ## generate the Kaggle notebook in kernels/digit-recognizer/ (KAGGLE_KERNEL_ID=owner/slug)
+
+# The notebook bundles pipeline/ and configs/: rebuilt when they change, or always when KAGGLE_KERNEL_ID is given.
+$(KERNEL): $(wildcard pipeline/*.py pipeline/nn/*.py configs/*.toml) $(if $(KAGGLE_KERNEL_ID),FORCE) | $(VENV)/.dev-installed
+	$(PY) -m pipeline.kernel generate $(if $(KAGGLE_KERNEL_ID),--id $(KAGGLE_KERNEL_ID))
+
+kernel-push: $(KERNEL) | $(VENV)/.dev-installed ## push the kernel to Kaggle and wait until its run completes or fails
+	$(PY) -m pipeline.kernel push
+
+kernel-output: $(KERNEL_SUBMISSION) ## download the kernel's submission.csv (and log) into submissions/kernel/
+
+# The kernel's output lives on Kaggle and changes with every run: always ask.
+$(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
+	$(PY) -m pipeline.kernel output
 
 FORCE:
 

@@ -88,13 +88,18 @@ def _copier(archive, source):
     return copy
 
 
-def fetch_kaggle(raw_dir, log=print):
-    """Download the competition with the official client, unzip it, move the three CSVs in."""
+def fetch_kaggle(raw_dir, log=print, retries=kaggle_api.RETRIES, base_delay=kaggle_api.BASE_DELAY):
+    """Download the competition with the official client, unzip it, move the three CSVs in.
+
+    The archive lands in a temp folder beside raw_dir (same file system, never inside it), so an
+    interrupted or cut-short download leaves nothing in raw_dir; `retries` and `base_delay` are the
+    retry policy of pipeline.kaggle_api.
+    """
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     log(f"downloading competition '{kaggle_api.COMPETITION}' from Kaggle")
-    with tempfile.TemporaryDirectory(prefix=".kaggle-download-", dir=raw_dir) as tmp:
-        downloaded = kaggle_api.download_competition(tmp)
+    with tempfile.TemporaryDirectory(prefix=".kaggle-download-", dir=raw_dir.parent) as tmp:
+        downloaded = kaggle_api.download_competition(tmp, retries=retries, base_delay=base_delay)
         found = _find_competition_files(downloaded)
         writers = {name: _copier(*found[name]) for name in COMPETITION_FILES}
         # Kaggle ships no answer key: one left by an earlier mnist fetch would not match the new test.csv.
