@@ -1,0 +1,1 @@
+"""Benchmarks of the engine against PyTorch CPU (`make bench`); not part of the pipeline's stages."""

@@ -1,0 +1,59 @@
+"""Named architectures as plain data: lists of layer-spec dicts, as they would come from TOML.
+
+The final dense layer has 10 units (the digits); build_model sets it to num_classes for a named
+architecture, and gives a dense spec without "units" num_classes.
+"""
+
+
+def _conv(filters, kernel, stride=1, padding="valid"):
+    return {"type": "conv2d", "filters": filters, "kernel": kernel, "stride": stride, "padding": padding,
+            "bias": True}
+
+
+def _conv_bn_relu(filters, kernel, stride=1, padding="valid"):
+    return [_conv(filters, kernel, stride, padding), {"type": "batchnorm"}, {"type": "relu"}]
+
+
+SEED_SMALL = [
+    _conv(8, 3, padding=1), {"type": "relu"}, {"type": "maxpool", "size": 2},
+    _conv(16, 3, padding=1), {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 128}, {"type": "relu"},
+    {"type": "dense", "units": 10},
+]
+
+LENET5 = [
+    _conv(6, 5, padding=2), {"type": "relu"}, {"type": "maxpool", "size": 2},
+    _conv(16, 5), {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 120}, {"type": "relu"},
+    {"type": "dense", "units": 84}, {"type": "relu"},
+    {"type": "dense", "units": 10},
+]
+
+# Chris Deotte's Kaggle MNIST net: 28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4 -> 1
+DEOTTE = [
+    *_conv_bn_relu(32, 3), *_conv_bn_relu(32, 3), *_conv_bn_relu(32, 5, 2, "same"),
+    {"type": "dropout", "rate": 0.4},
+    *_conv_bn_relu(64, 3), *_conv_bn_relu(64, 3), *_conv_bn_relu(64, 5, 2, "same"),
+    {"type": "dropout", "rate": 0.4},
+    *_conv_bn_relu(128, 4),
+    {"type": "flatten"}, {"type": "dropout", "rate": 0.4},
+    {"type": "dense", "units": 10},
+]
+
+# The `quick` preset's net: BatchNorm lets two small conv blocks pass 99 % in a few epochs.
+SMALL_BN = [
+    *_conv_bn_relu(16, 3, padding=1), {"type": "maxpool", "size": 2},
+    *_conv_bn_relu(32, 3, padding=1), {"type": "maxpool", "size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 128}, {"type": "relu"},
+    {"type": "dense", "units": 10},
+]
+
+ARCHITECTURES = {
+    "seed_small": SEED_SMALL,
+    "lenet5": LENET5,
+    "deotte": DEOTTE,
+    "small_bn": SMALL_BN,
+}

@@ -1,0 +1,57 @@
+"""Inverted dropout: kept units are scaled by 1/(1-rate) in training, identity in eval.
+
+The mask is drawn from a numpy Generator (PCG64) whatever the backend, then moved to the device, so the
+same seed gives the same masks on CPU and GPU and the generator state serializes.
+"""
+import numpy as np
+
+from pipeline.nn.backend import get_array_module, parallel_rows, to_device
+
+
+def dropout_mask(rng, shape, rate, dtype, xp=np):
+    """Multiplier of `shape`: 0 with probability `rate`, else 1/(1-rate); uniforms compared in float32."""
+    u = rng.random(shape, dtype=np.float32)
+    keep = u >= np.float32(rate)
+    mask = keep.astype(dtype)
+    mask *= mask.dtype.type(1.0 / (1.0 - rate))
+    return to_device(mask, xp)
+
+
+def dropout_forward(x, rate, train, rng=None, mask=None):
+    """out = x * mask in training, x itself in eval. cache: the multiplier, or (keep mask, scale).
+
+    Without a given `mask`, the uniforms are drawn from `rng` in float32 (same stream on every backend)
+    and compared on the CPU; the boolean keep mask and the scale then do the work.
+    """
+    if not train or rate == 0.0:
+        return x, None
+    xp = get_array_module(x)
+    if mask is not None:
+        return x * mask, mask
+    keep = to_device(rng.random(x.shape, dtype=np.float32) >= np.float32(rate), xp)
+    scale = x.dtype.type(1.0 / (1.0 - rate))
+    out = xp.empty_like(x)
+
+    def apply(rows):
+        xp.multiply(x[rows], keep[rows], out=out[rows])
+        out[rows] *= scale
+
+    parallel_rows(apply, x.shape[0], x)
+    return out, (keep, scale)
+
+
+def dropout_backward(dout, cache):
+    if cache is None:
+        return dout
+    if not isinstance(cache, tuple):
+        return dout * cache
+    keep, scale = cache
+    xp = get_array_module(dout)
+    dx = xp.empty_like(dout)
+
+    def apply(rows):
+        xp.multiply(dout[rows], keep[rows], out=dx[rows])
+        dx[rows] *= scale
+
+    parallel_rows(apply, dout.shape[0], dout)
+    return dx

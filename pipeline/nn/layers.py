@@ -1,0 +1,293 @@
+"""Layer objects: thin stateful wrappers around the forward/backward function pairs.
+
+Each layer owns `params` and `grads` dicts (name -> array, same shapes), BN keeps its running statistics in
+`buffers`. `build(input_shape, ...)` creates the arrays and returns the output shape (per example, no N).
+Defaults: conv and dense kernels are He-normal (fan_in), biases zero and on (Keras's default for bias).
+"""
+import numpy as np
+
+from pipeline.nn import activation, conv, dropout, linear, norm, pool
+from pipeline.nn.backend import Workspace
+from pipeline.nn.init import initialize
+
+
+class Layer:
+    """Base: no parameters, identity shape. `name` is '<index>.<type>' once the model places it."""
+
+    kind = "layer"
+    # True when forward returns fresh memory that no cache refers to (a following ReLU may overwrite it)
+    fresh_output = False
+    # True when backward returns fresh memory (a preceding ReLU may overwrite the gradient it receives)
+    fresh_grad = False
+
+    def __init__(self):
+        self.name = self.kind
+        self.params, self.grads, self.buffers = {}, {}, {}
+        self.need_dx = True
+        self.cache = None
+
+    def build(self, input_shape, rng, xp, dtype):
+        return tuple(input_shape)
+
+    def forward(self, x, train):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def _new_param(self, name, value, xp, dtype):
+        self.params[name] = xp.asarray(np.asarray(value, dtype=dtype))
+        self.grads[name] = xp.zeros_like(self.params[name])
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+
+class Conv2D(Layer):
+    """x (N, H, W, Cin) -> (N, Ho, Wo, filters); w (k, k, Cin, filters), b (filters,)."""
+
+    kind = "conv2d"
+    fresh_output = fresh_grad = True
+
+    def __init__(self, filters, kernel=3, stride=1, padding="valid", bias=True, init="he_normal"):
+        super().__init__()
+        self.filters, self.stride, self.padding = int(filters), int(stride), padding
+        self.kernel = (int(kernel), int(kernel)) if np.isscalar(kernel) else tuple(int(k) for k in kernel)
+        self.bias, self.init = bool(bias), init
+        self.workspace = Workspace()
+        if self.filters < 1 or self.stride < 1 or min(self.kernel) < 1:
+            raise ValueError(f"conv2d: filters, kernel and stride must be >= 1 (got {filters}, {kernel}, {stride})")
+
+    def build(self, input_shape, rng, xp, dtype):
+        h, w, c = input_shape
+        kh, kw = self.kernel
+        self.pad = conv.conv_padding(self.padding, (h, w), self.kernel, self.stride)
+        ho = conv.get_conv_outsize(h, kh, self.stride, self.pad[0], self.pad[1])
+        wo = conv.get_conv_outsize(w, kw, self.stride, self.pad[2], self.pad[3])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"conv2d: kernel {self.kernel} does not fit input {input_shape}")
+        self._new_param("w", initialize(self.init, rng, (kh, kw, c, self.filters)), xp, dtype)
+        if self.bias:
+            self._new_param("b", np.zeros(self.filters), xp, dtype)
+        return (ho, wo, self.filters)
+
+    def forward(self, x, train):
+        # training reuses one scratch buffer for the columns; eval (maybe between forward and backward)
+        # must not overwrite it
+        out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
+                                              workspace=self.workspace if train else None)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = conv.conv2d_backward(dout, self.cache, need_dx=self.need_dx)
+        self.grads["w"][...] = dw
+        if db is not None:
+            self.grads["b"][...] = db
+        return dx
+
+
+class Dense(Layer):
+    """x (N, D) -> (N, units); w (D, units), b (units,)."""
+
+    kind = "dense"
+    fresh_output = fresh_grad = True
+
+    def __init__(self, units, bias=True, init="he_normal"):
+        super().__init__()
+        self.units, self.bias, self.init = int(units), bool(bias), init
+
+    def build(self, input_shape, rng, xp, dtype):
+        if len(input_shape) != 1:
+            raise ValueError(f"dense expects a flat input, got shape {input_shape}: add a flatten layer")
+        self._new_param("w", initialize(self.init, rng, (input_shape[0], self.units)), xp, dtype)
+        if self.bias:
+            self._new_param("b", np.zeros(self.units), xp, dtype)
+        return (self.units,)
+
+    def forward(self, x, train):
+        out, self.cache = linear.dense_forward(x, self.params["w"], self.params.get("b"))
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = linear.dense_backward(dout, self.cache, need_dx=self.need_dx)
+        self.grads["w"][...] = dw
+        if db is not None:
+            self.grads["b"][...] = db
+        return dx
+
+
+class BatchNorm(Layer):
+    """Normalizes the last axis: NHWC maps over (N, H, W), dense activations over N."""
+
+    kind = "batchnorm"
+    fresh_output = fresh_grad = True
+
+    def __init__(self, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = float(momentum), float(eps)
+
+    def build(self, input_shape, rng, xp, dtype):
+        c = input_shape[-1]
+        self._new_param("gamma", np.ones(c), xp, dtype)
+        self._new_param("beta", np.zeros(c), xp, dtype)
+        self.buffers["running_mean"] = xp.zeros(c, dtype=dtype)
+        self.buffers["running_var"] = xp.ones(c, dtype=dtype)
+        return tuple(input_shape)
+
+    def forward(self, x, train):
+        out, self.cache = norm.batchnorm_forward(
+            x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
+            self.buffers["running_var"], train, self.momentum, self.eps)
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = norm.batchnorm_backward(dout, self.cache)
+        self.grads["gamma"][...] = dgamma
+        self.grads["beta"][...] = dbeta
+        return dx
+
+
+class ReLU(Layer):
+    kind = "relu"
+
+    def __init__(self):
+        super().__init__()
+        self.inplace_forward = False   # set by the model when the input is disposable
+        self.inplace_backward = False  # set by the model when the incoming gradient is disposable
+
+    def forward(self, x, train):
+        out, self.cache = activation.relu_forward(x, out=x if self.inplace_forward else None)
+        return out
+
+    def backward(self, dout):
+        return activation.relu_backward(dout, self.cache, out=dout if self.inplace_backward else None)
+
+
+class LeakyReLU(Layer):
+    kind = "leaky_relu"
+    fresh_output = fresh_grad = True
+
+    def __init__(self, alpha=0.01):
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def forward(self, x, train):
+        out, self.cache = activation.leaky_relu_forward(x, self.alpha)
+        return out
+
+    def backward(self, dout):
+        return activation.leaky_relu_backward(dout, self.cache)
+
+
+class MaxPool2D(Layer):
+    kind = "maxpool"
+    fresh_output = fresh_grad = True
+
+    def __init__(self, size=2, stride=None):
+        super().__init__()
+        self.size = int(size)
+        self.stride = int(stride) if stride else self.size
+
+    def build(self, input_shape, rng, xp, dtype):
+        h, w, c = input_shape
+        return (pool.pool_outsize(h, self.size, self.stride), pool.pool_outsize(w, self.size, self.stride), c)
+
+    def forward(self, x, train):
+        out, self.cache = pool.maxpool_forward(x, self.size, self.stride)
+        return out
+
+    def backward(self, dout):
+        return pool.maxpool_backward(dout, self.cache)
+
+
+class AvgPool2D(MaxPool2D):
+    kind = "avgpool"
+
+    def forward(self, x, train):
+        out, self.cache = pool.avgpool_forward(x, self.size, self.stride)
+        return out
+
+    def backward(self, dout):
+        return pool.avgpool_backward(dout, self.cache)
+
+
+class GlobalAvgPool(Layer):
+    """(N, H, W, C) -> (N, C)."""
+
+    kind = "global_avgpool"
+    fresh_output = fresh_grad = True
+
+    def build(self, input_shape, rng, xp, dtype):
+        return (input_shape[-1],)
+
+    def forward(self, x, train):
+        out, self.cache = pool.global_avgpool_forward(x)
+        return out
+
+    def backward(self, dout):
+        return pool.global_avgpool_backward(dout, self.cache)
+
+
+class Dropout(Layer):
+    """Inverted dropout; masks come from the model's numpy Generator (`rng`, set by the model)."""
+
+    kind = "dropout"
+
+    def __init__(self, rate=0.5):
+        super().__init__()
+        self.rate = float(rate)
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rng = None
+        self.fixed_mask = None  # tests pin the mask to check gradients
+
+    def forward(self, x, train):
+        out, self.cache = dropout.dropout_forward(x, self.rate, train, self.rng, self.fixed_mask)
+        return out
+
+    def backward(self, dout):
+        return dropout.dropout_backward(dout, self.cache)
+
+
+class Flatten(Layer):
+    """(N, H, W, C) -> (N, H*W*C) in C order."""
+
+    kind = "flatten"
+
+    def build(self, input_shape, rng, xp, dtype):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, train):
+        out, self.cache = linear.flatten_forward(x)
+        return out
+
+    def backward(self, dout):
+        return linear.flatten_backward(dout, self.cache)
+
+
+LAYER_TYPES = {
+    "conv2d": Conv2D, "conv": Conv2D,
+    "dense": Dense, "linear": Dense,
+    "batchnorm": BatchNorm, "bn": BatchNorm,
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU, "leakyrelu": LeakyReLU,
+    "maxpool": MaxPool2D, "maxpool2d": MaxPool2D,
+    "avgpool": AvgPool2D, "avgpool2d": AvgPool2D,
+    "global_avgpool": GlobalAvgPool, "globalavgpool": GlobalAvgPool,
+    "dropout": Dropout,
+    "flatten": Flatten,
+}
+
+
+def layer_from_spec(spec):
+    """A layer object from a spec dict like {"type": "conv2d", "filters": 32, "kernel": 3}."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a layer spec must be a dict with a 'type', got {spec!r}")
+    kind = str(spec["type"]).lower()
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"unknown layer type '{spec['type']}' (known: {', '.join(sorted(LAYER_TYPES))})")
+    options = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        return LAYER_TYPES[kind](**options)
+    except TypeError as exc:
+        raise ValueError(f"layer {spec!r}: {exc}") from None

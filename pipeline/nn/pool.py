@@ -1,0 +1,209 @@
+"""Pooling in NHWC: max, average and global average, each with a naive loop reference.
+
+Shapes: x (N, H, W, C) -> out (N, Ho, Wo, C) with Ho = (H - size) // stride + 1 (no padding, floor like
+PyTorch and Keras 'valid'); global pooling gives (N, C).
+Max pooling routes the gradient to the first maximum of each window in row-major order (PyTorch's rule).
+"""
+from pipeline.nn.backend import get_array_module, parallel_rows
+
+
+def pool_outsize(size, k, stride):
+    if size < k:
+        raise ValueError(f"pool window {k} is larger than the input ({size})")
+    return (size - k) // stride + 1
+
+
+def _window_views(x, size, stride, ho, wo):
+    """The size*size strided views x[:, i::stride, j::stride] of shape (N, Ho, Wo, C), row-major order."""
+    for i in range(size):
+        for j in range(size):
+            yield i, j, x[:, i:i + stride * ho:stride, j:j + stride * wo:stride, :]
+
+
+def maxpool_forward(x, size=2, stride=None):
+    """out (N, Ho, Wo, C); cache for maxpool_backward.
+
+    2x2 windows with stride 2 (every model here) take maxpool2x2_forward; other windows a running maximum
+    over the size*size strided views, `>` keeping the first maximum on ties.
+    """
+    xp = get_array_module(x)
+    stride = stride or size
+    if size == stride == 2 and x.shape[1] >= 2 and x.shape[2] >= 2:
+        return maxpool2x2_forward(x)
+    if size * size > 255:
+        raise ValueError(f"max pool window {size} too large for the uint8 argmax")
+    n, h, w, c = x.shape
+    ho, wo = pool_outsize(h, size, stride), pool_outsize(w, size, stride)
+    views = _window_views(x, size, stride, ho, wo)
+    _, _, first = next(views)
+    out = first.copy()
+    argmax = xp.zeros(out.shape, dtype=xp.uint8)
+    for i, j, view in views:
+        greater = view > out
+        xp.copyto(out, view, where=greater)
+        xp.copyto(argmax, i * size + j, where=greater)
+    return out, ("views", argmax, x.shape, size, stride)
+
+
+def maxpool_backward(dout, cache):
+    """dx (N, H, W, C): each output gradient goes to the input at its (first) argmax."""
+    if cache[0] == "2x2":
+        return maxpool2x2_backward(dout, cache)
+    _, argmax, x_shape, size, stride = cache
+    xp = get_array_module(dout)
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    ho, wo = dout.shape[1], dout.shape[2]
+    for i, j, view in _window_views(dx, size, stride, ho, wo):
+        contrib = dout * (argmax == i * size + j)
+        if stride >= size:  # windows do not overlap: plain assignment
+            view[...] = contrib
+        else:
+            view += contrib
+    return dx
+
+
+def maxpool2x2_forward(x):
+    """2x2 max pooling, stride 2, in two pairwise stages with masks instead of an argmax.
+
+    Rows first: top vs bottom on views whose contiguous runs are W*C long (the cheap direction in NHWC),
+    then columns on the half-size result. The first maximum in row-major order (PyTorch's choice) wins:
+    the right column is taken if it is larger, or equal with its maximum in the top row and the left's in
+    the bottom row. cache: ("2x2", bottom-row mask (N, Ho, 2*Wo, C), right-column mask (N, Ho, Wo, C),
+    x.shape).
+    """
+    xp = get_array_module(x)
+    n, h, w, c = x.shape
+    ho, wo = h // 2, w // 2
+    pairs = x[:, :2 * ho, :2 * wo, :].reshape(n, ho, 2, 2 * wo, c)
+    out = xp.empty((n, ho, wo, c), dtype=x.dtype)
+    from_bottom = xp.empty((n, ho, 2 * wo, c), dtype=bool)
+    from_right = xp.empty((n, ho, wo, c), dtype=bool)
+
+    def pool_rows(r):
+        top, bottom = pairs[r, :, 0], pairs[r, :, 1]
+        colmax = xp.maximum(top, bottom).reshape(-1, ho, wo, 2, c)
+        xp.greater(bottom, top, out=from_bottom[r])
+        left, right = colmax[:, :, :, 0], colmax[:, :, :, 1]
+        xp.maximum(left, right, out=out[r])
+        rows = from_bottom[r].reshape(-1, ho, wo, 2, c)
+        xp.greater(right, left, out=from_right[r])
+        tie_up = xp.equal(right, left)
+        tie_up &= xp.greater(rows[:, :, :, 0], rows[:, :, :, 1])  # left max in the bottom row, right's on top
+        from_right[r] |= tie_up
+
+    parallel_rows(pool_rows, n, x)
+    return out, ("2x2", from_bottom, from_right, x.shape)
+
+
+def maxpool2x2_backward(dout, cache):
+    _, from_bottom, from_right, x_shape = cache
+    xp = get_array_module(dout)
+    n, ho, wo, c = dout.shape
+    dx = xp.empty((n, 2 * ho, 2 * wo, c), dtype=dout.dtype)
+    pairs = dx.reshape(n, ho, 2, 2 * wo, c)
+
+    def route(r):
+        dcol = xp.empty((dout[r].shape[0], ho, wo, 2, c), dtype=dout.dtype)
+        xp.multiply(dout[r], from_right[r], out=dcol[:, :, :, 1])
+        xp.subtract(dout[r], dcol[:, :, :, 1], out=dcol[:, :, :, 0])
+        dcol = dcol.reshape(-1, ho, 2 * wo, c)
+        xp.multiply(dcol, from_bottom[r], out=pairs[r, :, 1])
+        xp.subtract(dcol, pairs[r, :, 1], out=pairs[r, :, 0])
+
+    parallel_rows(route, n, dx)
+    if dx.shape != tuple(x_shape):  # odd H or W: the last row/column was never in a window
+        full = xp.zeros(x_shape, dtype=dout.dtype)
+        full[:, :2 * ho, :2 * wo, :] = dx
+        dx = full
+    return dx
+
+
+def avgpool_forward(x, size=2, stride=None):
+    """out (N, Ho, Wo, C): the mean of each window; cache (x.shape, size, stride)."""
+    xp = get_array_module(x)
+    stride = stride or size
+    n, h, w, c = x.shape
+    ho, wo = pool_outsize(h, size, stride), pool_outsize(w, size, stride)
+    out = xp.zeros((n, ho, wo, c), dtype=x.dtype)
+    for _, _, view in _window_views(x, size, stride, ho, wo):
+        out += view
+    out *= x.dtype.type(1.0 / (size * size))
+    return out, (x.shape, size, stride)
+
+
+def avgpool_backward(dout, cache):
+    """dx (N, H, W, C): each output gradient spread evenly over its window."""
+    x_shape, size, stride = cache
+    xp = get_array_module(dout)
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    share = dout * dout.dtype.type(1.0 / (size * size))
+    for _, _, view in _window_views(dx, size, stride, dout.shape[1], dout.shape[2]):
+        view += share
+    return dx
+
+
+def global_avgpool_forward(x):
+    """out (N, C): the mean over H and W; cache x.shape."""
+    return x.mean(axis=(1, 2), dtype=x.dtype), x.shape
+
+
+def global_avgpool_backward(dout, cache):
+    """dx (N, H, W, C) = dout / (H*W) broadcast over every pixel."""
+    xp = get_array_module(dout)
+    n, h, w, c = cache
+    dx = xp.empty(cache, dtype=dout.dtype)
+    dx[...] = (dout * dout.dtype.type(1.0 / (h * w)))[:, None, None, :]
+    return dx
+
+
+def maxpool_forward_naive(x, size=2, stride=None):
+    """Reference: loops over windows, np.argmax of each flattened window (first maximum)."""
+    xp = get_array_module(x)
+    stride = stride or size
+    n, h, w, c = x.shape
+    ho, wo = pool_outsize(h, size, stride), pool_outsize(w, size, stride)
+    out = xp.zeros((n, ho, wo, c), dtype=x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            window = x[:, i * stride:i * stride + size, j * stride:j * stride + size, :]
+            out[:, i, j, :] = window.max(axis=(1, 2))
+    return out, (x, size, stride)
+
+
+def maxpool_backward_naive(dout, cache):
+    x, size, stride = cache
+    xp = get_array_module(x)
+    dx = xp.zeros_like(x)
+    n, ho, wo, c = dout.shape
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                for ch in range(c):
+                    window = x[b, i * stride:i * stride + size, j * stride:j * stride + size, ch]
+                    k = int(xp.argmax(window))
+                    dx[b, i * stride + k // size, j * stride + k % size, ch] += dout[b, i, j, ch]
+    return dx
+
+
+def avgpool_forward_naive(x, size=2, stride=None):
+    xp = get_array_module(x)
+    stride = stride or size
+    n, h, w, c = x.shape
+    ho, wo = pool_outsize(h, size, stride), pool_outsize(w, size, stride)
+    out = xp.zeros((n, ho, wo, c), dtype=x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            out[:, i, j, :] = x[:, i * stride:i * stride + size, j * stride:j * stride + size, :].mean(axis=(1, 2))
+    return out, (x.shape, size, stride)
+
+
+def avgpool_backward_naive(dout, cache):
+    x_shape, size, stride = cache
+    xp = get_array_module(dout)
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    n, ho, wo, c = dout.shape
+    for i in range(ho):
+        for j in range(wo):
+            dx[:, i * stride:i * stride + size, j * stride:j * stride + size, :] += \
+                dout[:, i, j, :][:, None, None, :] / (size * size)
+    return dx
