@@ -415,6 +415,9 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    # PyTorch's OpenMP threads spin after each op by default and steal the core our next step needs when
+    # both engines share a process; passive waiting leaves PyTorch's own speed as it was (docs/PERFORMANCE.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.rss_child:
         engine, arch, mode, size, threads = args.rss_child.split(",")
         _rss_child(engine, arch, mode, int(size), int(threads))
@@ -443,7 +446,7 @@ def main(argv=None):
     print("BLAS / OpenMP libraries loaded (threadpoolctl):")
     for line in describe_libraries(blas_info()):
         print(line)
-    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
         if var in os.environ:
             print(f"  {var}={os.environ[var]}")
 

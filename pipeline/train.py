@@ -108,6 +108,12 @@ def evaluate(model, x, y, batch_size=1000):
     return total / n, float((probs.argmax(1) == to_numpy(y)).mean()) if len(x) else 0.0, probs
 
 
+def batches_per_epoch(n, batch_size):
+    """Steps per epoch; a last batch of a single image joins the one before (BatchNorm needs two)."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+
+
 def epoch_order(seed, epoch, n):
     """The permutation of training rows for one epoch: a pure function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch, 0xD1617]).permutation(n)
@@ -205,7 +211,7 @@ def train_one(folder, preset, cfg, force, label=None):
     xp = select_device(cfg.device)
     x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
     n_train = len(y_tr)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps_per_epoch = batches_per_epoch(n_train, cfg.batch_size)
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
     opt = make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                          weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
@@ -253,14 +259,14 @@ def train_one(folder, preset, cfg, force, label=None):
             bar.update(state["step"])
             while state["step"] < steps_per_epoch:
                 step = state["step"]
-                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size if step + 1 < steps_per_epoch else None]
                 xb, yb = x_tr[xp.asarray(rows)], y_tr[xp.asarray(rows)]
                 if cfg.augment:
                     xb = random_affine(xb, batch_rng(cfg.seed, epoch, step), cfg.rotate_deg, cfg.zoom, cfg.shift)
                 lr = schedule(epoch * steps_per_epoch + step)
                 logits = model.forward(xb, train=True)
                 loss, dlogits = softmax_cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-                model.backward(dlogits)
+                model.backward(dlogits, input_grad=False)
                 opt.step(model.params(), lr)
                 state["step"] += 1
                 sums["loss"] += float(loss) * len(rows)

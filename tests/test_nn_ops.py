@@ -96,8 +96,7 @@ def test_threaded_passes_match_one_thread(monkeypatch):
         try:
             results[threads] = {name: step(name) for name in ("deotte", "lenet5")}
         finally:
-            backend.set_num_threads(1)
-    backend._threads = None  # back to the default for later tests
+            backend.set_num_threads(None)  # back to the default
     for name in ("deotte", "lenet5"):
         (l1, dx1, g1), (l3, dx3, g3) = results[1][name], results[3][name]
         assert l1 == pytest.approx(l3, rel=1e-12)
@@ -443,6 +442,47 @@ def test_predict_proba():
     assert p.dtype == np.float32 and p.shape == (7, 10)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(p, model.predict_proba(x, batch_size=100), rtol=1e-5, atol=1e-7)
+
+
+def test_eval_forward_in_chunks_matches_one_pass(monkeypatch):
+    from pipeline.nn.layers import Conv2D
+
+    model = build_model("deotte", seed=1, dtype=np.float64)
+    x = np.random.default_rng(8).random((7, 28, 28, 1))
+    whole = model.forward(x, train=False)
+    monkeypatch.setattr(Conv2D, "EVAL_COLUMN_BYTES", 30_000)  # a few images per chunk
+    np.testing.assert_allclose(model.forward(x, train=False), whole, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="backward"):
+        model.backward(np.ones((7, 10)))
+
+
+def test_profile_layers_rows():
+    from pipeline.nn import profile_layers
+    from pipeline.nn.profile import format_profile
+
+    model = build_model("seed_small", seed=0)
+    x = np.random.default_rng(9).random((4, 28, 28, 1)).astype(np.float32)
+    before = model.get_rng_state()
+    rows = profile_layers(model, x, np.arange(4), repeats=2)
+    assert [r["layer"] for r in rows] == [layer.name for layer in model.layers] + ["loss"]
+    assert all(r["forward_ms"] >= 0 and r["backward_ms"] >= 0 for r in rows)
+    assert model.get_rng_state()["dropout_rng"] == before["dropout_rng"]
+    assert "total" in format_profile(rows)
+
+
+def test_batch_of_one_in_training():
+    x = np.random.default_rng(10).random((1, 28, 28, 1)).astype(np.float32)
+    spec = [{"type": "conv2d", "filters": 4, "kernel": 3, "stride": 2}, {"type": "batchnorm"}, {"type": "relu"},
+            {"type": "maxpool", "size": 2}, {"type": "flatten"}, {"type": "dense"}]
+    model = build_model(spec, seed=0)  # conv BN: statistics over H*W, fine with one image
+    _, d = softmax_cross_entropy(model.forward(x), np.array([3]))
+    assert model.backward(d).shape == x.shape
+    with pytest.raises(ValueError, match="more than one value"):
+        build_model("deotte").forward(x)  # its last BN sees 1x1 maps: as in PyTorch, an error
+    dense_bn = build_model([{"type": "flatten"}, {"type": "dense", "units": 4}, {"type": "batchnorm"},
+                            {"type": "dense"}], seed=0)
+    with pytest.raises(ValueError, match="more than one value"):
+        dense_bn.forward(x)  # as PyTorch: no batch statistics from one value per channel
 
 
 def test_training_reduces_the_loss():

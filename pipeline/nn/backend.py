@@ -115,7 +115,6 @@ class Workspace:
 # 176 ms split by rows over 2 Python threads with single-threaded OpenBLAS; equal, 12 ms, when idle).
 _threads = None
 _pool = None
-_blas_limiter = None
 _blas_single = None  # None: not tried yet; True: BLAS held to 1 thread; False: could not (no threadpoolctl)
 PARALLEL_MIN_BYTES = 1 << 20  # below this a pass is cheaper than handing it to another thread
 BLOCK_BYTES = 1 << 21         # row blocks of about this size keep a pass's temporaries in cache
@@ -127,7 +126,9 @@ def num_threads():
     if _threads is None:
         env = os.environ.get("PIPELINE_NN_THREADS", "").strip()
         if env:
-            _threads = max(1, int(env))
+            if not env.isdigit() or int(env) < 1:
+                raise UserError(f"PIPELINE_NN_THREADS must be a positive integer, got {env!r}")
+            _threads = int(env)
         else:
             try:
                 _threads = len(os.sched_getaffinity(0))
@@ -137,10 +138,11 @@ def num_threads():
     return _threads
 
 
-def set_num_threads(n):
-    """Use n threads for element-wise work and GEMMs from now on (1 turns the splitting off)."""
+def set_num_threads(n=None):
+    """Use n threads for element-wise work and GEMMs from now on (1 turns the splitting off; None goes
+    back to the default of num_threads())."""
     global _threads, _pool
-    _threads = max(1, int(n))
+    _threads = None if n is None else max(1, int(n))
     if _pool is not None:
         _pool.shutdown(wait=True)
         _pool = None
@@ -158,8 +160,8 @@ def parallel_rows(fn, n, like):
     global _pool
     if n <= 1 or not isinstance(like, np.ndarray) or like.nbytes < PARALLEL_MIN_BYTES:
         return [fn(slice(0, n))]
-    blocks = max(1, min(n, like.nbytes // BLOCK_BYTES))
-    threads = min(num_threads(), blocks)
+    threads = min(num_threads(), n)
+    blocks = max(threads, min(n, like.nbytes // BLOCK_BYTES))
     bounds = [n * k // blocks for k in range(blocks + 1)]
     slices = [slice(bounds[k], bounds[k + 1]) for k in range(blocks)]
     if threads <= 1:
@@ -177,11 +179,11 @@ def parallel_rows(fn, n, like):
 def _hold_blas_to_one_thread():
     """Limit NumPy's BLAS (not other libraries', e.g. torch's) to one thread, once; False if impossible.
 
-    A process-wide side effect, taken the first time the engine splits a GEMM itself: from then on the
-    engine's threads are the parallelism. Needs threadpoolctl; without it BLAS keeps its own threads and
-    the engine does not split GEMMs.
+    A process-wide side effect, taken at the engine's first GEMM: from then on the engine's threads are
+    the parallelism. Needs threadpoolctl; without it BLAS keeps its own threads and the engine does not
+    split GEMMs.
     """
-    global _blas_single, _blas_limiter
+    global _blas_single
     if _blas_single is None:
         try:
             from threadpoolctl import ThreadpoolController
@@ -197,7 +199,6 @@ def _hold_blas_to_one_thread():
             return False
         for lib in blas:
             lib.set_num_threads(1)
-        _blas_limiter = blas
         _blas_single = True
     return _blas_single
 
@@ -212,9 +213,13 @@ def parallel_gemm_rows(fn, m, flops, like=None):
     and only once BLAS is held to one thread (else BLAS threads the single call itself).
     """
     global _pool
+    if like is not None and not isinstance(like, np.ndarray):
+        return [fn(slice(0, m))]
+    # hold BLAS to one thread before the first engine GEMM, split or not: a product must not change in
+    # its last bits with the process's history (a resumed run repeats the uninterrupted one bit for bit)
+    single = _hold_blas_to_one_thread()
     parts = min(num_threads(), m)
-    if (parts <= 1 or flops < GEMM_MIN_FLOPS or (like is not None and not isinstance(like, np.ndarray))
-            or not _hold_blas_to_one_thread()):
+    if parts <= 1 or flops < GEMM_MIN_FLOPS or not single:
         return [fn(slice(0, m))]
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="pipeline-nn")
@@ -227,11 +232,16 @@ def parallel_gemm_rows(fn, m, flops, like=None):
 def gemm(a, b, out=None):
     """a (M, K) @ b (K, N), rows split among the engine's threads (see parallel_gemm_rows)."""
     xp = get_array_module(a, b)
+    if xp is not np:  # one call on the GPU
+        if out is None:
+            return a @ b
+        out[...] = a @ b
+        return out
     m, k = a.shape
     n = b.shape[1]
     if out is None:
-        out = xp.empty((m, n), dtype=xp.result_type(a, b))
-    parallel_gemm_rows(lambda r: xp.matmul(a[r], b, out=out[r]), m, m * k * n, like=a)
+        out = np.empty((m, n), dtype=np.result_type(a, b))
+    parallel_gemm_rows(lambda r: np.matmul(a[r], b, out=out[r]), m, m * k * n, like=a)
     return out
 
 

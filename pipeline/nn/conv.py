@@ -2,8 +2,15 @@
 
 Shapes: x (N, H, W, C), w (kh, kw, C, F), b (F,) or None, out (N, Ho, Wo, F).
 Padding is (top, bottom, left, right); `conv_padding` turns 'valid' | 'same' | int into that tuple.
+
+Forward: x padded once, columns filled by strided-slice copies (no fancy indexing), one GEMM with the
+bias as an extra row of the kernel matrix. Backward: [dw; db] in one GEMM against the kept columns;
+dx without col2im's C-long scatter-adds: shifted adds of per-tap GEMMs at stride 1, phase-split
+stride-1 correlations otherwise. col2im stays as im2col's exact mirror (its adjoint, tested).
 """
 import math
+
+import numpy as np
 
 from pipeline.nn.backend import gemm, gemm_tn, get_array_module, parallel_gemm_rows, parallel_rows
 
@@ -159,25 +166,28 @@ def column_matrix(x, kh, kw, stride, pad, ones=False, workspace=None):
     return buf.reshape(m, kb)
 
 
-def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None):
+def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None):
     """out (N, Ho, Wo, F) = [im2col(x), 1] @ [w.reshape(kh*kw*C, F); b]: one GEMM, bias included.
 
     x (N, H, W, C), w (kh, kw, C, F), b (F,) or None, pad int or (top, bottom, left, right).
     workspace: optional backend.Workspace holding the columns (reused between steps; nothing else may
     use it between this forward and its conv2d_backward).
+    out: optional (N, Ho, Wo, F) C-contiguous array to write the result into.
     cache: (column matrix, w, has_bias, stride, pad, x.shape, workspace) for conv2d_backward.
     """
     xp = get_array_module(x)
     kh, kw, c, f = w.shape
     n = x.shape[0]
     pad = _pad4(pad)
+    if out is not None and not out.flags.c_contiguous:
+        raise ValueError("conv2d_forward: out must be C-contiguous")
     col = column_matrix(x, kh, kw, stride, pad, ones=b is not None, workspace=workspace)
     wb = w.reshape(kh * kw * c, f)
     if b is not None:
         wb = xp.concatenate([wb, b.reshape(1, f)], axis=0)
-    out = gemm(col, wb)
     ho = get_conv_outsize(x.shape[1], kh, stride, pad[0], pad[1])
     wo = get_conv_outsize(x.shape[2], kw, stride, pad[2], pad[3])
+    out = gemm(col, wb, out=None if out is None else out.reshape(n * ho * wo, f))
     cache = (col, w, b is not None, stride, pad, x.shape, workspace)
     return out.reshape(n, ho, wo, f), cache
 
@@ -220,14 +230,14 @@ def conv2d_input_grad_shifted(dout, w, stride, pad, x_shape, workspace=None):
     _, h, wd, _ = x_shape
     pad = _pad4(pad)
     taps = xp.ascontiguousarray(w.reshape(kh * kw, c, f).transpose(0, 2, 1))  # (kh*kw, F, C)
-    z = None
-    if workspace is not None:
-        z = workspace.array((kh * kw, n * ho * wo, c), dout.dtype, xp)
-    if z is None:
-        z = xp.empty((kh * kw, n * ho * wo, c), dtype=dout.dtype)
     dout2 = dout.reshape(n * ho * wo, f)
-    parallel_gemm_rows(lambda r: xp.matmul(dout2[None, r], taps, out=z[:, r]), n * ho * wo,
-                       n * ho * wo * f * c * kh * kw, like=dout)
+    if xp is np:
+        z = (workspace.array((kh * kw, n * ho * wo, c), dout.dtype, xp) if workspace is not None
+             else xp.empty((kh * kw, n * ho * wo, c), dtype=dout.dtype))
+        parallel_gemm_rows(lambda r: xp.matmul(dout2[None, r], taps, out=z[:, r]), n * ho * wo,
+                           n * ho * wo * f * c * kh * kw, like=dout)
+    else:
+        z = xp.matmul(dout2[None], taps)
     z = z.reshape(kh, kw, n, ho, wo, c)
     dx = xp.empty(x_shape, dtype=dout.dtype)
 

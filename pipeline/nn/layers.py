@@ -7,7 +7,7 @@ Defaults: conv and dense kernels are He-normal (fan_in), biases zero and on (Ker
 import numpy as np
 
 from pipeline.nn import activation, conv, dropout, linear, norm, pool
-from pipeline.nn.backend import Workspace
+from pipeline.nn.backend import Workspace, get_array_module
 from pipeline.nn.init import initialize
 
 
@@ -54,7 +54,7 @@ class Conv2D(Layer):
         self.filters, self.stride, self.padding = int(filters), int(stride), padding
         self.kernel = (int(kernel), int(kernel)) if np.isscalar(kernel) else tuple(int(k) for k in kernel)
         self.bias, self.init = bool(bias), init
-        self.workspace = Workspace()
+        self.workspace, self.eval_workspace = Workspace(), Workspace()
         if self.filters < 1 or self.stride < 1 or min(self.kernel) < 1:
             raise ValueError(f"conv2d: filters, kernel and stride must be >= 1 (got {filters}, {kernel}, {stride})")
 
@@ -71,14 +71,35 @@ class Conv2D(Layer):
             self._new_param("b", np.zeros(self.filters), xp, dtype)
         return (ho, wo, self.filters)
 
+    # eval batches (predict: 1000 images) go through in chunks whose columns stay under this size
+    EVAL_COLUMN_BYTES = 32 << 20
+
     def forward(self, x, train):
-        # training reuses one scratch buffer for the columns; eval (maybe between forward and backward)
-        # must not overwrite it
-        out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
-                                              workspace=self.workspace if train else None)
+        w, b = self.params["w"], self.params.get("b")
+        if train:
+            out, self.cache = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.workspace)
+            return out
+        # eval has its own workspace: an eval pass between a training forward and its backward (a
+        # validation check) must not overwrite the training columns
+        kh, kw = self.kernel
+        n, h, wd, c = x.shape
+        ho = conv.get_conv_outsize(h, kh, self.stride, self.pad[0], self.pad[1])
+        wo = conv.get_conv_outsize(wd, kw, self.stride, self.pad[2], self.pad[3])
+        chunk = max(1, self.EVAL_COLUMN_BYTES // (ho * wo * (kh * kw * c + 1) * x.itemsize))
+        if n <= chunk:
+            out, self.cache = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.eval_workspace)
+            return out
+        out = get_array_module(x).empty((n, ho, wo, self.filters), dtype=x.dtype)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            conv.conv2d_forward(x[rows], w, b, self.stride, self.pad, workspace=self.eval_workspace, out=out[rows])
+        self.cache = None  # the chunks' columns are gone: no backward through a chunked eval pass
         return out
 
     def backward(self, dout):
+        if self.cache is None:
+            raise RuntimeError(f"{self.name}: backward needs a training forward (or an eval forward of at "
+                               f"most {self.EVAL_COLUMN_BYTES >> 20} MiB of columns) first")
         dx, dw, db = conv.conv2d_backward(dout, self.cache, need_dx=self.need_dx)
         self.grads["w"][...] = dw
         if db is not None:

@@ -33,8 +33,9 @@ def channel_dot(a, b):
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
     """out with x's shape; in training the running statistics are updated in place.
 
-    cache: (centred x (x - mean, x's shape), gamma, invstd (C,), train). Keeping x - mean rather than
-    xhat saves a pass; backward folds invstd into per-channel factors. Passes run in row blocks on the
+    cache: (centred x (x - mean, x's shape), gamma, invstd (C,), train); in eval (x, running mean)
+    stands for the centred x. Keeping x - mean rather than xhat saves a pass; backward folds invstd
+    into per-channel factors. Passes run in row blocks on the
     engine's threads, each block's centring and squared sum done while it is in cache.
     """
     xp = get_array_module(x)
@@ -59,9 +60,18 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum
         running_var *= dt(1.0 - momentum)
         running_var += dt(momentum * m / (m - 1)) * var
     else:
+        # eval: out = x * scale + shift in two passes; x - mean only if a backward asks for it
         invstd = dt(1.0) / xp.sqrt(running_var + dt(eps))
-        xc = xp.empty_like(x)
-        parallel_rows(lambda rows: xp.subtract(x[rows], running_mean, out=xc[rows]), n, x)
+        scale = gamma * invstd
+        shift = beta - running_mean * scale
+        out = xp.empty_like(x)
+
+        def affine_eval(rows):
+            xp.multiply(x[rows], scale, out=out[rows])
+            out[rows] += shift
+
+        parallel_rows(affine_eval, n, x)
+        return out, ((x, running_mean.copy()), gamma, invstd, train)
     scale = gamma * invstd
     out = xp.empty_like(x)
 
@@ -80,6 +90,8 @@ def batchnorm_backward(dout, cache):
     """
     xc, gamma, invstd, train = cache
     xp = get_array_module(dout)
+    if isinstance(xc, tuple):  # eval forward kept (x, running mean)
+        xc = xc[0] - xc[1]
     c = dout.shape[-1]
     m = dout.size // c
     n = dout.shape[0]
