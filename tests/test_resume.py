@@ -73,11 +73,18 @@ def history(path):
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(reference, tmp_path):
     root, ref_weights, ref_metrics = reference
     write_processed(root=tmp_path)
+    latest = tmp_path / "runs" / "killed" / "checkpoints" / "latest.npz"
     rng = np.random.default_rng(0)
     kills = 0
-    for attempt in range(12):
+    for attempt in range(30):
+        before = latest.stat().st_mtime_ns if latest.exists() else 0
         proc = train(tmp_path, "killed")
-        time.sleep(float(rng.uniform(1.0, 3.5)))  # Python start-up and imports take about a second
+        # Kill a random moment after this attempt made progress (a new checkpoint), so every attempt moves on.
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and \
+                (not latest.exists() or latest.stat().st_mtime_ns == before):
+            time.sleep(0.005)
+        time.sleep(float(rng.uniform(0.0, 0.3)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -87,7 +94,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(reference
         assert code == -signal.SIGKILL, err
     else:
         pytest.fail("the run never finished")
-    assert kills >= 1
+    assert kills >= 2
     assert_same_weights(load_npz(tmp_path / "runs" / "killed" / "model.npz"), ref_weights)
     assert history(tmp_path / "runs" / "killed" / "metrics.jsonl") == history(ref_metrics)
 
