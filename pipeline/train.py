@@ -69,7 +69,7 @@ def resolve_config(args, folder):
     if args.preset:
         wanted = build_config(preset, args.overrides)
     else:
-        wanted = apply_values(apply_values(TrainConfig(), saved, str(saved_path)), {}, overrides=args.overrides)
+        wanted = apply_values(TrainConfig(), saved, str(saved_path), overrides=args.overrides)
     current = apply_values(TrainConfig(), saved, source=str(saved_path))
     for key in RUN_CONTROL:
         setattr(current, key, getattr(wanted, key))

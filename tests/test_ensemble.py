@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,31 @@ def test_cli_on_a_run_without_members_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline.ensemble", "--run", "single"], env=env, cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "members" in r.stderr
+
+
+def test_ensemble_preset_trains_members_on_their_own_splits_then_predict_blends(tmp_path):
+    from tests.test_resume import write_processed
+
+    write_processed(tmp_path, n=120)
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", *args], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    run("pipeline.train", "--preset", "overnight", "--run", "ens", "MEMBERS=2", "EPOCHS=1", "ARCH=seed_small",
+        "BATCH_SIZE=16", "AUGMENT=0", "DEVICE=cpu")
+    members = tmp_path / "runs" / "ens" / "members"
+    vals = [np.load(members / k / "val_predictions.npz")["idx"] for k in ("0", "1")]
+    assert not np.array_equal(vals[0], vals[1]), "each member holds out its own rows"
+    configs = [tomllib.loads((members / k / "config.toml").read_text()) for k in ("0", "1")]
+    assert [c["seed"] for c in configs] == [0, 1] and configs[0]["split_seed"] != configs[1]["split_seed"]
+    assert json.loads((tmp_path / "runs" / "ens" / "summary.json").read_text())["members"] == 2
+
+    out = run("pipeline.predict", "--run", "ens", "--device", "cpu")
+    assert "validation estimate" in out
+    report = json.loads((tmp_path / "runs" / "ens" / "ensemble.json").read_text())
+    assert report["members"] == ["0", "1"]
+    assert np.load(tmp_path / "runs" / "ens" / "test_probs.npz")["probs"].shape == (20, 10)
