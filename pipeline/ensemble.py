@@ -8,7 +8,6 @@ Candidates: the single best member, the mean of the top k, and greedy forward se
 replacement (Caruana et al. 2004). The best estimate wins; runs/NAME/ gets ensemble.json (the blend,
 its estimate, every candidate), test_probs.npz (for `submit`) and val_predictions.npz.
 """
-import argparse
 import json
 import sys
 import warnings
@@ -16,7 +15,7 @@ import warnings
 import numpy as np
 
 from pipeline import dataset, runs
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import load_npz, save_npz, write_json
 from pipeline.predict import load_test_images, predict_probs, write_test_probs
 
@@ -176,7 +175,7 @@ def build(folder, xp=np, tta=False):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.ensemble", description=__doc__.splitlines()[0])
+    p = StageArgumentParser(prog="python -m pipeline.ensemble", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="an ensemble run under runs/ (trained with members > 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--tta", action="store_true", help="also try test-time shifts; kept only if validation says so")

@@ -1,10 +1,18 @@
 """User-facing failures: one line on stderr, exit code 2, no traceback."""
+import argparse
 import functools
 import sys
 
 
 class UserError(Exception):
     """Something the user can fix (bad input, missing file, bad option): shown as one line."""
+
+
+class StageArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are UserErrors too: one line and exit 2, like every other bad input."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def cli_main(fn):

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline import kaggle_api, mnist_source, paths
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import atomic_path
 
 COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
@@ -114,7 +114,7 @@ def _sha256_arg(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pipeline.fetch", description=__doc__,
+    p = StageArgumentParser(prog="python -m pipeline.fetch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("auto", "kaggle", "mnist"), default="auto",
                    help="auto: kaggle when credentials exist, else mnist (default: auto)")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from pipeline import kaggle_api, paths
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_bytes, write_text
 
 KERNEL_DIR = paths.REPO / "kernels" / "digit-recognizer"
@@ -384,7 +384,7 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
 # ---------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pipeline.kernel", description=__doc__,
+    p = StageArgumentParser(prog="python -m pipeline.kernel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     g = sub.add_parser("generate", help="write kernel-metadata.json and the notebook (the default)")

@@ -5,14 +5,13 @@
 `predict_probs` (one run's model on any images) is kept apart from the writing so a blend of runs
 (the ensemble) can average several of them and write through `write_test_probs` the same way.
 """
-import argparse
 import sys
 import time
 
 import numpy as np
 
 from pipeline import dataset, runs
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import load_npz, save_npz
 
 TEST_PROBS = "test_probs.npz"
@@ -76,7 +75,7 @@ def load_test_images():
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    p = StageArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run name under runs/")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")

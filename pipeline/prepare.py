@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import dataset, paths
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json
 
 PIXELS = 784
@@ -187,7 +187,7 @@ def to_images(pixels):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__,
+    p = StageArgumentParser(prog="python -m pipeline.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", type=Path, default=None, help="folder with train.csv and test.csv (default: data/raw)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/processed)")

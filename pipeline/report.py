@@ -6,7 +6,6 @@ Reads only the run folder and data/processed/train.npz (validation images); neve
 Writes curves.png, lr.png, confusion.png, worst.png, per_class.png, filters.png and, LAST (it is the
 Makefile's target), report.md linking them with the headline figures.
 """
-import argparse
 import json
 import math
 import sys
@@ -14,7 +13,7 @@ import sys
 import numpy as np
 
 from pipeline import dataset, runs
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import atomic_path, load_npz, write_text
 from pipeline.score import confusion_matrix, per_class_scores
 
@@ -328,7 +327,7 @@ def write_report(folder):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    p = StageArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run name under runs/")
     return p.parse_args(argv)
 

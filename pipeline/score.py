@@ -7,7 +7,6 @@ This is the ONLY module that reads it: training and model selection never see th
 Prints accuracy (all rows and the official MNIST test rows), per-class precision/recall/F1 and the
 confusion matrix, and saves them as score.json beside the submission.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import dataset, paths
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_json
 from pipeline.submit import validate_submission
 
@@ -130,7 +129,7 @@ def format_confusion(confusion):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.score", description=__doc__.splitlines()[0])
+    p = StageArgumentParser(prog="python -m pipeline.score", description=__doc__.splitlines()[0])
     p.add_argument("--submission", type=Path, default=None, help="default submissions/submission.csv")
     p.add_argument("--key", type=Path, default=None, help="default data/raw/test_labels.csv")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default score.json beside the submission)")

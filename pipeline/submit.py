@@ -6,7 +6,6 @@ The CSV is `ImageId,Label` with ImageId 1..M in test.csv order and Label the arg
 runs/NAME/test_probs.npz. It is validated before it is written (atomically), so an invalid submission
 never replaces a good one. A failed upload exits 2 but leaves the written CSV in place.
 """
-import argparse
 import csv
 import io
 import json
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import dataset, paths, runs
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_text
 from pipeline.predict import check_probs, load_test_probs
 
@@ -125,7 +124,7 @@ def upload_message(run_name, summary, extra=""):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.splitlines()[0])
+    p = StageArgumentParser(prog="python -m pipeline.submit", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run name under runs/ (its test_probs.npz is used)")
     p.add_argument("--upload", type=int, choices=[0, 1], default=1,
                    help="1: upload when Kaggle credentials exist (default); 0: only write the CSV")

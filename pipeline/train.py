@@ -6,7 +6,6 @@ Reads top to bottom: options, init or resume, data, model and optimizer, one loo
 Every random draw is a pure function of (seed, epoch, step) or lives in the checkpoint, so a run killed
 at any moment and resumed ends with the very same weights as one that never stopped.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -21,7 +20,7 @@ import numpy as np
 from pipeline import checkpoint, dataset, runs
 from pipeline.augment import random_affine
 from pipeline.config import TrainConfig, apply_values, build_config, load_toml, to_toml
-from pipeline.errors import UserError, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
 from pipeline.nn import build_model, make_optimizer, make_schedule, select_device, softmax, softmax_cross_entropy, to_numpy
 
@@ -32,7 +31,7 @@ CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of wor
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    ap = StageArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", help=f"preset in configs/ (default: {DEFAULT_PRESET}, or the run's own on resume)")
     ap.add_argument("--run", help="run name under runs/ (default: the preset's name)")
     ap.add_argument("--force", action="store_true", help="resume even though the config changed")

@@ -5,6 +5,7 @@ the arrays lives on the GPU, so every op has one generic body (`xp = get_array_m
 CuPy is never required: its import sits in a try/except and is attempted lazily, not at import time.
 """
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -94,6 +95,7 @@ class Workspace:
 
     def __init__(self):
         self._flat = None
+        self._children = {}
 
     def array(self, shape, dtype, xp=np):
         size = 1
@@ -106,6 +108,27 @@ class Workspace:
             flat = self._flat = xp.empty(max(size, 1), dtype=dtype)
         return flat[:size].reshape(shape)
 
+    def for_thread(self, t):
+        """The workspace of the engine's thread t (0: the calling thread): threads never share memory."""
+        if t == 0:
+            return self
+        if t not in self._children:
+            self._children[t] = Workspace()
+        return self._children[t]
+
+
+def scratch(shape, dtype, slot=0, xp=np):
+    """A scratch array private to the calling thread (slot: which of its buffers), reused between calls.
+
+    For the temporaries of an element-wise block: a fresh megabyte-sized array is mapped and page-faulted
+    on every call, which costs as much as the arithmetic on it. Valid until the thread's next call with
+    the same slot.
+    """
+    spaces = _local.__dict__.setdefault("scratch", {})
+    if slot not in spaces:
+        spaces[slot] = Workspace()
+    return spaces[slot].array(shape, dtype, xp)
+
 
 # -- threads -----------------------------------------------------------------------------------------
 # NumPy's element-wise loops run on one core but release the GIL, so the engine splits big passes over
@@ -115,6 +138,7 @@ class Workspace:
 # 176 ms split by rows over 2 Python threads with single-threaded OpenBLAS; equal, 12 ms, when idle).
 _threads = None
 _pool = None
+_local = threading.local()  # .serial: True inside a parallel_batches part, whose nested passes run inline
 _blas_single = None  # None: not tried yet; True: BLAS held to 1 thread; False: could not (no threadpoolctl)
 PARALLEL_MIN_BYTES = 1 << 20  # below this a pass is cheaper than handing it to another thread
 BLOCK_BYTES = 1 << 21         # row blocks of about this size keep a pass's temporaries in cache
@@ -160,8 +184,9 @@ def parallel_rows(fn, n, like):
     global _pool
     if n <= 1 or not isinstance(like, np.ndarray) or like.nbytes < PARALLEL_MIN_BYTES:
         return [fn(slice(0, n))]
-    threads = min(num_threads(), n)
+    threads = 1 if _in_part() else min(num_threads(), n)
     blocks = max(threads, min(n, like.nbytes // BLOCK_BYTES))
+    blocks = min(n, -(-blocks // threads) * threads)  # as many blocks per thread, so both finish together
     bounds = [n * k // blocks for k in range(blocks + 1)]
     slices = [slice(bounds[k], bounds[k + 1]) for k in range(blocks)]
     if threads <= 1:
@@ -174,6 +199,44 @@ def parallel_rows(fn, n, like):
     for f in futures:
         results.extend(f.result())
     return results
+
+
+def _in_part():
+    """True on a thread running a parallel_batches part: its nested passes must not wait on the pool."""
+    return getattr(_local, "serial", False)
+
+
+def _run_part(fn, rows, t):
+    _local.serial = True
+    try:
+        return fn(rows, t)
+    finally:
+        _local.serial = False
+
+
+def parallel_batches(fn, n, like, flops=0):
+    """[fn(rows, t) for t, rows in enumerate(parts)]: range(n) in one contiguous part per thread.
+
+    The batch split that suits a whole layer (a convolution's column fills, GEMMs and scatters): each
+    thread t works through its own images, in cache-sized chunks if fn wants, with its own scratch
+    memory (Workspace.for_thread(t)); the parallel_rows / gemm calls fn makes run inline on that thread.
+    The parts depend on n and num_threads() only, so sums over them are the same run to run. Splits only
+    numpy work that is big enough (`like` at least PARALLEL_MIN_BYTES, or `flops` at least GEMM_MIN_FLOPS
+    multiply-adds) and, like parallel_gemm_rows, only once BLAS is held to one thread.
+    """
+    global _pool
+    numpy_work = isinstance(like, np.ndarray)
+    single = _hold_blas_to_one_thread() if numpy_work else False
+    parts = 1 if _in_part() else min(num_threads(), n)
+    big = numpy_work and (like.nbytes >= PARALLEL_MIN_BYTES or flops >= GEMM_MIN_FLOPS)
+    if parts <= 1 or not big or not single:
+        return [fn(slice(0, n), 0)]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="pipeline-nn")
+    bounds = [n * k // parts for k in range(parts + 1)]
+    futures = [_pool.submit(_run_part, fn, slice(bounds[k], bounds[k + 1]), k) for k in range(1, parts)]
+    first = _run_part(fn, slice(bounds[0], bounds[1]), 0)
+    return [first] + [f.result() for f in futures]
 
 
 def _hold_blas_to_one_thread():
@@ -218,7 +281,7 @@ def parallel_gemm_rows(fn, m, flops, like=None):
     # hold BLAS to one thread before the first engine GEMM, split or not: a product must not change in
     # its last bits with the process's history (a resumed run repeats the uninterrupted one bit for bit)
     single = _hold_blas_to_one_thread()
-    parts = min(num_threads(), m)
+    parts = 1 if _in_part() else min(num_threads(), m)
     if parts <= 1 or flops < GEMM_MIN_FLOPS or not single:
         return [fn(slice(0, m))]
     if _pool is None:

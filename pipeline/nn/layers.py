@@ -54,6 +54,8 @@ class Conv2D(Layer):
         self.filters, self.stride, self.padding = int(filters), int(stride), padding
         self.kernel = (int(kernel), int(kernel)) if np.isscalar(kernel) else tuple(int(k) for k in kernel)
         self.bias, self.init = bool(bias), init
+        # scratch for the columns, reused every call; eval has its own, so that an eval pass between a
+        # training forward and its backward (a validation check) leaves the kept training columns alone
         self.workspace, self.eval_workspace = Workspace(), Workspace()
         if self.filters < 1 or self.stride < 1 or min(self.kernel) < 1:
             raise ValueError(f"conv2d: filters, kernel and stride must be >= 1 (got {filters}, {kernel}, {stride})")
@@ -71,35 +73,14 @@ class Conv2D(Layer):
             self._new_param("b", np.zeros(self.filters), xp, dtype)
         return (ho, wo, self.filters)
 
-    # eval batches (predict: 1000 images) go through in chunks whose columns stay under this size
-    EVAL_COLUMN_BYTES = 32 << 20
-
     def forward(self, x, train):
-        w, b = self.params["w"], self.params.get("b")
-        if train:
-            out, self.cache = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.workspace)
-            return out
-        # eval has its own workspace: an eval pass between a training forward and its backward (a
-        # validation check) must not overwrite the training columns
-        kh, kw = self.kernel
-        n, h, wd, c = x.shape
-        ho = conv.get_conv_outsize(h, kh, self.stride, self.pad[0], self.pad[1])
-        wo = conv.get_conv_outsize(wd, kw, self.stride, self.pad[2], self.pad[3])
-        chunk = max(1, self.EVAL_COLUMN_BYTES // (ho * wo * (kh * kw * c + 1) * x.itemsize))
-        if n <= chunk:
-            out, self.cache = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.eval_workspace)
-            return out
-        out = get_array_module(x).empty((n, ho, wo, self.filters), dtype=x.dtype)
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
-            conv.conv2d_forward(x[rows], w, b, self.stride, self.pad, workspace=self.eval_workspace, out=out[rows])
-        self.cache = None  # the chunks' columns are gone: no backward through a chunked eval pass
+        out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
+                                              workspace=self.workspace if train else self.eval_workspace)
         return out
 
     def backward(self, dout):
         if self.cache is None:
-            raise RuntimeError(f"{self.name}: backward needs a training forward (or an eval forward of at "
-                               f"most {self.EVAL_COLUMN_BYTES >> 20} MiB of columns) first")
+            raise RuntimeError(f"{self.name}: backward needs a forward first")
         dx, dw, db = conv.conv2d_backward(dout, self.cache, need_dx=self.need_dx)
         self.grads["w"][...] = dw
         if db is not None:
@@ -146,6 +127,7 @@ class BatchNorm(Layer):
     def __init__(self, momentum=0.1, eps=1e-5):
         super().__init__()
         self.momentum, self.eps = float(momentum), float(eps)
+        self.fuse_relu = False  # set by the model when a ReLU follows: this layer applies it too
 
     def build(self, input_shape, rng, xp, dtype):
         c = input_shape[-1]
@@ -156,13 +138,14 @@ class BatchNorm(Layer):
         return tuple(input_shape)
 
     def forward(self, x, train):
-        out, self.cache = norm.batchnorm_forward(
-            x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
-            self.buffers["running_var"], train, self.momentum, self.eps)
+        fn = norm.batchnorm_relu_forward if self.fuse_relu else norm.batchnorm_forward
+        out, self.cache = fn(x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
+                             self.buffers["running_var"], train, self.momentum, self.eps)
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = norm.batchnorm_backward(dout, self.cache)
+        fn = norm.batchnorm_relu_backward if self.fuse_relu else norm.batchnorm_backward
+        dx, dgamma, dbeta = fn(dout, self.cache)
         self.grads["gamma"][...] = dgamma
         self.grads["beta"][...] = dbeta
         return dx
@@ -175,12 +158,17 @@ class ReLU(Layer):
         super().__init__()
         self.inplace_forward = False   # set by the model when the input is disposable
         self.inplace_backward = False  # set by the model when the incoming gradient is disposable
+        self.fused = False             # set by the model when the BatchNorm before applies it
 
     def forward(self, x, train):
+        if self.fused:
+            return x
         out, self.cache = activation.relu_forward(x, out=x if self.inplace_forward else None)
         return out
 
     def backward(self, dout):
+        if self.fused:
+            return dout
         return activation.relu_backward(dout, self.cache, out=dout if self.inplace_backward else None)
 
 

@@ -4,7 +4,7 @@ PyTorch conventions: batch statistics in training (biased variance to normalize,
 the running estimate), running statistics in eval, running = (1 - momentum) * running + momentum * batch.
 Shapes: x (..., C), gamma/beta/running_mean/running_var (C,).
 """
-from pipeline.nn.backend import get_array_module, parallel_rows
+from pipeline.nn.backend import get_array_module, parallel_rows, scratch
 
 
 def channel_sum(a):
@@ -114,6 +114,108 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
+def per_example(a):
+    """a (N, ...) as a 2-D view (N, rest)."""
+    return a.reshape(a.shape[0], -1)
+
+
+def tiled(v, like):
+    """v (C,) repeated over one example of `like` (N, ..., C): shape (rest,), to broadcast against
+    per_example(like). NumPy runs a (rows, C) broadcast in C-long inner loops, 2-3x slower than one
+    long loop (measured: x - mean 1.16 ms vs 0.46 ms on 2.8 M floats; max(x, 0) 1.33 vs 0.51 ms)."""
+    xp = get_array_module(v)
+    return xp.tile(v, like[:1].size // v.size)
+
+
+def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
+    """max(batchnorm_forward(x, ...), 0) in three reads of x and one write: BN followed by ReLU fused.
+
+    Same statistics as batchnorm_forward (the mean, then the centred squares, each block's centring done
+    in cache and not stored); then out = max(x * scale + shift, 0) in one pass. Nothing else is written:
+    backward recomputes x - mean and the ReLU mask (out > 0) block by block.
+    cache: (x, mean (C,), invstd (C,), gamma, out, train); x and out must stay unchanged until backward.
+    """
+    xp = get_array_module(x)
+    n = x.shape[0]
+    dt = x.dtype.type
+    out = xp.empty_like(x)
+    xf, of = per_example(x), per_example(out)
+    if train:
+        m = x.size // x.shape[-1]
+        if m < 2:
+            raise ValueError("batch norm in training needs more than one value per channel")
+        mean = sum(parallel_rows(lambda rows: channel_sum(x[rows]), n, x)) / dt(m)
+        mean_t = tiled(mean, x)
+
+        def centred_squares(rows):
+            xc = xp.subtract(xf[rows], mean_t, out=scratch(xf[rows].shape, x.dtype, 0, xp)).reshape(x[rows].shape)
+            return channel_dot(xc, xc)
+
+        var = sum(parallel_rows(centred_squares, n, x)) / dt(m)
+        invstd = dt(1.0) / xp.sqrt(var + dt(eps))
+        running_mean *= dt(1.0 - momentum)
+        running_mean += dt(momentum) * mean
+        running_var *= dt(1.0 - momentum)
+        running_var += dt(momentum * m / (m - 1)) * var
+    else:
+        mean = running_mean.copy()
+        invstd = dt(1.0) / xp.sqrt(running_var + dt(eps))
+    scale = gamma * invstd
+    scale_t, shift_t = tiled(scale, x), tiled(beta - mean * scale, x)
+    zeros_t = xp.zeros_like(scale_t)
+
+    def affine_relu(rows):
+        o = of[rows]
+        xp.multiply(xf[rows], scale_t, out=o)
+        o += shift_t
+        xp.maximum(o, zeros_t, out=o)
+
+    parallel_rows(affine_relu, n, x)
+    return out, (x, mean, invstd, gamma, out, train)
+
+
+def batchnorm_relu_backward(dout, cache):
+    """(dx, dgamma, dbeta) of batchnorm_relu_forward: batchnorm_backward of g = dout * (out > 0).
+
+    Two passes: the sums, writing g into dx on the way, then dx = scale * (g - (x - mean) * k_xc - k_0)
+    in place; block temporaries live in per-thread scratch memory.
+    """
+    x, mean, invstd, gamma, out, train = cache
+    xp = get_array_module(dout)
+    m = dout.size // dout.shape[-1]
+    n = dout.shape[0]
+    dt = dout.dtype.type
+    dx = xp.empty_like(dout)
+    xf, of, df, gf = per_example(x), per_example(out), per_example(dout), per_example(dx)
+    mean_t = tiled(mean, x)
+
+    def sums(rows):  # g = dout * (out > 0) goes into dx, finished by grad()
+        g = gf[rows]
+        xp.multiply(df[rows], xp.greater(of[rows], 0, out=scratch(g.shape, bool, 1, xp)), out=g)
+        xc = xp.subtract(xf[rows], mean_t, out=scratch(g.shape, dx.dtype, 0, xp))
+        g, xc = g.reshape(dx[rows].shape), xc.reshape(dx[rows].shape)
+        return channel_sum(g), channel_dot(g, xc)
+
+    parts = parallel_rows(sums, n, dout)
+    dbeta = sum(part[0] for part in parts)
+    dgamma = sum(part[1] for part in parts) * invstd
+    scale = gamma * invstd
+    k_xc = scale * invstd * dgamma / dt(m)
+    k_0 = scale * dbeta / dt(m)
+    # - (x - mean) * k_xc - k_0 = offset - x * k_xc
+    scale_t, k_xc_t, offset_t = tiled(scale, x), tiled(k_xc, x), tiled(mean * k_xc - k_0, x)
+
+    def grad(rows):
+        g = gf[rows]
+        g *= scale_t
+        if train:
+            g -= xp.multiply(xf[rows], k_xc_t, out=scratch(g.shape, dx.dtype, 0, xp))
+            g += offset_t
+
+    parallel_rows(grad, n, dout)
+    return dx, dgamma, dbeta
+
+
 def batchnorm_forward_naive(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
     """Reference: the textbook formulas channel by channel (updates the running statistics in place)."""
     xp = get_array_module(x)
@@ -132,6 +234,17 @@ def batchnorm_forward_naive(x, gamma, beta, running_mean, running_var, train, mo
             mu, var = running_mean[ch], running_var[ch]
         out[:, ch] = gamma[ch] * (col - mu) / xp.sqrt(var + eps) + beta[ch]
     return out.reshape(x.shape), (x, gamma, eps, train, running_mean, running_var)
+
+
+def batchnorm_relu_forward_naive(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
+    """Reference: the naive batch norm, then max(., 0); cache for batchnorm_relu_backward_naive."""
+    out, cache = batchnorm_forward_naive(x, gamma, beta, running_mean, running_var, train, momentum, eps)
+    return out * (out > 0), (out, cache)
+
+
+def batchnorm_relu_backward_naive(dout, cache):
+    out, bn_cache = cache
+    return batchnorm_backward_naive(dout * (out > 0), bn_cache)
 
 
 def batchnorm_backward_naive(dout, cache):
