@@ -1,0 +1,41 @@
+"""Training stage behaviour beyond resume: early stopping, batching, user errors."""
+import importlib.util
+import json
+
+import pytest
+
+from pipeline import train
+from tests.test_resume import finish, train as run_train, write_processed
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(tmp_path):
+    write_processed(tmp_path)
+    # LR=0: validation never improves after epoch 1, so patience 1 stops after epoch 2 of 5.
+    code, out, err = finish(run_train(tmp_path, "early", extra=["EPOCHS=5", "LR=0", "EARLY_STOP_PATIENCE=1"]))
+    assert code == 0, err
+    assert "early stop" in out
+    run = tmp_path / "runs" / "early"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("n,batch,steps", [(100, 10, 10), (101, 10, 10), (102, 10, 11), (1, 10, 1), (9, 10, 1)])
+def test_no_batch_of_a_single_image(n, batch, steps):
+    assert train.batches_per_epoch(n, batch) == steps
+
+
+@pytest.mark.parametrize("text,seconds", [("8h", 28800), ("90m", 5400), ("1h30m", 5400), ("45", 45), ("", 0)])
+def test_max_time_durations(text, seconds):
+    assert train.parse_duration(text) == seconds
+
+
+NO_CUPY = importlib.util.find_spec("cupy") is None
+
+
+@pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"],
+                                 pytest.param(["DEVICE=gpu"], marks=pytest.mark.skipif(not NO_CUPY, reason="CuPy here"))])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
+    write_processed(tmp_path)
+    code, out, err = finish(run_train(tmp_path, "bad", extra=bad))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "runs" / "bad" / "summary.json").exists()
