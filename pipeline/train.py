@@ -143,11 +143,11 @@ class StopSignal:
             signal.signal(sig, old)
 
 
-def progress(total, desc, leave):
+def progress(total, desc, leave, unit="batch"):
     """A tqdm bar on a terminal; nothing when output is not a TTY (CI logs get one line per epoch)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=leave, unit="batch", dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, leave=leave, unit=unit, dynamic_ncols=True,
                 disable=not sys.stderr.isatty())
 
 
@@ -246,7 +246,7 @@ def train_one(folder, preset, cfg, force, label=None):
     started = time.monotonic()
     wall_before = state["wall_time_s"]
     last_save = time.monotonic()
-    epoch_bar = progress(cfg.epochs, "epochs", leave=True)
+    epoch_bar = progress(cfg.epochs, "epochs", leave=True, unit="epoch")
     epoch_bar.update(state["epoch"])
     with StopSignal() as stop:
         while state["epoch"] < cfg.epochs and not state["done"]:

@@ -140,6 +140,25 @@ def test_batchnorm_backward(shape, train):
     check_layer(forward, norm.batchnorm_backward, [x, gamma, beta], rng)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 3), (6, 4)])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_relu_backward(shape, train):
+    rng = np.random.default_rng(15)
+    c = shape[-1]
+    x = rng.standard_normal(shape) * 2.0 + 0.5
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    running_mean, running_var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+
+    def forward(x, gamma, beta):
+        return norm.batchnorm_relu_forward(x, gamma, beta, running_mean.copy(), running_var.copy(), train)
+
+    out, _ = forward(x, gamma, beta)
+    assert 0.2 < (out > 0).mean() < 0.8  # both sides of the ReLU are exercised
+    assert np.abs(norm.batchnorm_forward(x, gamma, beta, running_mean.copy(), running_var.copy(), train)[0]
+                  ).min() > 1e-4  # no pre-activation close enough to 0 for the finite difference to cross it
+    check_layer(forward, norm.batchnorm_relu_backward, [x, gamma, beta], rng)
+
+
 def test_relu_and_leaky_relu_backward():
     rng = np.random.default_rng(6)
     x = away_from_zero(rng, (3, 4, 5))

@@ -154,6 +154,38 @@ def test_batchnorm_fast_equals_naive(dtype, shape, train):
         np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (8, 6)])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_relu_fast_equals_naive(dtype, shape, train):
+    rng = np.random.default_rng(12)
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    out, cache = norm.batchnorm_relu_forward(x, gamma, beta, rm, rv, train, momentum=0.2, eps=1e-3)
+    ref, ref_cache = norm.batchnorm_relu_forward_naive(x, gamma, beta, rm2, rv2, train, momentum=0.2, eps=1e-3)
+    assert out.dtype == dtype and 0 < (out > 0).mean() < 1
+    np.testing.assert_allclose(out, ref, **tol(dtype))
+    np.testing.assert_allclose(rm, rm2, **tol(dtype))
+    np.testing.assert_allclose(rv, rv2, **tol(dtype))
+    dout = rng.standard_normal(shape).astype(dtype)
+    for got, want in zip(norm.batchnorm_relu_backward(dout, cache),
+                         norm.batchnorm_relu_backward_naive(dout, ref_cache)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-4)
+
+
+def test_model_fuses_relu_into_the_batchnorm_before_it():
+    model = build_model("deotte", seed=0)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    for i, layer in enumerate(model.layers):
+        if kinds[i] == "ReLU":
+            assert layer.fused == (kinds[i - 1] == "BatchNorm") and model.layers[i - 1].fuse_relu == layer.fused
+    assert not any(layer.fused for layer in build_model("lenet5", seed=0).layers if hasattr(layer, "fused"))
+
+
 def test_batchnorm_running_statistics_pytorch_convention():
     x = np.arange(12, dtype=np.float64).reshape(2, 2, 1, 3)
     rm, rv = np.zeros(3), np.ones(3)
@@ -444,16 +476,28 @@ def test_predict_proba():
     np.testing.assert_allclose(p, model.predict_proba(x, batch_size=100), rtol=1e-5, atol=1e-7)
 
 
-def test_eval_forward_in_chunks_matches_one_pass(monkeypatch):
-    from pipeline.nn.layers import Conv2D
-
-    model = build_model("deotte", seed=1, dtype=np.float64)
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30])
+def test_conv_chunks_match_one_pass(monkeypatch, keep_bytes):
+    """Columns built a few images at a time (forward and backward, train and eval), rebuilt in backward
+    or kept from forward, change nothing."""
     x = np.random.default_rng(8).random((7, 28, 28, 1))
-    whole = model.forward(x, train=False)
-    monkeypatch.setattr(Conv2D, "EVAL_COLUMN_BYTES", 30_000)  # a few images per chunk
-    np.testing.assert_allclose(model.forward(x, train=False), whole, rtol=1e-12)
-    with pytest.raises(RuntimeError, match="backward"):
-        model.backward(np.ones((7, 10)))
+    y = np.arange(7) % 10
+
+    def run():
+        model = build_model("deotte", seed=1, dtype=np.float64)
+        logits = model.forward(x, train=False)
+        _, d = softmax_cross_entropy(model.forward(x, train=True), y)
+        model.backward(d)
+        return logits, {n: g.copy() for n, _, g in model.params()}
+
+    whole_logits, whole_grads = run()
+    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
+    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", keep_bytes)
+    assert conv.column_chunk(24, 24, 289, 8) == 1 and conv.column_chunk(1, 1, 1025, 8) == 3
+    logits, grads = run()
+    np.testing.assert_allclose(logits, whole_logits, rtol=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], whole_grads[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
 
 def test_profile_layers_rows():
