@@ -113,6 +113,7 @@ def test_conv2d_same_output_sizes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,size,stride", [((2, 6, 6, 3), 2, 2), ((2, 7, 5, 2), 2, 2),
+                                               ((2, 6, 8, 20), 2, 2),  # wide: the other column stage
                                                ((1, 7, 7, 2), 3, 2), ((2, 6, 6, 2), 3, 3)])
 def test_pooling_fast_equals_naive(dtype, shape, size, stride):
     rng = np.random.default_rng(1)
@@ -183,7 +184,30 @@ def test_model_fuses_relu_into_the_batchnorm_before_it():
     for i, layer in enumerate(model.layers):
         if kinds[i] == "ReLU":
             assert layer.fused == (kinds[i - 1] == "BatchNorm") and model.layers[i - 1].fuse_relu == layer.fused
-    assert not any(layer.fused for layer in build_model("lenet5", seed=0).layers if hasattr(layer, "fused"))
+    lenet = build_model("lenet5", seed=0)
+    pools = [i for i, layer in enumerate(lenet.layers) if type(layer).__name__ == "MaxPool2D"]
+    assert pools and all(lenet.layers[i].relu_after and lenet.layers[i - 1].fused for i in pools)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "seed_small"])
+def test_relu_moved_after_max_pool_changes_nothing(name):
+    """ReLU then max pool == max pool then ReLU, values and gradients, ties at 0 included."""
+    x = np.maximum(np.random.default_rng(13).standard_normal((3, 28, 28, 1)), -0.2)
+    x[0, :6, :6] = 0.5  # plateaus: equal maxima in whole windows
+    y = np.array([1, 2, 3])
+
+    def run(fuse):
+        model = build_model(name, seed=4, dtype=np.float64)
+        if not fuse:
+            for layer in model.layers:
+                layer.fused = layer.relu_after = False
+        _, d = softmax_cross_entropy(model.forward(x), y)
+        return model.backward(d), {n: g.copy() for n, _, g in model.params()}
+
+    (dx, grads), (dx_ref, grads_ref) = run(True), run(False)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-15)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads_ref[k], rtol=1e-12, atol=1e-15, err_msg=k)
 
 
 def test_batchnorm_running_statistics_pytorch_convention():
@@ -486,9 +510,11 @@ def test_conv_chunks_match_one_pass(monkeypatch, keep_bytes):
     def run():
         model = build_model("deotte", seed=1, dtype=np.float64)
         logits = model.forward(x, train=False)
+        model.backward(softmax_cross_entropy(logits, y)[1])  # eval keeps no columns: rebuilt here
+        grads = {"eval " + n: g.copy() for n, _, g in model.params()}
         _, d = softmax_cross_entropy(model.forward(x, train=True), y)
         model.backward(d)
-        return logits, {n: g.copy() for n, _, g in model.params()}
+        return logits, {**grads, **{n: g.copy() for n, _, g in model.params()}}
 
     whole_logits, whole_grads = run()
     monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk

@@ -3,10 +3,12 @@
 Shapes: x (N, H, W, C), w (kh, kw, C, F), b (F,) or None, out (N, Ho, Wo, F).
 Padding is (top, bottom, left, right); `conv_padding` turns 'valid' | 'same' | int into that tuple.
 
-Forward: x padded once, columns filled by strided-slice copies (no fancy indexing), one GEMM with the
-bias as an extra row of the kernel matrix. Backward: [dw; db] in one GEMM against the kept columns;
-dx without col2im's C-long scatter-adds: shifted adds of per-tap GEMMs at stride 1, phase-split
-stride-1 correlations otherwise. col2im stays as im2col's exact mirror (its adjoint, tested).
+Forward: x padded once, columns filled by strided-slice copies (no fancy indexing), a GEMM with the
+bias as an extra row of the kernel matrix, a few images at a time on each thread so that columns and
+products stay in cache. Backward, chunk by chunk again: [dw; db] += columns.T @ dout (columns kept from
+the forward when small, else rebuilt); dx without col2im's C-long scatter-adds: shifted adds of per-tap
+GEMMs at stride 1, phase-split stride-1 correlations otherwise. col2im stays as im2col's exact mirror
+(its adjoint, tested).
 """
 import math
 
@@ -172,9 +174,14 @@ def column_matrix(x, kh, kw, stride, pad, ones=False, workspace=None, buffer=Non
 # Each thread walks its images in chunks whose column matrix is about this size: columns, GEMM output
 # and the dx scratch then stay in cache (32 MiB of L3 here) instead of streaming 60-85 MB through memory.
 COLUMN_CHUNK_BYTES = 4 << 20
-# Column matrices up to this size are kept from forward to backward (they fit in cache or nearly), bigger
-# ones are rebuilt chunk by chunk in backward, which costs less than streaming them through memory.
-KEEP_COLUMNS_BYTES = 24 << 20
+# Column matrices up to this size are kept from forward to backward, bigger ones are rebuilt chunk by
+# chunk in backward. Measured at batch 128, 2 threads: deotte's 5x5 stride-2 layer (59 MB of columns)
+# gains from keeping them (fwd + bwd 31.8 -> 30.6 ms), its 3x3 layer at 26x26 (85 MB) loses (41.0 -> 43.1).
+KEEP_COLUMNS_BYTES = 64 << 20
+# OpenBLAS (0.3.31, Haswell kernels, 1 thread per call) runs two GEMMs with a long inner dimension and an
+# output side this small at once no faster than one after the other: (6 x 40k) @ (40k x 26) 2.3 ms for
+# five alone, 4.7 ms for five on each of two threads; (16 x 40k) @ (40k x 32): 3.2 and 3.5 ms.
+SMALL_GEMM_SIDE = 16
 
 
 def column_chunk(ho, wo, k, itemsize):
@@ -197,14 +204,14 @@ def _kernel_matrix(w, b):
     return wb
 
 
-def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None):
+def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None, keep_columns=True):
     """out (N, Ho, Wo, F) = [im2col(x), 1] @ [w.reshape(kh*kw*C, F); b]: the bias rides in the GEMM.
 
     x (N, H, W, C), w (kh, kw, C, F), b (F,) or None, pad int or (top, bottom, left, right).
     The batch is split among the engine's threads (parallel_batches) and each thread fills and
     multiplies the columns of a few images at a time (COLUMN_CHUNK_BYTES), so nothing big is stored:
-    backward rebuilds the columns the same way, unless the whole matrix is at most KEEP_COLUMNS_BYTES:
-    then the chunks' columns are kept in the cache.
+    backward rebuilds the columns the same way, unless the whole matrix is at most KEEP_COLUMNS_BYTES
+    and keep_columns is true (False suits a pass with no backward): then the chunks' columns are kept.
     workspace: optional backend.Workspace for the columns (one per thread through for_thread).
     out: optional (N, Ho, Wo, F) C-contiguous array to write the result into.
     cache: (x, w, has_bias, stride, pad, workspace, kept columns by first image or None) for
@@ -224,7 +231,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None):
         out = xp.empty((n, ho, wo, f), dtype=x.dtype)
     chunk = column_chunk(ho, wo, kb, x.itemsize) if xp is np else n  # the GPU takes the batch at once
     kept, keep_flat = None, None
-    if n * ho * wo * kb * x.itemsize <= KEEP_COLUMNS_BYTES:
+    if keep_columns and n * ho * wo * kb * x.itemsize <= KEEP_COLUMNS_BYTES:
         kept, size = {}, n * ho * wo * kb
         keep_flat = (workspace.for_thread("kept").array((size,), x.dtype, xp) if workspace is not None
                      else xp.empty(size, dtype=x.dtype))
@@ -260,10 +267,10 @@ def conv2d_backward(dout, cache, need_dx=True):
     grad = conv2d_input_grad_shifted if stride == 1 else conv2d_input_grad
     chunk = column_chunk(ho, wo, kb, dout.itemsize) if xp is np else n
 
-    def run(rows, t):
+    def run(rows, t, chunks=None):
         ws = workspace.for_thread(t) if workspace is not None else None
         total = None
-        for r in _chunks(rows, chunk):
+        for r in chunks if chunks is not None else _chunks(rows, chunk):
             col = kept.get(r.start) if kept is not None else None
             if col is None or col.shape[0] != (r.stop - r.start) * ho * wo:  # not kept, or other chunks
                 col = column_matrix(x[r], kh, kw, stride, pad, ones=has_bias, workspace=ws)
@@ -275,7 +282,12 @@ def conv2d_backward(dout, cache, need_dx=True):
                 grad(dout[r], w, stride, pad, x[r].shape, ws, out=dx[r])
         return total
 
-    parts = [p for p in parallel_batches(run, n, dout, flops=n * ho * wo * kb * f) if p is not None]
+    if kept and not need_dx and min(kb, f) < SMALL_GEMM_SIDE:
+        # only the dw GEMMs are left, and their output is too small to gain from a second thread
+        chunks = [slice(s, s + kept[s].shape[0] // (ho * wo)) for s in sorted(kept)]
+        parts = [run(slice(0, n), 0, chunks)]
+    else:
+        parts = [p for p in parallel_batches(run, n, dout, flops=n * ho * wo * kb * f) if p is not None]
     dwb = parts[0]
     for p in parts[1:]:
         dwb = dwb + p

@@ -7,7 +7,7 @@ Defaults: conv and dense kernels are He-normal (fan_in), biases zero and on (Ker
 import numpy as np
 
 from pipeline.nn import activation, conv, dropout, linear, norm, pool
-from pipeline.nn.backend import Workspace, get_array_module
+from pipeline.nn.backend import Workspace
 from pipeline.nn.init import initialize
 
 
@@ -74,8 +74,10 @@ class Conv2D(Layer):
         return (ho, wo, self.filters)
 
     def forward(self, x, train):
+        # eval keeps no columns: a backward after it (rare) rebuilds them
         out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
-                                              workspace=self.workspace if train else self.eval_workspace)
+                                              workspace=self.workspace if train else self.eval_workspace,
+                                              keep_columns=train)
         return out
 
     def backward(self, dout):
@@ -158,7 +160,7 @@ class ReLU(Layer):
         super().__init__()
         self.inplace_forward = False   # set by the model when the input is disposable
         self.inplace_backward = False  # set by the model when the incoming gradient is disposable
-        self.fused = False             # set by the model when the BatchNorm before applies it
+        self.fused = False             # set by the model when the BatchNorm before or max pool after does it
 
     def forward(self, x, train):
         if self.fused:
@@ -196,6 +198,9 @@ class MaxPool2D(Layer):
         super().__init__()
         self.size = int(size)
         self.stride = int(stride) if stride else self.size
+        # set by the model when a ReLU comes just before: max and ReLU commute (values and gradients, the
+        # first maximum included), so this layer applies it to its output, a quarter of the size
+        self.relu_after = False
 
     def build(self, input_shape, rng, xp, dtype):
         h, w, c = input_shape
@@ -203,14 +208,21 @@ class MaxPool2D(Layer):
 
     def forward(self, x, train):
         out, self.cache = pool.maxpool_forward(x, self.size, self.stride)
+        if self.relu_after:
+            out, relu_cache = activation.relu_forward(out, out=out)
+            self.cache = (self.cache, relu_cache)
         return out
 
     def backward(self, dout):
+        if self.relu_after:
+            cache, relu_cache = self.cache
+            return pool.maxpool_backward(activation.relu_backward(dout, relu_cache), cache)
         return pool.maxpool_backward(dout, self.cache)
 
 
 class AvgPool2D(MaxPool2D):
     kind = "avgpool"
+    relu_after = False  # the average does not commute with ReLU: never fused
 
     def forward(self, x, train):
         out, self.cache = pool.avgpool_forward(x, self.size, self.stride)

@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
-from pipeline.nn.layers import BatchNorm, Dropout, ReLU, layer_from_spec
+from pipeline.nn.layers import BatchNorm, Dropout, MaxPool2D, ReLU, layer_from_spec
 from pipeline.nn.loss import softmax
 
 RNG_STATE_KEY = "dropout_rng"
@@ -35,11 +35,14 @@ class Model:
         self._plan_inplace()
 
     def _plan_inplace(self):
-        """Fuse each ReLU into the BatchNorm before it; let other ReLUs overwrite their input / incoming
-        gradient where nothing else holds that memory."""
+        """Fuse each ReLU into the BatchNorm before it, else into the max pool after it; let other ReLUs
+        overwrite their input / incoming gradient where nothing else holds that memory."""
         for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if isinstance(layer, ReLU) and i > 0 and isinstance(self.layers[i - 1], BatchNorm):
                 self.layers[i - 1].fuse_relu = layer.fused = True
+            elif isinstance(layer, ReLU) and type(following) is MaxPool2D:
+                following.relu_after = layer.fused = True
             elif isinstance(layer, ReLU):
                 layer.inplace_forward = i > 0 and self.layers[i - 1].fresh_output
                 layer.inplace_backward = any(later.fresh_grad for later in self.layers[i + 1:])
