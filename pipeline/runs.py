@@ -19,12 +19,13 @@ from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
 from pipeline.fileio import load_npz
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A run, or one member of an ensemble run ("night/members/3").
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
 
 
 def run_dir(name):
     if not RUN_NAME.match(str(name)):
-        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-'")
+        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-' (or NAME/members/K)")
     return paths.runs() / name
 
 

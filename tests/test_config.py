@@ -32,3 +32,18 @@ def test_unknown_preset_names_the_known_ones():
 def test_resolved_config_round_trips_through_toml():
     cfg = TrainConfig(arch="deotte", lr=3e-4, augment=True, max_time="8h")
     assert tomllib.loads(to_toml(cfg.to_dict())) == cfg.to_dict()
+
+
+@pytest.mark.parametrize("name", ["quick", "night-2", "night/members/3"])
+def test_run_names_accepted(name):
+    from pipeline.runs import run_dir
+
+    assert run_dir(name).name == name.split("/")[-1]
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "night/members/x", "", ".hidden", "a b"])
+def test_run_names_refused(name):
+    from pipeline.runs import run_dir
+
+    with pytest.raises(UserError):
+        run_dir(name)
