@@ -87,9 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     from pipeline.nn import select_device
 
-    folder = runs.run_dir(args.run)
-    if not folder.is_dir():
-        raise UserError(f"run '{args.run}' not found in {folder.parent}: train it first (`make train RUN={args.run}`)")
+    folder = runs.existing_run(args.run)
     xp = select_device(args.device)
     if (folder / "members").is_dir():  # an ensemble run: its prediction is the blend chosen by validation
         from pipeline import ensemble

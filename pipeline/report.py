@@ -335,9 +335,7 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    folder = runs.run_dir(args.run)
-    if not folder.is_dir():
-        raise UserError(f"run '{args.run}' not found in {folder.parent}: train it first (`make train RUN={args.run}`)")
+    folder = runs.existing_run(args.run)
     path = write_report(folder)
     print(f"wrote {path}")
     return 0

@@ -29,6 +29,14 @@ def run_dir(name):
     return paths.runs() / name
 
 
+def existing_run(name):
+    """The folder of a run that exists; a UserError telling how to make it otherwise."""
+    folder = run_dir(name)
+    if not folder.is_dir():
+        raise UserError(f"run '{name}' not found in {folder.parent}: train it first (`make train RUN={name}`)")
+    return folder
+
+
 def load_config(folder) -> TrainConfig:
     path = folder / "config.toml"
     if not path.is_file():

@@ -136,9 +136,7 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    folder = runs.run_dir(args.run)
-    if not folder.is_dir():
-        raise UserError(f"run '{args.run}' not found in {folder.parent}: train it first (`make train RUN={args.run}`)")
+    folder = runs.existing_run(args.run)
     out = args.out or paths.submissions() / "submission.csv"
 
     probs = load_test_probs(folder)

@@ -18,6 +18,7 @@ Bounded: after MAX_REQUESTS requests every answer is a 500, so a client stuck in
 import base64
 import io
 import json
+import os
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -27,6 +28,20 @@ from urllib.parse import urlsplit
 COMPETITION = "digit-recognizer"
 MAX_REQUESTS = 200
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")   # and their upper-case forms
+
+
+def isolate(tmp_path, monkeypatch):
+    """No real credentials, proxies or kernel settings reach a test: an empty HOME, no KAGGLE_*/DIGIT_*
+    variables, and data/, runs/, submissions/ under tmp_path/root. Returns the empty home folder."""
+    for name in list(os.environ):
+        if name.startswith(("KAGGLE_", "DIGIT_")) or name.lower() in PROXY_VARS:
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))
+    return home
 
 
 @dataclass

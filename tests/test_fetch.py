@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import fetch, kaggle_api, mnist_source
 from pipeline.errors import UserError
+from tests.fake_kaggle import isolate
 from tests.tiny_mnist import make_tiny_wheel, tiny_mnist_parts, write_wheel
 
 SECRET = "s3cr3t-kaggle-key-0123456789"
@@ -23,15 +24,7 @@ SECRET = "s3cr3t-kaggle-key-0123456789"
 @pytest.fixture(autouse=True)
 def no_kaggle(tmp_path, monkeypatch):
     """No real credentials reach any test: empty HOME, no KAGGLE_* variables."""
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))
-    return home
+    return isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

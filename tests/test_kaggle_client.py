@@ -15,7 +15,7 @@ import pytest
 from pipeline import fetch, kaggle_api, submit
 from pipeline.errors import UserError
 from pipeline.fileio import save_npz, write_json
-from tests.fake_kaggle import PROXY_VARS, FakeKaggle, point_client_at, proxy_env
+from tests.fake_kaggle import FakeKaggle, isolate, point_client_at, proxy_env
 
 REPO = Path(__file__).resolve().parent.parent
 USER = "fake-user"
@@ -30,14 +30,7 @@ TINY = 0.001  # base delay of the retries in tests: backoff without sleeping sec
 @pytest.fixture(autouse=True)
 def root(tmp_path, monkeypatch):
     """No real credentials or proxies; data/, runs/ and submissions/ under tmp_path/root."""
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_") or name.lower() in PROXY_VARS:
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))
+    isolate(tmp_path, monkeypatch)
     return tmp_path / "root"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import fetch, kaggle_env, kernel, train
 from pipeline.errors import UserError
-from tests.fake_kaggle import PROXY_VARS, FakeKaggle, KernelState, point_client_at, proxy_env
+from tests.fake_kaggle import FakeKaggle, KernelState, isolate, point_client_at, proxy_env
 from tests.tiny_mnist import make_tiny_wheel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,15 +24,7 @@ KERNEL_ID = f"{USER}/{kernel.DEFAULT_SLUG}"
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path, monkeypatch):
     """No real credentials or proxies: empty HOME, no KAGGLE_* variables, outputs under tmp_path/root."""
-    for name in list(os.environ):
-        if name.startswith(("KAGGLE_", "DIGIT_")) or name.lower() in PROXY_VARS:
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))
-    return home
+    return isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
