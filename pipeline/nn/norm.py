@@ -7,6 +7,16 @@ Shapes: x (..., C), gamma/beta/running_mean/running_var (C,).
 from pipeline.nn.backend import get_array_module, parallel_rows, scratch
 
 
+def update_running_stats(running_mean, running_var, mean, var, momentum, m):
+    """PyTorch's running statistics, in place: an exponential average of the batch mean and of the
+    unbiased batch variance (m values per channel)."""
+    dt = running_mean.dtype.type
+    running_mean *= dt(1.0 - momentum)
+    running_mean += dt(momentum) * mean
+    running_var *= dt(1.0 - momentum)
+    running_var += dt(momentum * m / (m - 1)) * var
+
+
 def channel_sum(a):
     """Per-channel sums of a (..., C), shape (C,).
 
@@ -55,10 +65,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum
 
         var = sum(parallel_rows(centre, n, x)) / dt(m)
         invstd = dt(1.0) / xp.sqrt(var + dt(eps))
-        running_mean *= dt(1.0 - momentum)
-        running_mean += dt(momentum) * mean
-        running_var *= dt(1.0 - momentum)
-        running_var += dt(momentum * m / (m - 1)) * var
+        update_running_stats(running_mean, running_var, mean, var, momentum, m)
     else:
         # eval: out = x * scale + shift in two passes; x - mean only if a backward asks for it
         invstd = dt(1.0) / xp.sqrt(running_var + dt(eps))
@@ -153,10 +160,7 @@ def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, mom
 
         var = sum(parallel_rows(centred_squares, n, x)) / dt(m)
         invstd = dt(1.0) / xp.sqrt(var + dt(eps))
-        running_mean *= dt(1.0 - momentum)
-        running_mean += dt(momentum) * mean
-        running_var *= dt(1.0 - momentum)
-        running_var += dt(momentum * m / (m - 1)) * var
+        update_running_stats(running_mean, running_var, mean, var, momentum, m)
     else:
         mean = running_mean.copy()
         invstd = dt(1.0) / xp.sqrt(running_var + dt(eps))
