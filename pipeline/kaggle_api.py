@@ -62,16 +62,20 @@ def has_credentials() -> bool:
     return any(path.is_file() and path.stat().st_size > 0 for path in _token_files())
 
 
-def _kaggle_json():
-    """The first readable kaggle.json as a dict ({} when none)."""
+def _kaggle_jsons():
+    """Every readable kaggle.json, as dicts, in the client's order of precedence."""
     for folder in _config_dirs():
         try:
             data = json.loads((folder / "kaggle.json").read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict):
-            return data
-    return {}
+            yield data
+
+
+def _kaggle_json():
+    """The first readable kaggle.json as a dict ({} when none)."""
+    return next(_kaggle_jsons(), {})
 
 
 def local_username():
@@ -84,14 +88,9 @@ def _secrets():
     """Every credential value we can see (and its HTTP basic form), so that none is ever echoed back."""
     found = [os.environ.get(name) for name in ("KAGGLE_KEY", "KAGGLE_API_TOKEN")]
     pairs = [(os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY"))]
-    for folder in _config_dirs():
-        try:
-            data = json.loads((folder / "kaggle.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            found.append(data.get("key"))
-            pairs.append((data.get("username"), data.get("key")))
+    for data in _kaggle_jsons():
+        found.append(data.get("key"))
+        pairs.append((data.get("username"), data.get("key")))
     for path in _token_files()[:2]:
         try:
             found.append(path.read_text().strip())
