@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.fileio import load_npz, save_npz
-from pipeline.nn import (ARCHITECTURES, build_model, conv, make_optimizer, make_schedule, norm, pool,
+from pipeline.nn import (ARCHITECTURES, build_model, conv, convpool, make_optimizer, make_schedule, norm, pool,
                          select_device, softmax, softmax_cross_entropy, to_numpy)
 from pipeline.nn.backend import get_array_module, to_device
 
@@ -184,17 +184,23 @@ def test_model_fuses_relu_into_the_batchnorm_before_it():
     for i, layer in enumerate(model.layers):
         if kinds[i] == "ReLU":
             assert layer.fused == (kinds[i - 1] == "BatchNorm") and model.layers[i - 1].fuse_relu == layer.fused
+
+
+def test_model_moves_relu_after_an_unfused_max_pool(monkeypatch):
+    monkeypatch.setattr(convpool, "ENABLED", False)  # else the convolution computes ReLU and pool itself
     lenet = build_model("lenet5", seed=0)
     pools = [i for i, layer in enumerate(lenet.layers) if type(layer).__name__ == "MaxPool2D"]
     assert pools and all(lenet.layers[i].relu_after and lenet.layers[i - 1].fused for i in pools)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "seed_small"])
-def test_relu_moved_after_max_pool_changes_nothing(name):
+def test_relu_moved_after_max_pool_changes_nothing(monkeypatch, name):
     """ReLU then max pool == max pool then ReLU, values and gradients, ties at 0 included."""
     x = np.maximum(np.random.default_rng(13).standard_normal((3, 28, 28, 1)), -0.2)
     x[0, :6, :6] = 0.5  # plateaus: equal maxima in whole windows
     y = np.array([1, 2, 3])
+
+    monkeypatch.setattr(convpool, "ENABLED", False)  # the max pool layer itself, not conv + pool fused
 
     def run(fuse):
         model = build_model(name, seed=4, dtype=np.float64)

@@ -85,7 +85,8 @@ def nhwc_mask_to_torch(mask, like):
 @contextlib.contextmanager
 def shared_masks(model, net, relus, seed=7):
     """While active, our dropout layers use masks drawn here and the twin applies the same ones; with
-    relus=True the twin's ReLUs apply the masks (pre-activation > 0) our ReLUs computed."""
+    relus=True the twin's ReLUs apply the masks (pre-activation > 0) our ReLUs computed, except where our
+    convolution computes ReLU and max pool itself (convpool)."""
     rng = np.random.default_rng(seed)
     masks, replaced = {}, {}
 
@@ -103,7 +104,9 @@ def shared_masks(model, net, relus, seed=7):
                 layer.fixed_mask = masks[k]
                 return original(x, train)
             layer.forward = dropout_forward
-        elif layer.kind == "relu" and relus:
+        elif layer.kind == "relu" and relus and not getattr(model.layers[k - 1], "fuse_pool", False):
+            # (a ReLU that a convolution applies after its fused max pool sees only the pooled maxima:
+            # the twin keeps its own ReLU there)
             def relu_forward(x, train, k=k, original=layer.forward):
                 masks[k] = to_numpy(x) > 0     # before the call: our ReLU may overwrite x in place
                 return original(x, train)

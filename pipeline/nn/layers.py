@@ -6,7 +6,7 @@ Defaults: conv and dense kernels are He-normal (fan_in), biases zero and on (Ker
 """
 import numpy as np
 
-from pipeline.nn import activation, conv, dropout, linear, norm, pool
+from pipeline.nn import activation, conv, convpool, dropout, linear, norm, pool
 from pipeline.nn.backend import Workspace
 from pipeline.nn.init import initialize
 
@@ -57,6 +57,10 @@ class Conv2D(Layer):
         # scratch for the columns, reused every call; eval has its own, so that an eval pass between a
         # training forward and its backward (a validation check) leaves the kept training columns alone
         self.workspace, self.eval_workspace = Workspace(), Workspace()
+        # set by the model when a 2x2 max pool (and a ReLU before it) follows: this layer applies them
+        # (convpool), those layers pass their input through
+        self.fuse_pool = self.fuse_relu = False
+        self.out_hw = None
         if self.filters < 1 or self.stride < 1 or min(self.kernel) < 1:
             raise ValueError(f"conv2d: filters, kernel and stride must be >= 1 (got {filters}, {kernel}, {stride})")
 
@@ -71,9 +75,15 @@ class Conv2D(Layer):
         self._new_param("w", initialize(self.init, rng, (kh, kw, c, self.filters)), xp, dtype)
         if self.bias:
             self._new_param("b", np.zeros(self.filters), xp, dtype)
+        self.out_hw = (ho, wo)
         return (ho, wo, self.filters)
 
     def forward(self, x, train):
+        if self.fuse_pool:
+            out, self.cache = convpool.conv2d_maxpool_forward(
+                x, self.params["w"], self.params.get("b"), self.pad, self.fuse_relu, train,
+                workspace=self.workspace if train else self.eval_workspace)
+            return out
         # eval keeps no columns: a backward after it (rare) rebuilds them
         out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
                                               workspace=self.workspace if train else self.eval_workspace,
@@ -83,7 +93,8 @@ class Conv2D(Layer):
     def backward(self, dout):
         if self.cache is None:
             raise RuntimeError(f"{self.name}: backward needs a forward first")
-        dx, dw, db = conv.conv2d_backward(dout, self.cache, need_dx=self.need_dx)
+        backward = convpool.conv2d_maxpool_backward if self.fuse_pool else conv.conv2d_backward
+        dx, dw, db = backward(dout, self.cache, need_dx=self.need_dx)
         self.grads["w"][...] = dw
         if db is not None:
             self.grads["b"][...] = db
@@ -201,12 +212,15 @@ class MaxPool2D(Layer):
         # set by the model when a ReLU comes just before: max and ReLU commute (values and gradients, the
         # first maximum included), so this layer applies it to its output, a quarter of the size
         self.relu_after = False
+        self.fused_into_conv = False  # set by the model when the convolution before computes this pooling
 
     def build(self, input_shape, rng, xp, dtype):
         h, w, c = input_shape
         return (pool.pool_outsize(h, self.size, self.stride), pool.pool_outsize(w, self.size, self.stride), c)
 
     def forward(self, x, train):
+        if self.fused_into_conv:
+            return x
         out, self.cache = pool.maxpool_forward(x, self.size, self.stride)
         if self.relu_after:
             out, relu_cache = activation.relu_forward(out, out=out)
@@ -214,6 +228,8 @@ class MaxPool2D(Layer):
         return out
 
     def backward(self, dout):
+        if self.fused_into_conv:
+            return dout
         if self.relu_after:
             cache, relu_cache = self.cache
             return pool.maxpool_backward(activation.relu_backward(dout, relu_cache), cache)

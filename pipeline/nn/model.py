@@ -11,7 +11,8 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
-from pipeline.nn.layers import BatchNorm, Dropout, MaxPool2D, ReLU, layer_from_spec
+from pipeline.nn import convpool
+from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, MaxPool2D, ReLU, layer_from_spec
 from pipeline.nn.loss import softmax
 
 RNG_STATE_KEY = "dropout_rng"
@@ -35,9 +36,23 @@ class Model:
         self._plan_inplace()
 
     def _plan_inplace(self):
-        """Fuse each ReLU into the BatchNorm before it, else into the max pool after it; let other ReLUs
-        overwrite their input / incoming gradient where nothing else holds that memory."""
+        """Fuse a 2x2 max pool (and a ReLU between) into the stride-1 convolution before it (NumPy only);
+        fuse each other ReLU into the BatchNorm before it, else into the max pool after it; let the
+        remaining ReLUs overwrite their input / incoming gradient where nothing else holds that memory."""
         for i, layer in enumerate(self.layers):
+            if type(layer) is not Conv2D or self.xp is not np or not convpool.fusable(layer.stride, layer.out_hw):
+                continue
+            relu = i + 1 < len(self.layers) and type(self.layers[i + 1]) is ReLU
+            j = i + 1 + int(relu)
+            if j < len(self.layers) and type(self.layers[j]) is MaxPool2D and self.layers[j].size == 2 \
+                    and self.layers[j].stride == 2:
+                layer.fuse_pool, layer.fuse_relu = True, relu
+                self.layers[j].fused_into_conv = True
+                if relu:
+                    self.layers[i + 1].fused = True
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "fused", False) or getattr(layer, "fused_into_conv", False):
+                continue
             following = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if isinstance(layer, ReLU) and i > 0 and isinstance(self.layers[i - 1], BatchNorm):
                 self.layers[i - 1].fuse_relu = layer.fused = True
