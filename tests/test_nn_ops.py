@@ -52,8 +52,10 @@ def test_conv2d_fast_equals_naive(dtype, x_shape, k, stride, padding, bias):
         np.testing.assert_allclose(got, want, **tol(dtype))
 
 
-@pytest.mark.parametrize("x_shape,k,stride,padding", [c for c in CONV_CASES if c[2] == 1])
-def test_conv2d_input_grad_phase_path_equals_shifted_path(x_shape, k, stride, padding):
+@pytest.mark.parametrize("x_shape,k,stride,padding", [c for c in CONV_CASES if c[2] == 1]
+                         + [((2, 6, 7, 3), (2, 3, 4), 1, (1, 0, 2, 1)), ((1, 14, 14, 6), (5, 5, 16), 1, 0)])
+def test_conv2d_input_grad_three_paths_agree(x_shape, k, stride, padding):
+    """Stride 1: phase-split correlation, shifted taps and banded rows give the same dx."""
     rng = np.random.default_rng(5)
     kh, kw, f = k
     w = rng.standard_normal((kh, kw, x_shape[3], f))
@@ -61,8 +63,19 @@ def test_conv2d_input_grad_phase_path_equals_shifted_path(x_shape, k, stride, pa
     ho = conv.get_conv_outsize(x_shape[1], kh, 1, pad[0], pad[1])
     wo = conv.get_conv_outsize(x_shape[2], kw, 1, pad[2], pad[3])
     dout = rng.standard_normal((x_shape[0], ho, wo, f))
-    np.testing.assert_allclose(conv.conv2d_input_grad(dout, w, 1, pad, x_shape),
-                               conv.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape), rtol=1e-10, atol=1e-12)
+    shifted = conv.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape)
+    np.testing.assert_allclose(conv.conv2d_input_grad(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(conv.conv2d_input_grad_rows(dout, w, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
+    out = np.full(x_shape, np.nan)  # every entry written, whatever was there
+    conv.conv2d_input_grad_rows(dout, w, pad, x_shape, out=out)
+    np.testing.assert_allclose(out, shifted, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_input_grad_is_chosen_for_narrow_layers_only():
+    assert conv.rows_input_grad_pays((5, 5, 6, 16), (128, 14, 14, 6), (0, 0, 0, 0))        # lenet5's second
+    assert not conv.rows_input_grad_pays((3, 3, 8, 16), (128, 14, 14, 8), (1, 1, 1, 1))    # width 16 > 3 * 3
+    assert not conv.rows_input_grad_pays((3, 3, 32, 64), (128, 12, 12, 32), (0, 0, 0, 0))  # 32 channels
+    assert conv.input_grad_function((3, 3, 2, 2), (1, 5, 5, 2), 2, (0, 0, 0, 0)) is conv.conv2d_input_grad
 
 
 def test_im2col_and_col2im_are_adjoint():

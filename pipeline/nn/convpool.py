@@ -19,8 +19,8 @@ agree to rounding, not bit for bit (tested against the unfused layers).
 import numpy as np
 
 from pipeline.nn.backend import get_array_module, parallel_batches, scratch
-from pipeline.nn.conv import (KEEP_COLUMNS_BYTES, _chunks, column_chunk, column_matrix, conv2d_input_grad_shifted,
-                              get_conv_outsize)
+from pipeline.nn.conv import (KEEP_COLUMNS_BYTES, _chunks, column_chunk, column_matrix, get_conv_outsize,
+                              input_grad_function)
 
 # Turn the fusion off (tests compare against the unfused layers; the model reads it when it plans)
 ENABLED = True
@@ -134,7 +134,8 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
 
     Per thread and chunk: the pooled gradient is routed to each window's first maximum in the blocked
     (4, F, m) layout, the blocked kernel's gradient is one GEMM against the (kept or rebuilt) columns, and
-    dx unblocks the routed gradient to (m, Ho, Wo, F) and takes conv.conv2d_input_grad_shifted.
+    dx unblocks the routed gradient to (m, Ho, Wo, F) and takes the convolution's input-gradient routine
+    (conv.input_grad_function).
     A cache from an eval pass has no masks: they are recomputed first.
     """
     x, w, b, pad, relu, masks, workspace, kept = cache
@@ -149,6 +150,7 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
     kb = (kh + 1) * (kw + 1) * c + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if need_dx else None
     chunk = column_chunk(hp, wp, kb, dout.itemsize) if xp is np else n
+    input_grad = input_grad_function(w.shape, x.shape, 1, pad)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
@@ -178,7 +180,7 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
             if need_dx:  # columns are dead now: the input gradient may reuse the workspace
                 dconv = scratch((nc, 2 * hp, 2 * wp, f), dout.dtype, 2, xp)
                 dconv.reshape(nc, hp, 2, wp, 2, f)[...] = d.reshape(2, 2, f, nc, hp, wp).transpose(3, 4, 0, 5, 1, 2)
-                conv2d_input_grad_shifted(dconv, w, 1, pad, x[r].shape, ws, out=dx[r])
+                input_grad(dconv, w, 1, pad, x[r].shape, ws, out=dx[r])
         return total
 
     parts = [p for p in parallel_batches(run, n, dout, flops=n * per * kb * 4 * f) if p is not None]
