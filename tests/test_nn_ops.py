@@ -601,3 +601,32 @@ def test_backend_on_cpu():
         assert select_device("auto") is np
         with pytest.raises(UserError):
             select_device("gpu")
+
+
+@pytest.mark.parametrize("x_shape,k,padding", [((3, 22, 22, 16), (3, 3, 4), 0),       # like deotte's layer 3 (1.21x)
+                                               ((2, 6, 7, 16), (3, 3, 5), 1),        # 'same'
+                                               ((2, 8, 7, 17), (2, 3, 3), (1, 0, 2, 0))])
+def test_conv2d_backward_by_correlation_equals_naive(monkeypatch, x_shape, k, padding):
+    """The path that takes dx and dw from one column matrix of the output gradient (columns not kept)."""
+    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", 0)
+    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 20_000)  # a few images per chunk
+    rng = np.random.default_rng(9)
+    kh, kw, f = k
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal((kh, kw, x_shape[3], f))
+    b = rng.standard_normal(f)
+    pad = conv.conv_padding(padding, x_shape[1:3], (kh, kw), 1)
+    assert conv.correlation_backward_pays(w.shape, x.shape, 1, pad)
+    out, cache = conv.conv2d_forward(x, w, b, 1, pad)
+    dout = rng.standard_normal(out.shape)
+    _, ref_cache = conv.conv2d_forward_naive(x, w, b, 1, pad)
+    for got, want in zip(conv.conv2d_backward(dout, cache), conv.conv2d_backward_naive(dout, ref_cache)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_correlation_backward_is_chosen_where_it_pays():
+    assert conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 1, (0, 0, 0, 0))      # 1.17x
+    assert not conv.correlation_backward_pays((3, 3, 32, 64), (128, 12, 12, 32), 1, (0, 0, 0, 0))  # 1.44x
+    assert not conv.correlation_backward_pays((3, 3, 8, 8), (128, 26, 26, 8), 1, (0, 0, 0, 0))     # narrow
+    assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 2, (1, 1, 1, 1))  # stride
+    assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 1, (3, 3, 3, 3))  # pad > k-1

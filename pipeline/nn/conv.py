@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from pipeline.nn.backend import gemm, get_array_module, parallel_batches, parallel_gemm_rows, parallel_rows
+from pipeline.nn.norm import channel_sum
 
 
 def get_conv_outsize(size, k, stride, pad_before, pad_after):
@@ -259,6 +260,8 @@ def conv2d_backward(dout, cache, need_dx=True):
     """
     x, w, has_bias, stride, pad, workspace, kept = cache
     xp = get_array_module(dout)
+    if need_dx and not kept and xp is np and correlation_backward_pays(w.shape, x.shape, stride, pad):
+        return conv2d_backward_correlation(dout, x, w, has_bias, pad, workspace)
     kh, kw, c, f = w.shape
     k = kh * kw * c
     n, ho, wo, _ = dout.shape
@@ -294,6 +297,57 @@ def conv2d_backward(dout, cache, need_dx=True):
     dw = dwb[:k].reshape(w.shape)
     db = dwb[k] if has_bias else None
     return dx, xp.ascontiguousarray(dw), db
+
+
+def correlation_backward_pays(w_shape, x_shape, stride, pad):
+    """True where conv2d_backward_correlation beats rebuilding the columns + shifted taps: stride 1, at least
+    16 input channels (fewer take the banded rows), padding within the kernel, and an input at most 1.25x
+    the output's pixels (the full correlation runs over the input). Measured, deotte's 3x3 layer at 26x26
+    (1.17x), 6 images, 1 thread: 3.4 -> 3.1 ms per chunk."""
+    kh, kw, c, f = w_shape
+    _, h, wd, _ = x_shape
+    pad = _pad4(pad)
+    if stride != 1 or c < 16 or max(pad[0], pad[1]) > kh - 1 or max(pad[2], pad[3]) > kw - 1:
+        return False
+    ho = get_conv_outsize(h, kh, 1, pad[0], pad[1])
+    wo = get_conv_outsize(wd, kw, 1, pad[2], pad[3])
+    return h * wd <= 1.25 * ho * wo
+
+
+def conv2d_backward_correlation(dout, x, w, has_bias, pad, workspace=None):
+    """(dx, dw, db) of a stride-1 convolution from one column matrix of the padded output gradient.
+
+    D = im2col(dout padded by k-1-pad) (N*H*W, kh*kw*F) serves both gradients: dx = D @ flipped w (the full
+    correlation, one GEMM with K = kh*kw*F instead of kh*kw GEMMs with K = F and shifted adds), and
+    dw = flip(x.T @ D), x itself being the other operand, so the input's columns are never rebuilt.
+    Per thread and chunk as conv2d_backward; the threads' partial dw are summed in thread order.
+    """
+    xp = get_array_module(dout)
+    kh, kw, c, f = w.shape
+    n, h, wd, _ = x.shape
+    pad = _pad4(pad)
+    full = (kh - 1 - pad[0], kh - 1 - pad[1], kw - 1 - pad[2], kw - 1 - pad[3])
+    flipped = xp.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(kh * kw * f, c)
+    dx = xp.empty(x.shape, dtype=dout.dtype)
+    chunk = column_chunk(h, wd, kh * kw * f, dout.itemsize)
+
+    def run(rows, t):
+        ws = workspace.for_thread(t) if workspace is not None else None
+        total = None
+        for r in _chunks(rows, chunk):
+            col = column_matrix(dout[r], kh, kw, 1, full, workspace=ws)
+            xp.matmul(col, flipped, out=dx[r].reshape(-1, c))
+            part = x[r].reshape(-1, c).T @ col  # (C, kh*kw*F), taps flipped
+            total = part if total is None else total + part
+        return total
+
+    parts = parallel_batches(run, n, dout, flops=2 * n * h * wd * kh * kw * f * c)
+    grad = parts[0]
+    for p in parts[1:]:
+        grad = grad + p
+    dw = xp.ascontiguousarray(grad.reshape(c, kh, kw, f)[:, ::-1, ::-1].transpose(1, 2, 0, 3))
+    db = channel_sum(dout) if has_bias else None
+    return dx, dw, db
 
 
 def conv2d_input_grad_shifted(dout, w, stride, pad, x_shape, workspace=None, out=None):
