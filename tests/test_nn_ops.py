@@ -630,3 +630,28 @@ def test_correlation_backward_is_chosen_where_it_pays():
     assert not conv.correlation_backward_pays((3, 3, 8, 8), (128, 26, 26, 8), 1, (0, 0, 0, 0))     # narrow
     assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 2, (1, 1, 1, 1))  # stride
     assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 1, (3, 3, 3, 3))  # pad > k-1
+
+
+def test_eval_passes_reuse_buffers_but_never_the_callers_output():
+    rng = np.random.default_rng(11)
+    x1, x2 = rng.standard_normal((2, 5, 28, 28, 1))
+    model = build_model("deotte", seed=3)
+    fresh = build_model("deotte", seed=3)
+    for layer in fresh.layers:
+        layer.reuse_eval_output = False
+    assert model.layers[0].reuse_eval_output and not model.layers[-1].reuse_eval_output
+    first = model.forward(x1, train=False)
+    kept = first.copy()
+    second = model.forward(x2, train=False)
+    np.testing.assert_array_equal(first, kept)  # the second pass left the first result alone
+    np.testing.assert_array_equal(second, fresh.forward(x2, train=False))
+    np.testing.assert_array_equal(model.forward(x1[:2], train=False), fresh.forward(x1[:2], train=False))
+    # a net ending in conv -> flatten returns a view of the conv's output: that conv must not reuse
+    spec = [{"type": "conv2d", "filters": 4, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"},
+            {"type": "conv2d", "filters": 3, "kernel": 4}, {"type": "flatten"}]
+    small = build_model(spec, input_shape=(6, 6, 1), num_classes=3)
+    assert [layer.reuse_eval_output for layer in small.layers] == [True, True, False, False, False]
+    a = small.forward(x1[:2, :6, :6], train=False)
+    a_copy = a.copy()
+    small.forward(x2[:2, :6, :6], train=False)
+    np.testing.assert_array_equal(a, a_copy)

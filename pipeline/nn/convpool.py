@@ -84,12 +84,13 @@ def _pool_block(o, masks, relu):
     return best
 
 
-def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None):
+def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, out=None):
     """out (N, Ho/2, Wo/2, F) = [relu](maxpool2x2(conv2d(x, w, b, stride 1, pad))); cache for backward.
 
     The batch is split among the engine's threads and walked a few images at a time, as in
     conv.conv2d_forward; in training the chunks' columns are kept for backward when they fit in
     KEEP_COLUMNS_BYTES, and the routing masks (4 or 3, F, N*Ho/2*Wo/2) are stored. Eval stores neither.
+    out: optional C-contiguous (N, Ho/2, Wo/2, F) array to write the result into.
     """
     xp = get_array_module(x)
     kh, kw, c, f = w.shape
@@ -102,7 +103,8 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None):
     per = hp * wp
     wbt = blocked_kernel(w, b)
     kb = wbt.shape[1]
-    out = xp.empty((n, hp, wp, f), dtype=x.dtype)
+    if out is None:
+        out = xp.empty((n, hp, wp, f), dtype=x.dtype)
     masks = xp.empty((4 if relu else 3, f, n * per), dtype=bool) if train else None
     chunk = column_chunk(hp, wp, kb, x.itemsize) if xp is np else n
     kept, keep_flat = None, None

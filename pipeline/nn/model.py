@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
 from pipeline.nn import convpool
-from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, MaxPool2D, ReLU, layer_from_spec
+from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, layer_from_spec
 from pipeline.nn.loss import softmax
 
 RNG_STATE_KEY = "dropout_rng"
@@ -38,7 +38,8 @@ class Model:
     def _plan_inplace(self):
         """Fuse a 2x2 max pool (and a ReLU between) into the stride-1 convolution before it (NumPy only);
         fuse each other ReLU into the BatchNorm before it, else into the max pool after it; let the
-        remaining ReLUs overwrite their input / incoming gradient where nothing else holds that memory."""
+        remaining ReLUs overwrite their input / incoming gradient where nothing else holds that memory;
+        let convolutions and BatchNorms whose output does not reach the caller reuse their eval output."""
         for i, layer in enumerate(self.layers):
             if type(layer) is not Conv2D or self.xp is not np or not convpool.fusable(layer.stride, layer.out_hw):
                 continue
@@ -50,6 +51,14 @@ class Model:
                 self.layers[j].fused_into_conv = True
                 if relu:
                     self.layers[i + 1].fused = True
+        # the output the caller gets, and every layer whose memory reaches it through views (flatten,
+        # dropout and ReLU may return their input), must be fresh; the rest may reuse eval buffers
+        last = len(self.layers) - 1
+        while last > 0 and (isinstance(self.layers[last], (Flatten, Dropout, ReLU))
+                            or getattr(self.layers[last], "fused_into_conv", False)):
+            last -= 1
+        for layer in self.layers[:last]:
+            layer.reuse_eval_output = self.xp is np and isinstance(layer, (Conv2D, BatchNorm))
         for i, layer in enumerate(self.layers):
             if getattr(layer, "fused", False) or getattr(layer, "fused_into_conv", False):
                 continue

@@ -40,13 +40,14 @@ def channel_dot(a, b):
     return xp.einsum("ij,ij->j", a, b)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5, out=None):
     """out with x's shape; in training the running statistics are updated in place.
 
     cache: (centred x (x - mean, x's shape), gamma, invstd (C,), train); in eval (x, running mean)
     stands for the centred x. Keeping x - mean rather than xhat saves a pass; backward folds invstd
     into per-channel factors. Passes run in row blocks on the
     engine's threads, each block's centring and squared sum done while it is in cache.
+    out: optional array of x's shape (C-contiguous) to write the result into.
     """
     xp = get_array_module(x)
     c = x.shape[-1]
@@ -71,7 +72,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum
         invstd = dt(1.0) / xp.sqrt(running_var + dt(eps))
         scale = gamma * invstd
         shift = beta - running_mean * scale
-        out = xp.empty_like(x)
+        out = xp.empty_like(x) if out is None else out
 
         def affine_eval(rows):
             xp.multiply(x[rows], scale, out=out[rows])
@@ -80,7 +81,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum
         parallel_rows(affine_eval, n, x)
         return out, ((x, running_mean.copy()), gamma, invstd, train)
     scale = gamma * invstd
-    out = xp.empty_like(x)
+    out = xp.empty_like(x) if out is None else out
 
     def affine(rows):
         xp.multiply(xc[rows], scale, out=out[rows])
@@ -134,18 +135,19 @@ def tiled(v, like):
     return xp.tile(v, like[:1].size // v.size)
 
 
-def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
+def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5, out=None):
     """max(batchnorm_forward(x, ...), 0) in three reads of x and one write: BN followed by ReLU fused.
 
     Same statistics as batchnorm_forward (the mean, then the centred squares, each block's centring done
     in cache and not stored); then out = max(x * scale + shift, 0) in one pass. Nothing else is written:
     backward recomputes x - mean and the ReLU mask (out > 0) block by block.
     cache: (x, mean (C,), invstd (C,), gamma, out, train); x and out must stay unchanged until backward.
+    out: optional array of x's shape (C-contiguous) to write the result into.
     """
     xp = get_array_module(x)
     n = x.shape[0]
     dt = x.dtype.type
-    out = xp.empty_like(x)
+    out = xp.empty_like(x) if out is None else out
     xf, of = per_example(x), per_example(out)
     if train:
         m = x.size // x.shape[-1]
