@@ -655,3 +655,41 @@ def test_eval_passes_reuse_buffers_but_never_the_callers_output():
     a_copy = a.copy()
     small.forward(x2[:2, :6, :6], train=False)
     np.testing.assert_array_equal(a, a_copy)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_eval_folds_batchnorm_into_the_convolution(relu):
+    """Eval logits with each BatchNorm folded into the convolution before it equal the unfolded ones, and a
+    backward after a folded pass gives the gradients of the unfolded eval pass."""
+    spec = [{"type": "conv2d", "filters": 4, "kernel": 3, "bias": False}, {"type": "batchnorm"},
+            *([{"type": "relu"}] if relu else []),
+            {"type": "conv2d", "filters": 5, "kernel": 3, "stride": 2}, {"type": "batchnorm"}, {"type": "relu"},
+            {"type": "flatten"}, {"type": "dense"}]
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 9, 9, 2))
+    y = np.array([0, 1, 2])
+
+    def make(fold):
+        model = build_model(spec, seed=5, dtype=np.float64, input_shape=(9, 9, 2), num_classes=3)
+        for layer in model.layers:
+            if layer.kind == "batchnorm":
+                c = layer.params["gamma"].shape[0]
+                layer.params["gamma"][...] = np.linspace(0.5, 1.5, c)
+                layer.params["beta"][...] = np.linspace(-0.2, 0.3, c)
+                layer.buffers["running_mean"][...] = np.linspace(-0.1, 0.2, c)
+                layer.buffers["running_var"][...] = np.linspace(0.6, 1.4, c)
+        if not fold:
+            model._bn_folds = []
+        return model
+
+    folded, plain = make(True), make(False)
+    assert len(folded._bn_folds) == 2
+    logits = folded.forward(x, train=False)
+    assert folded.layers[0].cache is None  # a layer-level backward now would fail loudly
+    np.testing.assert_allclose(logits, plain.forward(x, train=False), rtol=1e-12, atol=1e-13)
+    d = softmax_cross_entropy(logits, y)[1]
+    np.testing.assert_allclose(folded.backward(d), plain.backward(d), rtol=1e-12, atol=1e-14)
+    for (name, _, g), (_, _, ref) in zip(folded.params(), plain.params()):
+        np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-14, err_msg=name)
+    # training passes are never folded
+    np.testing.assert_allclose(folded.forward(x, train=True), plain.forward(x, train=True), rtol=1e-12)

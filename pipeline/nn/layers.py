@@ -74,6 +74,7 @@ class Conv2D(Layer):
         # (convpool), those layers pass their input through
         self.fuse_pool = self.fuse_relu = False
         self.out_hw = None
+        self.folded_bn = None  # set by the model for an eval pass: the BatchNorm after it, folded in here
         if self.filters < 1 or self.stride < 1 or min(self.kernel) < 1:
             raise ValueError(f"conv2d: filters, kernel and stride must be >= 1 (got {filters}, {kernel}, {stride})")
 
@@ -99,12 +100,17 @@ class Conv2D(Layer):
                 workspace=self.workspace if train else self.eval_workspace,
                 out=self.eval_output(train, (n, self.out_hw[0] // 2, self.out_hw[1] // 2, f), x.dtype, get_array_module(x)))
             return out
+        out_buffer = self.eval_output(train, (n,) + self.out_hw + (f,), x.dtype, get_array_module(x))
+        if not train and self.folded_bn is not None:
+            w, b = self.folded_bn.fold(self.params["w"], self.params.get("b"))
+            out, _ = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.eval_workspace,
+                                         out=out_buffer, keep_columns=False)
+            self.cache = None  # not this layer's function: the model repeats the pass unfolded for a backward
+            return out
         # eval keeps no columns: a backward after it (rare) rebuilds them
         out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
                                               workspace=self.workspace if train else self.eval_workspace,
-                                              out=self.eval_output(train, (n,) + self.out_hw + (f,), x.dtype,
-                                                                   get_array_module(x)),
-                                              keep_columns=train)
+                                              out=out_buffer, keep_columns=train)
         return out
 
     def backward(self, dout):
@@ -158,6 +164,7 @@ class BatchNorm(Layer):
         super().__init__()
         self.momentum, self.eps = float(momentum), float(eps)
         self.fuse_relu = False  # set by the model when a ReLU follows: this layer applies it too
+        self.folded = False     # set by the model for an eval pass in which the convolution before applied it
 
     def build(self, input_shape, rng, xp, dtype):
         c = input_shape[-1]
@@ -167,7 +174,19 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = xp.ones(c, dtype=dtype)
         return tuple(input_shape)
 
+    def fold(self, w, b):
+        """(w', b') of a convolution (w (kh, kw, C, F), b (F,) or None) followed by this layer in eval:
+        w' = w * s, b' = (b - running_mean) * s + beta with s = gamma / sqrt(running_var + eps)."""
+        xp = get_array_module(w)
+        dt = w.dtype.type
+        s = self.params["gamma"] / xp.sqrt(self.buffers["running_var"] + dt(self.eps))
+        shift = self.params["beta"] - self.buffers["running_mean"] * s
+        return w * s, shift if b is None else b * s + shift
+
     def forward(self, x, train):
+        if self.folded and not train:
+            self.cache = None  # the model repeats the pass unfolded before a backward
+            return activation.relu_forward(x, out=x)[0] if self.fuse_relu else x
         fn = norm.batchnorm_relu_forward if self.fuse_relu else norm.batchnorm_forward
         out, self.cache = fn(x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
                              self.buffers["running_var"], train, self.momentum, self.eps,

@@ -39,7 +39,8 @@ class Model:
         """Fuse a 2x2 max pool (and a ReLU between) into the stride-1 convolution before it (NumPy only);
         fuse each other ReLU into the BatchNorm before it, else into the max pool after it; let the
         remaining ReLUs overwrite their input / incoming gradient where nothing else holds that memory;
-        let convolutions and BatchNorms whose output does not reach the caller reuse their eval output."""
+        let convolutions and BatchNorms whose output does not reach the caller reuse their eval output;
+        pair each convolution with the BatchNorm right after it for folded eval passes."""
         for i, layer in enumerate(self.layers):
             if type(layer) is not Conv2D or self.xp is not np or not convpool.fusable(layer.stride, layer.out_hw):
                 continue
@@ -59,6 +60,10 @@ class Model:
             last -= 1
         for layer in self.layers[:last]:
             layer.reuse_eval_output = self.xp is np and isinstance(layer, (Conv2D, BatchNorm))
+        # (conv, BatchNorm) pairs that eval passes fold into one (NumPy only, like the fusions above)
+        self._bn_folds = [(conv, bn) for conv, bn in zip(self.layers, self.layers[1:])
+                          if self.xp is np and type(conv) is Conv2D and not conv.fuse_pool and type(bn) is BatchNorm]
+        self._folded_input = None
         for i, layer in enumerate(self.layers):
             if getattr(layer, "fused", False) or getattr(layer, "fused_into_conv", False):
                 continue
@@ -73,8 +78,17 @@ class Model:
 
     # -- computation -------------------------------------------------------------------------------
     def forward(self, x, train=True):
-        """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout."""
+        """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout.
+
+        In eval, each BatchNorm right after a convolution is folded into that convolution's kernel and bias
+        (running statistics are constants there): the BatchNorm passes reduce to its ReLU. A backward after
+        such a pass first repeats it unfolded (the folded caches hold no BatchNorm input)."""
         x = to_device(x, self.xp).astype(self.dtype, copy=False)
+        fold = not train and bool(self._bn_folds)
+        for conv, bn in self._bn_folds:
+            conv.folded_bn = bn if fold else None
+            bn.folded = fold
+        self._folded_input = x if fold else None
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
@@ -85,6 +99,12 @@ class Model:
         input_grad=False skips the gradient with respect to the input (training never needs it) and
         returns None.
         """
+        if self._folded_input is not None:  # the last pass was a folded eval pass: repeat it unfolded
+            x, self._folded_input = self._folded_input, None
+            for conv, bn in self._bn_folds:
+                conv.folded_bn, bn.folded = None, False
+            for layer in self.layers:
+                x = layer.forward(x, False)
         first = 0
         if not input_grad:
             first = next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
