@@ -267,7 +267,7 @@ def conv2d_backward(dout, cache, need_dx=True):
     n, ho, wo, _ = dout.shape
     kb = k + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if need_dx else None
-    grad = input_grad_function(w.shape, x.shape, stride, pad)
+    grad = input_grad_function(w.shape, x.shape, stride, pad, xp)
     chunk = column_chunk(ho, wo, kb, dout.itemsize) if xp is np else n
 
     def run(rows, t, chunks=None):
@@ -390,12 +390,13 @@ def conv2d_input_grad_shifted(dout, w, stride, pad, x_shape, workspace=None, out
     return dx
 
 
-def input_grad_function(w_shape, x_shape, stride, pad):
+def input_grad_function(w_shape, x_shape, stride, pad, xp=np):
     """The input-gradient routine for this layer, called as grad(dout, w, stride, pad, x_shape, workspace,
-    out=dx): rows (banded GEMM) or shifted taps at stride 1, phase-split correlations otherwise."""
+    out=dx): rows (banded GEMM, NumPy only: it works around NumPy's short inner loops) or shifted taps at
+    stride 1, phase-split correlations otherwise."""
     if stride != 1:
         return conv2d_input_grad
-    if rows_input_grad_pays(w_shape, x_shape, _pad4(pad)):
+    if xp is np and rows_input_grad_pays(w_shape, x_shape, _pad4(pad)):
         return lambda dout, w, stride, pad, x_shape, workspace=None, out=None: \
             conv2d_input_grad_rows(dout, w, pad, x_shape, out=out)
     return conv2d_input_grad_shifted

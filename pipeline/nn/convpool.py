@@ -152,7 +152,7 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
     kb = (kh + 1) * (kw + 1) * c + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if need_dx else None
     chunk = column_chunk(hp, wp, kb, dout.itemsize) if xp is np else n
-    input_grad = input_grad_function(w.shape, x.shape, 1, pad)
+    input_grad = input_grad_function(w.shape, x.shape, 1, pad, xp)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
