@@ -98,7 +98,7 @@ def test_fused_chunks_and_threads_change_nothing(monkeypatch, keep_bytes):
         return (out,) + convpool.conv2d_maxpool_backward(dout, cache)
 
     whole = run()
-    monkeypatch.setattr(convpool, "KEEP_COLUMNS_BYTES", keep_bytes)
+    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", keep_bytes)
     monkeypatch.setattr(convpool, "column_chunk", lambda *args: 2)
     monkeypatch.setattr(backend, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(backend, "GEMM_MIN_FLOPS", 0)

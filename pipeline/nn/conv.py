@@ -195,6 +195,32 @@ def _chunks(rows, size):
     return [slice(s, min(s + size, rows.stop)) for s in range(rows.start, rows.stop, size)]
 
 
+def _keep_store(keep, size, dtype, workspace, xp):
+    """(kept, flat) for the column matrices a forward keeps for its backward: an empty dict to fill by
+    first image and `size` values of memory (the workspace's "kept" buffer, else fresh), when `keep` and
+    they fit in KEEP_COLUMNS_BYTES; else (None, None)."""
+    if not keep or size * np.dtype(dtype).itemsize > KEEP_COLUMNS_BYTES:
+        return None, None
+    flat = (workspace.for_thread("kept").array((size,), dtype, xp) if workspace is not None
+            else xp.empty(size, dtype=dtype))
+    return {}, flat
+
+
+def _kept_columns(kept, rows, per_image):
+    """The columns a forward kept for the images `rows`, or None (not kept, or kept in other chunks)."""
+    col = kept.get(rows.start) if kept is not None else None
+    return col if col is not None and col.shape[0] == (rows.stop - rows.start) * per_image else None
+
+
+def sum_in_order(parts):
+    """parts[0] + parts[1] + ... in list order: the threads' partial gradients, summed the same way every
+    run."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 def _kernel_matrix(w, b):
     """[w.reshape(kh*kw*C, F); b]: the GEMM's right-hand side, the bias as its last row."""
     xp = get_array_module(w)
@@ -231,11 +257,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None, keep_colu
     if out is None:
         out = xp.empty((n, ho, wo, f), dtype=x.dtype)
     chunk = column_chunk(ho, wo, kb, x.itemsize) if xp is np else n  # the GPU takes the batch at once
-    kept, keep_flat = None, None
-    if keep_columns and n * ho * wo * kb * x.itemsize <= KEEP_COLUMNS_BYTES:
-        kept, size = {}, n * ho * wo * kb
-        keep_flat = (workspace.for_thread("kept").array((size,), x.dtype, xp) if workspace is not None
-                     else xp.empty(size, dtype=x.dtype))
+    kept, keep_flat = _keep_store(keep_columns, n * ho * wo * kb, x.dtype, workspace, xp)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
@@ -274,8 +296,8 @@ def conv2d_backward(dout, cache, need_dx=True):
         ws = workspace.for_thread(t) if workspace is not None else None
         total = None
         for r in chunks if chunks is not None else _chunks(rows, chunk):
-            col = kept.get(r.start) if kept is not None else None
-            if col is None or col.shape[0] != (r.stop - r.start) * ho * wo:  # not kept, or other chunks
+            col = _kept_columns(kept, r, ho * wo)
+            if col is None:
                 col = column_matrix(x[r], kh, kw, stride, pad, ones=has_bias, workspace=ws)
             dout2 = dout[r].reshape(-1, f)
             # OpenBLAS runs the narrow case ~10 % faster as (dout.T @ col).T (measured, 1 thread)
@@ -291,9 +313,7 @@ def conv2d_backward(dout, cache, need_dx=True):
         parts = [run(slice(0, n), 0, chunks)]
     else:
         parts = [p for p in parallel_batches(run, n, dout, flops=n * ho * wo * kb * f) if p is not None]
-    dwb = parts[0]
-    for p in parts[1:]:
-        dwb = dwb + p
+    dwb = sum_in_order(parts)
     dw = dwb[:k].reshape(w.shape)
     db = dwb[k] if has_bias else None
     return dx, xp.ascontiguousarray(dw), db
@@ -341,10 +361,7 @@ def conv2d_backward_correlation(dout, x, w, has_bias, pad, workspace=None):
             total = part if total is None else total + part
         return total
 
-    parts = parallel_batches(run, n, dout, flops=2 * n * h * wd * kh * kw * f * c)
-    grad = parts[0]
-    for p in parts[1:]:
-        grad = grad + p
+    grad = sum_in_order(parallel_batches(run, n, dout, flops=2 * n * h * wd * kh * kw * f * c))
     dw = xp.ascontiguousarray(grad.reshape(c, kh, kw, f)[:, ::-1, ::-1].transpose(1, 2, 0, 3))
     db = channel_sum(dout) if has_bias else None
     return dx, dw, db

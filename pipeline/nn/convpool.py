@@ -19,8 +19,8 @@ agree to rounding, not bit for bit (tested against the unfused layers).
 import numpy as np
 
 from pipeline.nn.backend import get_array_module, parallel_batches, scratch
-from pipeline.nn.conv import (KEEP_COLUMNS_BYTES, _chunks, column_chunk, column_matrix, get_conv_outsize,
-                              input_grad_function)
+from pipeline.nn.conv import (_chunks, _keep_store, _kept_columns, column_chunk, column_matrix, get_conv_outsize,
+                              input_grad_function, sum_in_order)
 
 # Turn the fusion off (tests compare against the unfused layers; the model reads it when it plans)
 ENABLED = True
@@ -89,7 +89,7 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, 
 
     The batch is split among the engine's threads and walked a few images at a time, as in
     conv.conv2d_forward; in training the chunks' columns are kept for backward when they fit in
-    KEEP_COLUMNS_BYTES, and the routing masks (4 or 3, F, N*Ho/2*Wo/2) are stored. Eval stores neither.
+    conv.KEEP_COLUMNS_BYTES, and the routing masks (4 or 3, F, N*Ho/2*Wo/2) are stored. Eval stores neither.
     out: optional C-contiguous (N, Ho/2, Wo/2, F) array to write the result into.
     """
     xp = get_array_module(x)
@@ -107,11 +107,7 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, 
         out = xp.empty((n, hp, wp, f), dtype=x.dtype)
     masks = xp.empty((4 if relu else 3, f, n * per), dtype=bool) if train else None
     chunk = column_chunk(hp, wp, kb, x.itemsize) if xp is np else n
-    kept, keep_flat = None, None
-    if train and n * per * kb * x.itemsize <= KEEP_COLUMNS_BYTES:
-        kept, size = {}, n * per * kb
-        keep_flat = (workspace.for_thread("kept").array((size,), x.dtype, xp) if workspace is not None
-                     else xp.empty(size, dtype=x.dtype))
+    kept, keep_flat = _keep_store(train, n * per * kb, x.dtype, workspace, xp)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
@@ -160,8 +156,8 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
         for r in _chunks(rows, chunk):
             nc = r.stop - r.start
             m = nc * per
-            col = kept.get(r.start) if kept is not None else None
-            if col is None or col.shape[0] != m:
+            col = _kept_columns(kept, r, per)
+            if col is None:
                 col = column_matrix(x[r], kh + 1, kw + 1, 2, pad, ones=has_bias, workspace=ws)
             block = masks[:, :, r.start * per:r.stop * per]
             d = scratch((4, f, m), dout.dtype, 1, xp)
@@ -185,9 +181,6 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
                 input_grad(dconv, w, 1, pad, x[r].shape, ws, out=dx[r])
         return total
 
-    parts = [p for p in parallel_batches(run, n, dout, flops=n * per * kb * 4 * f) if p is not None]
-    grad = parts[0]
-    for p in parts[1:]:
-        grad = grad + p
+    grad = sum_in_order([p for p in parallel_batches(run, n, dout, flops=n * per * kb * 4 * f) if p is not None])
     dw, db = fold_kernel_grad(grad, w.shape, has_bias)
     return dx, dw, db

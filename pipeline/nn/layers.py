@@ -32,12 +32,12 @@ class Layer:
         self.reuse_eval_output = False
         self._eval_output = Workspace()
 
-    def eval_output(self, train, shape, dtype, xp):
-        """The array an eval pass writes into when reuse_eval_output is set (valid until the next eval
-        pass of this layer), else None (allocate)."""
+    def eval_output(self, train, shape, like):
+        """The array of `shape` (dtype and backend of `like`) an eval pass writes into when
+        reuse_eval_output is set (valid until the next eval pass of this layer), else None (allocate)."""
         if train or not self.reuse_eval_output:
             return None
-        return self._eval_output.array(shape, dtype, xp)
+        return self._eval_output.array(shape, like.dtype, get_array_module(like))
 
     def build(self, input_shape, rng, xp, dtype):
         return tuple(input_shape)
@@ -93,14 +93,14 @@ class Conv2D(Layer):
         return (ho, wo, self.filters)
 
     def forward(self, x, train):
-        n, f = x.shape[0], self.filters
+        n, (ho, wo), f = x.shape[0], self.out_hw, self.filters
         if self.fuse_pool:
             out, self.cache = convpool.conv2d_maxpool_forward(
                 x, self.params["w"], self.params.get("b"), self.pad, self.fuse_relu, train,
                 workspace=self.workspace if train else self.eval_workspace,
-                out=self.eval_output(train, (n, self.out_hw[0] // 2, self.out_hw[1] // 2, f), x.dtype, get_array_module(x)))
+                out=self.eval_output(train, (n, ho // 2, wo // 2, f), x))
             return out
-        out_buffer = self.eval_output(train, (n,) + self.out_hw + (f,), x.dtype, get_array_module(x))
+        out_buffer = self.eval_output(train, (n, ho, wo, f), x)
         if not train and self.folded_bn is not None:
             w, b = self.folded_bn.fold(self.params["w"], self.params.get("b"))
             out, _ = conv.conv2d_forward(x, w, b, self.stride, self.pad, workspace=self.eval_workspace,
@@ -190,7 +190,7 @@ class BatchNorm(Layer):
         fn = norm.batchnorm_relu_forward if self.fuse_relu else norm.batchnorm_forward
         out, self.cache = fn(x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
                              self.buffers["running_var"], train, self.momentum, self.eps,
-                             out=self.eval_output(train, x.shape, x.dtype, get_array_module(x)))
+                             out=self.eval_output(train, x.shape, x))
         return out
 
     def backward(self, dout):
