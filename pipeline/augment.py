@@ -8,11 +8,12 @@ import numpy as np
 from pipeline.nn.backend import get_array_module
 
 
-def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1):
+def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False):
     """Randomly rotate (+-rotate_deg), zoom (1 +- zoom) and shift (+- shift * size) every image.
 
     x: (N, H, W, C) float array in NHWC; returns a new array of the same shape and dtype.
-    Pixels that map from outside the image are 0 (background).
+    Pixels that map from outside the image are 0 (background). zoom_xy: draw the horizontal and vertical
+    zoom independently, as Keras' ImageDataGenerator(zoom_range=...) does (the aspect ratio changes too).
     """
     xp = get_array_module(x)
     n, h, w, c = x.shape
@@ -20,9 +21,11 @@ def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1):
     scale = 1.0 + rng.uniform(-zoom, zoom, n)
     tx = rng.uniform(-shift, shift, n) * w
     ty = rng.uniform(-shift, shift, n) * h
+    scale_y = 1.0 + rng.uniform(-zoom, zoom, n) if zoom_xy else scale  # drawn last: zoom_xy=False draws as before
     # Inverse map: output pixel -> source pixel, about the image centre.
-    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-    inv = np.stack([np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1).astype(x.dtype)  # (N, 2, 2)
+    cos, sin = np.cos(angle), np.sin(angle)
+    inv = np.stack([np.stack([cos / scale, sin / scale], 1), np.stack([-sin / scale_y, cos / scale_y], 1)], 1)
+    inv = inv.astype(x.dtype)  # (N, 2, 2)
     inv = xp.asarray(inv)
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     gy, gx = xp.meshgrid(xp.arange(h, dtype=x.dtype) - cy, xp.arange(w, dtype=x.dtype) - cx, indexing="ij")

@@ -1,7 +1,7 @@
 """Training checkpoints: one .npz per checkpoint holding everything needed to continue bit-exactly.
 
 Keys: "model/<name>" (parameters and BatchNorm statistics), "opt/<name>" (optimizer state), "rng/<name>"
-(dropout generator), "state" (JSON: epoch, step, best score, metrics history, config) and "checksum"
+(dropout generator), "average/<name>" (the weight average, when the run keeps one), "state" (JSON: epoch, step, best score, metrics history, config) and "checksum"
 (sha256 over every other entry). No pickle. Written to a temp file, fsynced and os.replace'd
 (pipeline.fileio). The folder keeps latest.npz, previous.npz (the latest before it) and best.npz.
 """
@@ -32,9 +32,10 @@ def _checksum(arrays):
     return h.hexdigest()
 
 
-def pack(model_state, opt_state, rng_state, state):
+def pack(model_state, opt_state, rng_state, state, average_state=None):
     """Flatten the parts of a training state into one dict of arrays (with its checksum)."""
     arrays = {f"model/{k}": v for k, v in model_state.items()}
+    arrays.update({f"average/{k}": v for k, v in (average_state or {}).items()})
     arrays.update({f"opt/{k}": v for k, v in opt_state.items()})
     arrays.update({f"rng/{k}": v for k, v in rng_state.items()})
     arrays["state"] = np.array(json.dumps(state, sort_keys=True))
@@ -50,6 +51,11 @@ def unpack(arrays):
         if head in parts:
             parts[head][name] = value
     return parts["model"], parts["opt"], parts["rng"], json.loads(str(arrays["state"]))
+
+
+def average_part(arrays):
+    """The weight average packed beside the training state ({} when the run keeps none)."""
+    return {key.partition("/")[2]: value for key, value in arrays.items() if key.startswith("average/")}
 
 
 def read(path):

@@ -27,9 +27,12 @@ class TrainConfig:
     step_epochs: int = 10             # step schedule
     warmup_epochs: float = 0.0        # cosine
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0            # > 0: deliver an exponential moving average of the weights
+    select: str = "best"              # best: the epoch with the best validation score | last: the final epoch
     augment: bool = False
     rotate_deg: float = 10.0
     zoom: float = 0.1
+    zoom_xy: bool = False             # draw x and y zoom independently (Keras' zoom_range)
     shift: float = 0.1
     seed: int = 0
     split_seed: int = -1              # -1: use the split written by prepare; else resplit train.csv

@@ -39,3 +39,20 @@ def test_digit_mass_stays_roughly_in_place_under_default_ranges():
     out = random_affine(x, np.random.default_rng(0))
     ratio = out.sum(axis=(1, 2, 3)) / x.sum(axis=(1, 2, 3))
     assert np.all((ratio > 0.7) & (ratio < 1.35))  # zoom +-10 % changes area by at most ~21 %
+
+
+def test_independent_zoom_changes_the_aspect_ratio_and_keeps_the_default_draws():
+    x = np.zeros((256, 28, 28, 1), np.float32)
+    x[:, 8:20, 8:20] = 1.0  # a square
+    same = random_affine(x, np.random.default_rng(3), rotate_deg=0, shift=0, zoom=0.1)
+    both = random_affine(x, np.random.default_rng(3), rotate_deg=0, shift=0, zoom=0.1, zoom_xy=True)
+
+    def aspect(imgs):
+        cols = (imgs[..., 0] > 0.5).any(axis=1).sum(axis=1)
+        rows = (imgs[..., 0] > 0.5).any(axis=2).sum(axis=1)
+        return rows / cols
+
+    assert np.all(np.abs(aspect(same) - 1) < 0.1)
+    assert np.abs(aspect(both) - 1).max() > 0.12  # heights and widths zoomed apart
+    # the shared draws (angle, zoom, shift) come first, so the default path is unchanged
+    np.testing.assert_array_equal(same, random_affine(x, np.random.default_rng(3), rotate_deg=0, shift=0, zoom=0.1))

@@ -2,10 +2,40 @@
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
-from pipeline import train
-from tests.test_resume import finish, train as run_train, write_processed
+from pipeline import checkpoint, train
+from pipeline.fileio import load_npz
+from tests.test_resume import assert_same_weights, finish, history, train as run_train, write_processed
+
+# Deotte's own layer order, Keras' zoom, and a weight average that the run delivers at its last epoch.
+AVERAGED = ["ARCH=deotte_relu_bn", "ZOOM_XY=1", "EMA_DECAY=0.9", "SELECT=last"]
+
+
+def test_weight_average_resumes_bit_exactly_and_is_what_the_run_delivers(tmp_path):
+    write_processed(tmp_path)
+    code, _, err = finish(run_train(tmp_path, "whole", extra=AVERAGED))
+    assert code == 0, err
+    whole = tmp_path / "runs" / "whole"
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("live_val_acc" in r for r in records)
+    assert json.loads((whole / "summary.json").read_text())["best_epoch"] == 2  # SELECT=last
+    delivered = load_npz(whole / "model.npz")
+    live, _, _, _ = checkpoint.unpack(checkpoint.read(whole / "checkpoints" / checkpoint.LATEST))
+    assert not np.array_equal(delivered["0.w"], live["0.w"])  # the average, not the last live weights
+    assert not np.array_equal(delivered["2.running_mean"], live["2.running_mean"])  # statistics recomputed
+
+    for attempt in range(40):  # each invocation stops after a step or so with a checkpoint (exit 3)
+        code, _, err = finish(run_train(tmp_path, "cut", extra=[*AVERAGED, "MAX_TIME=0.3s"]))
+        if code == 0:
+            break
+        assert code == 3, err
+    else:
+        pytest.fail("the interrupted run never finished")
+    assert attempt >= 2
+    assert_same_weights(load_npz(tmp_path / "runs" / "cut" / "model.npz"), delivered)
+    assert history(tmp_path / "runs" / "cut" / "metrics.jsonl") == history(whole / "metrics.jsonl")
 
 
 def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(tmp_path):
@@ -32,7 +62,7 @@ def test_max_time_durations(text, seconds):
 NO_CUPY = importlib.util.find_spec("cupy") is None
 
 
-@pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"],
+@pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"], ["SELECT=worst"], ["EMA_DECAY=1"],
                                  pytest.param(["DEVICE=gpu"], marks=pytest.mark.skipif(not NO_CUPY, reason="CuPy here"))])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
     write_processed(tmp_path)

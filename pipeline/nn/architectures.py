@@ -14,6 +14,23 @@ def _conv_bn_relu(filters, kernel, stride=1, padding="valid"):
     return [_conv(filters, kernel, stride, padding), {"type": "batchnorm"}, {"type": "relu"}]
 
 
+def _conv_relu_bn(filters, kernel, stride=1, padding="valid"):
+    """Keras' `Conv2D(..., activation='relu')` then `BatchNormalization()`: the order of Deotte's kernel."""
+    return [_conv(filters, kernel, stride, padding), {"type": "relu"}, {"type": "batchnorm"}]
+
+
+def _deotte(block):
+    return [
+        *block(32, 3), *block(32, 3), *block(32, 5, 2, "same"),
+        {"type": "dropout", "rate": 0.4},
+        *block(64, 3), *block(64, 3), *block(64, 5, 2, "same"),
+        {"type": "dropout", "rate": 0.4},
+        *block(128, 4),
+        {"type": "flatten"}, {"type": "dropout", "rate": 0.4},
+        {"type": "dense", "units": 10},
+    ]
+
+
 SEED_SMALL = [
     _conv(8, 3, padding=1), {"type": "relu"}, {"type": "maxpool", "size": 2},
     _conv(16, 3, padding=1), {"type": "relu"}, {"type": "maxpool", "size": 2},
@@ -31,16 +48,10 @@ LENET5 = [
     {"type": "dense", "units": 10},
 ]
 
-# Chris Deotte's Kaggle MNIST net: 28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4 -> 1
-DEOTTE = [
-    *_conv_bn_relu(32, 3), *_conv_bn_relu(32, 3), *_conv_bn_relu(32, 5, 2, "same"),
-    {"type": "dropout", "rate": 0.4},
-    *_conv_bn_relu(64, 3), *_conv_bn_relu(64, 3), *_conv_bn_relu(64, 5, 2, "same"),
-    {"type": "dropout", "rate": 0.4},
-    *_conv_bn_relu(128, 4),
-    {"type": "flatten"}, {"type": "dropout", "rate": 0.4},
-    {"type": "dense", "units": 10},
-]
+# Chris Deotte's Kaggle MNIST net: 28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4 -> 1, BatchNorm before ReLU
+DEOTTE = _deotte(_conv_bn_relu)
+# The same net in the order of Deotte's own kernel: ReLU, then BatchNorm
+DEOTTE_RELU_BN = _deotte(_conv_relu_bn)
 
 # The `quick` preset's net: BatchNorm lets two small conv blocks pass 99 % in a few epochs.
 SMALL_BN = [
@@ -55,5 +66,6 @@ ARCHITECTURES = {
     "seed_small": SEED_SMALL,
     "lenet5": LENET5,
     "deotte": DEOTTE,
+    "deotte_relu_bn": DEOTTE_RELU_BN,
     "small_bn": SMALL_BN,
 }

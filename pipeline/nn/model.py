@@ -115,6 +115,37 @@ class Model:
             d = layer.backward(d)
         return d if input_grad else None
 
+    def recompute_batchnorm_statistics(self, x, batch_size=500):
+        """Set every BatchNorm's running mean and variance to those of its input over the images x
+        (N, H, W, C), passed batch by batch through the current weights as in training, but without
+        dropout: after the weights were averaged, the statistics gathered during training describe
+        other weights. Draws no random numbers."""
+        for conv, bn in self._bn_folds:
+            conv.folded_bn, bn.folded = None, False
+        self._folded_input = None
+        norms = [layer for layer in self.layers if isinstance(layer, BatchNorm)]
+        sums = {id(bn): [0.0, 0.0, 0] for bn in norms}
+        for start in range(0, len(x), batch_size):
+            h = to_device(x[start:start + batch_size], self.xp).astype(self.dtype, copy=False)
+            for layer in self.layers:
+                if isinstance(layer, Dropout):
+                    continue
+                if isinstance(layer, BatchNorm):
+                    flat = h.reshape(-1, h.shape[-1]).astype(np.float64)
+                    acc = sums[id(layer)]
+                    acc[0] = acc[0] + flat.sum(axis=0)
+                    acc[1] = acc[1] + (flat * flat).sum(axis=0)
+                    acc[2] += len(flat)
+                h = layer.forward(h, True)
+        for bn in norms:
+            s1, s2, m = sums[id(bn)]
+            if m < 2:
+                continue
+            mean = s1 / m
+            var = (s2 / m - mean * mean) * m / (m - 1)  # unbiased, as the running statistics are
+            bn.buffers["running_mean"][...] = mean.astype(self.dtype)
+            bn.buffers["running_var"][...] = self.xp.maximum(var, 0).astype(self.dtype)
+
     def predict_proba(self, x, batch_size=1000):
         """Class probabilities, numpy float32 (N, num_classes), in eval mode, batch by batch."""
         out = np.empty((len(x), self.num_classes), dtype=np.float32)
