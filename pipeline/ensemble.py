@@ -2,12 +2,14 @@
 
     python -m pipeline.ensemble --run NAME [--device auto|cpu|gpu] [--tta]
 
-Each member trained on its own split of train.csv, so each is judged only on the rows it held out:
-a blend's estimate averages, row by row, the members of the blend that did not train on that row.
-Candidates: the single best member, the mean of the top k, and greedy forward selection with
-replacement (Caruana et al. 2004). The best estimate wins; runs/NAME/ gets ensemble.json (the blend,
-its estimate, every candidate), test_probs.npz (for `submit`) and val_predictions.npz.
+Every member holds out the same validation rows (the prepared split), so every candidate blend is judged
+like for like, on rows none of its members trained on. Candidates: the single best member, the mean of
+the top k, and greedy forward selection with replacement (Caruana et al. 2004), compared on one fixed half
+of those rows; the winner's accuracy on the other half is the estimate, which no choice has seen.
+runs/NAME/ gets ensemble.json (the blend, its estimate, every candidate), test_probs.npz (for `submit`)
+and val_predictions.npz.
 """
+import functools
 import json
 import sys
 import warnings
@@ -20,6 +22,7 @@ from pipeline.fileio import load_npz, save_npz, write_json
 from pipeline.predict import load_test_images, predict_probs, write_test_probs
 
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
+MIN_SHARED_ROWS = 20  # fewer validation rows in common than this cannot rank blends
 
 
 def finished_members(folder):
@@ -68,107 +71,120 @@ def member_outputs(member, x_train, x_test, xp, tta):
     return val["idx"], val["y"], val_probs, test
 
 
-def holdout_stack(outputs, n_rows):
-    """Stack members' validation probabilities on the rows of train.csv.
+def shared_holdout(outputs, min_rows=MIN_SHARED_ROWS):
+    """The rows of train.csv that every member held out, and the members' probabilities on them.
 
-    Returns P float32 (K, n_rows, 10) (zero where a member trained on the row), H bool (K, n_rows) (the
-    member held the row out) and y int64 (n_rows,) (-1 where no member held it out).
+    outputs: [(idx, labels, probs)] per member. Returns rows int64 (n,), y int64 (n,) and P float32
+    (K, n, 10). Every candidate blend is then judged on the same rows, by all of its members.
     """
-    k = len(outputs)
-    P = np.zeros((k, n_rows, dataset.NUM_CLASSES), np.float32)
-    H = np.zeros((k, n_rows), bool)
-    y = np.full(n_rows, -1, np.int64)
-    for i, (idx, labels, probs) in enumerate(outputs):
-        P[i, idx], H[i, idx], y[idx] = probs, True, labels
-    return P, H, y
+    rows = functools.reduce(np.intersect1d, [idx for idx, _, _ in outputs])
+    if len(rows) < min_rows:
+        raise UserError(f"the members share only {len(rows)} validation rows: they were trained on different "
+                        f"splits (an ensemble from before members shared the prepared split); train it again "
+                        f"under a new RUN=")
+    P, y = [], None
+    for idx, labels, probs in outputs:
+        pos = np.searchsorted(idx, rows, sorter=np.argsort(idx, kind="stable"))
+        order = np.argsort(idx, kind="stable")[pos]
+        P.append(probs[order])
+        y = labels[order] if y is None else y
+    return rows.astype(np.int64), np.asarray(y, np.int64), np.stack(P).astype(np.float32)
 
 
-def blend_estimate(weights, P, H, y):
-    """Accuracy and log loss of a weighted blend, each row scored only by the members that held it out."""
-    w = np.asarray(weights, np.float64)[:, None] * H  # (K, n)
-    norm = w.sum(axis=0)
-    rows = norm > 0
-    if not rows.any():
+def split_halves(n):
+    """(choose, estimate): two disjoint halves of range(n), fixed for a given n. Blends are chosen on the
+    first; the second gives an estimate that no choice has seen."""
+    perm = np.random.default_rng(0x5E1EC7).permutation(n)
+    return np.sort(perm[:n // 2]), np.sort(perm[n // 2:])
+
+
+def blend_score(weights, P, y):
+    """Accuracy and log loss of the weighted mean of the members' probabilities P (K, n, 10) on labels y."""
+    w = np.asarray(weights, np.float64)
+    if len(y) == 0 or w.sum() <= 0:
         return {"accuracy": 0.0, "log_loss": float("inf"), "rows": 0}
-    blend = np.einsum("kn,knc->nc", w[:, rows], P[:, rows]) / norm[rows, None]
-    truth = y[rows]
-    p_true = np.clip(blend[np.arange(len(truth)), truth], 1e-12, 1.0)
-    return {"accuracy": float((blend.argmax(1) == truth).mean()), "log_loss": float(-np.log(p_true).mean()),
-            "rows": int(rows.sum())}
+    blend = np.tensordot(w / w.sum(), P, axes=1)
+    p_true = np.clip(blend[np.arange(len(y)), y], 1e-12, 1.0)
+    return {"accuracy": float((blend.argmax(1) == y).mean()), "log_loss": float(-np.log(p_true).mean()),
+            "rows": int(len(y))}
 
 
 def _key(est):
     return est["accuracy"], -est["log_loss"]
 
 
-def candidates(P, H, y, rounds=None):
-    """Every candidate blend: [(name, weights, estimate)], best single member first."""
+def candidates(P, y, rounds=None):
+    """Every candidate blend judged on (P, y): [(name, weights, score)], best single member first."""
     k = len(P)
-    singles = [blend_estimate(np.eye(k)[i], P, H, y) for i in range(k)]
+    singles = [blend_score(np.eye(k)[i], P, y) for i in range(k)]
     order = sorted(range(k), key=lambda i: _key(singles[i]), reverse=True)
     out = [("best single", np.eye(k)[order[0]], singles[order[0]])]
     for top in range(2, k + 1):
         w = np.zeros(k)
         w[order[:top]] = 1.0
-        out.append((f"mean of top {top}", w, blend_estimate(w, P, H, y)))
-    w, best = greedy_selection(P, H, y, order[0], rounds or 2 * k)
+        out.append((f"mean of top {top}", w, blend_score(w, P, y)))
+    w, best = greedy_selection(P, y, order[0], rounds or 2 * k)
     out.append(("greedy selection", w, best))
     return out
 
 
-def greedy_selection(P, H, y, start, rounds):
-    """Caruana's forward selection with replacement, from the best member, while the estimate improves."""
+def greedy_selection(P, y, start, rounds):
+    """Caruana's forward selection with replacement, from the best member, while the score improves."""
     w = np.zeros(len(P))
     w[start] = 1.0
-    best = blend_estimate(w, P, H, y)
+    best = blend_score(w, P, y)
     for _ in range(rounds):
-        trials = []
-        for i in range(len(P)):
-            trial = w.copy()
-            trial[i] += 1.0
-            trials.append((_key(blend_estimate(trial, P, H, y)), i))
-        score, i = max(trials)
+        score, i = max((_key(blend_score(w + np.eye(len(P))[i], P, y)), i) for i in range(len(P)))
         if score <= _key(best):
             break
         w[i] += 1.0
-        best = blend_estimate(w, P, H, y)
+        best = blend_score(w, P, y)
     return w, best
 
 
-def choose(P, H, y):
-    """The candidate with the best estimate (ties go to the earlier, simpler one)."""
-    cands = candidates(P, H, y)
+def choose(P, y):
+    """The candidate with the best score on (P, y) (ties go to the earlier, simpler one), and all candidates."""
+    cands = candidates(P, y)
     best = max(range(len(cands)), key=lambda i: (_key(cands[i][2]), -i))
     return cands[best], cands
 
 
+def select_blend(P, y):
+    """(name, weights, choice_score, estimate, candidates): the blend chosen on one half of the rows, and its
+    score on the other half, which took no part in the choice."""
+    pick, rest = split_halves(len(y))
+    (name, weights, picked), cands = choose(P[:, pick], y[pick])
+    return name, weights, picked, blend_score(weights, P[:, rest], y[rest]), cands
+
+
 def build(folder, xp=np, tta=False):
-    """Select the blend of runs/NAME's members and write ensemble.json, test_probs.npz, val_predictions.npz."""
+    """Select the blend of runs/NAME's members and write ensemble.json, test_probs.npz, val_predictions.npz.
+
+    Candidates are compared on one half of the validation rows every member held out; the other half gives
+    the reported estimate, which took no part in the choice."""
     members, skipped = finished_members(folder)
     x_train, _ = dataset.load_train()
     x_test = load_test_images()
-    variants = [False, True] if tta else [False]
     results = []
-    for use_tta in variants:
+    for use_tta in ([False, True] if tta else [False]):
         outs = [member_outputs(m, x_train, x_test, xp, use_tta) for m in members]
-        P, H, y = holdout_stack([(idx, yy, vp) for idx, yy, vp, _ in outs], len(x_train))
-        (name, weights, est), cands = choose(P, H, y)
-        results.append((use_tta, name, weights, est, cands, outs, P, H, y))
-    use_tta, name, weights, est, cands, outs, P, H, y = max(results, key=lambda r: (_key(r[3]), not r[0]))
+        rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
+        results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
+    use_tta, name, weights, picked, estimate, cands, outs, rows, y, P = max(
+        results, key=lambda r: (_key(r[3]), not r[0]))  # TTA too is chosen on the choice half
 
     test = np.tensordot(weights / weights.sum(), np.stack([o[3] for o in outs]), axes=1).astype(np.float32)
     write_test_probs(folder, test)
-    w = weights[:, None] * H
-    rows = np.flatnonzero(w.sum(0) > 0)
-    val_blend = np.einsum("kn,knc->nc", w[:, rows], P[:, rows]) / w[:, rows].sum(0)[:, None]
-    save_npz(folder / "val_predictions.npz", {"idx": rows.astype(np.int64), "y": y[rows],
-                                              "probs": val_blend.astype(np.float32)})
+    val_blend = np.tensordot(weights / weights.sum(), P, axes=1)
+    save_npz(folder / "val_predictions.npz", {"idx": rows, "y": y, "probs": val_blend.astype(np.float32)})
     report = {
-        "strategy": name, "tta": use_tta, "estimate": est,
+        "strategy": name, "tta": use_tta, "estimate": estimate,
+        "choice_score": picked, "all_rows": blend_score(weights, P, y),
         "weights": {m.name: float(wt) for m, wt in zip(members, weights) if wt},
         "members": [m.name for m in members], "skipped": skipped,
-        "candidates": [{"strategy": n, "tta": r[0], **e} for r in results for n, _, e in r[4]],
-        "note": "each row is scored only by blend members that held it out of training",
+        "candidates": [{"strategy": n, "tta": r[0], **e} for r in results for n, _, e in r[5]],
+        "note": "candidates are compared on one half of the validation rows every member held out (choice_score); "
+                "estimate is the chosen blend on the other half, which took no part in any choice",
     }
     write_json(folder / "ensemble.json", report)
     return report
@@ -191,11 +207,11 @@ def main(argv=None):
     report = build(folder, select_device(args.device), tta=args.tta)
     for c in report["candidates"]:
         print(f"  {c['strategy']:<18} tta={int(c['tta'])}  acc {c['accuracy']:.5f}  "
-              f"log_loss {c['log_loss']:.4f}  on {c['rows']} held-out rows")
+              f"log_loss {c['log_loss']:.4f}  on {c['rows']} rows (choice half)")
     est = report["estimate"]
     print(f"chosen: {report['strategy']}{' + TTA' if report['tta'] else ''} of "
-          f"{json.dumps(report['weights'])}: validation {est['accuracy']:.5f} on {est['rows']} rows "
-          f"-> runs/{folder.name}/test_probs.npz")
+          f"{json.dumps(report['weights'])}: estimate {est['accuracy']:.5f} on the {est['rows']} validation rows "
+          f"that took no part in the choice -> runs/{folder.name}/test_probs.npz")
     return 0
 
 

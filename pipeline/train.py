@@ -166,9 +166,11 @@ def main(argv=None):
 
 
 def member_config(cfg, k):
-    """Member k of an ensemble: its own seed and its own stratified split of train.csv."""
-    base_split = cfg.split_seed if cfg.split_seed >= 0 else cfg.seed
-    return dataclasses.replace(cfg, members=1, seed=cfg.seed + k, split_seed=base_split + 1000 + k)
+    """Member k of an ensemble: its own seed (weights, data order, dropout, augmentation), and the ensemble's
+    split, so that every member holds out the same validation rows and blends are compared like for like
+    (pipeline.ensemble). Deep ensembles gain their diversity from the seed; bagging costs each member data
+    (Lakshminarayanan et al. 2017)."""
+    return dataclasses.replace(cfg, members=1, seed=cfg.seed + k)
 
 
 def train_ensemble(folder, preset, cfg, force):
@@ -186,7 +188,7 @@ def train_ensemble(folder, preset, cfg, force):
                 print(f"MAX_TIME reached before member {k}; `make train RUN={folder.name}` continues", file=sys.stderr)
                 return 3
             mcfg.max_time = f"{left:.0f}s"
-        print(f"== member {k + 1}/{cfg.members} (seed {mcfg.seed}, split {mcfg.split_seed})")
+        print(f"== member {k + 1}/{cfg.members} (seed {mcfg.seed})")
         code = train_one(folder / "members" / str(k), preset, mcfg, force, label=f"{folder.name}/members/{k}")
         if code:
             return code

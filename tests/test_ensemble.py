@@ -1,4 +1,4 @@
-"""Selection by validation: each row is judged only by members that held it out of training."""
+"""Selection by validation: blends compared like for like on rows every member held out; an estimate no choice saw."""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import ensemble
+from pipeline.errors import UserError
 from pipeline.fileio import save_npz
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,52 +22,60 @@ def onehot(labels, conf=0.9):
     return p
 
 
-def test_estimate_uses_only_held_out_rows():
-    y = np.arange(6) % 10
-    P = np.stack([onehot(y), onehot((y + 1) % 10)])  # member 0 always right, member 1 always wrong
-    H = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], bool)
-    assert ensemble.blend_estimate([1, 0], P, H, y) == {"accuracy": 1.0, "log_loss": pytest.approx(-np.log(0.9)),
-                                                        "rows": 3}
-    assert ensemble.blend_estimate([0, 1], P, H, y)["accuracy"] == 0.0
-    # Both: rows 0-2 judged by member 0 alone, rows 3-5 by member 1 alone.
-    assert ensemble.blend_estimate([1, 1], P, H, y) == {"accuracy": 0.5, "log_loss": pytest.approx(
-        (-np.log(0.9) * 3 - np.log(0.1 / 9) * 3) / 6), "rows": 6}
+def test_shared_holdout_keeps_the_rows_every_member_held_out_and_aligns_them():
+    y = np.arange(10) % 10
+    a = np.array([0, 1, 2, 3, 4, 5])
+    b = np.array([5, 3, 1, 7, 8])  # another order, and rows 7, 8 that member 0 trained on
+    rows, labels, P = ensemble.shared_holdout([(a, y[a], onehot(y[a])), (b, y[b], onehot((y[b] + 1) % 10))],
+                                               min_rows=3)
+    assert list(rows) == [1, 3, 5] and list(labels) == [1, 3, 5]
+    assert list(P[0].argmax(1)) == [1, 3, 5] and list(P[1].argmax(1)) == [2, 4, 6]
 
 
-def test_perfect_training_rows_never_help_a_member():
-    # Member 1 is perfect on rows it trained on (H False there) and wrong on its held-out rows:
-    # the estimate must see only the wrong ones.
-    y = np.array([0, 1, 2, 3, 4, 5, 6, 7])
-    good, bad = onehot(y), onehot((y + 3) % 10)
-    H = np.array([[1] * 8, [0, 0, 0, 0, 1, 1, 1, 1]], bool)
-    P = np.stack([good, np.where(H[1][:, None], bad, good)])
-    assert ensemble.blend_estimate([0, 1], P, H, y)["accuracy"] == 0.0
+def test_members_on_different_splits_are_refused_in_one_line():
+    y = np.arange(40) % 10
+    with pytest.raises(UserError, match="share only 0 validation rows"):
+        ensemble.shared_holdout([(np.arange(20), y[:20], onehot(y[:20])), (np.arange(20, 40), y[20:], onehot(y[20:]))])
+
+
+def test_the_estimate_comes_from_the_half_that_took_no_part_in_the_choice():
+    n = 400
+    y = np.arange(n) % 10
+    pick, rest = ensemble.split_halves(n)
+    assert len(np.intersect1d(pick, rest)) == 0 and len(pick) + len(rest) == n
+    # Member 0 is perfect on the choice half and wrong on the other; member 1 is right on 90 % everywhere.
+    lucky = onehot(y)
+    lucky[rest] = onehot((y[rest] + 1) % 10)
+    steady = onehot(np.where(np.arange(n) % 10 == 0, (y + 2) % 10, y), conf=0.6)
+    name, weights, picked, estimate, _ = ensemble.select_blend(np.stack([lucky, steady]), y)
+    assert name == "best single" and list(weights) == [1, 0] and picked["accuracy"] == 1.0
+    assert estimate["accuracy"] == 0.0 and estimate["rows"] == len(rest)  # the honest figure
 
 
 def test_best_single_topk_and_greedy_choices():
     rng = np.random.default_rng(0)
     n, k = 400, 4
     y = rng.integers(0, 10, n)
-    H = np.ones((k, n), bool)
     P = np.empty((k, n, 10), np.float32)
     # Members 0..2 make independent errors on 20 % of rows; member 3 is noise.
     for i in range(3):
         wrong = rng.random(n) < 0.2
         P[i] = onehot(np.where(wrong, (y + 1 + i) % 10, y), conf=0.6)
     P[3] = onehot(rng.integers(0, 10, n), conf=0.9)
-    (name, weights, est), cands = ensemble.choose(P, H, y)
-    singles = [ensemble.blend_estimate(np.eye(k)[i], P, H, y)["accuracy"] for i in range(k)]
+    (name, weights, est), cands = ensemble.choose(P, y)
+    singles = [ensemble.blend_score(np.eye(k)[i], P, y)["accuracy"] for i in range(k)]
     assert cands[0][0] == "best single" and cands[0][2]["accuracy"] == max(singles)
     assert weights[3] == 0, "the noise member must not be chosen"
     assert est["accuracy"] > max(singles), "three independent 80 % members blend above each of them"
     assert est["accuracy"] == max(c[2]["accuracy"] for c in cands)
+    # every candidate is judged on the same rows, by all of its members
+    assert {c[2]["rows"] for c in cands} == {n}
 
 
 def test_a_single_clearly_best_member_is_chosen_alone():
     y = np.arange(50) % 10
-    H = np.ones((3, 50), bool)
     P = np.stack([onehot(y, 0.99), onehot((y + 1) % 10, 0.99), onehot((y + 2) % 10, 0.99)])
-    (name, weights, est), _ = ensemble.choose(P, H, y)
+    (name, weights, est), _ = ensemble.choose(P, y)
     assert name == "best single" and list(weights) == [1, 0, 0] and est["accuracy"] == 1.0
 
 
@@ -96,18 +105,18 @@ def test_build_blends_finished_members_and_skips_unfinished(tmp_path, monkeypatc
     save_npz(tmp_path / "data/processed/test.npz", {"x": np.zeros((m, 28, 28, 1), np.float32)})
     (tmp_path / "data/processed/meta.json").write_text(json.dumps({"test_rows": m}))
     run = tmp_path / "runs" / "ens"
-    halves = [np.arange(0, 20), np.arange(20, 40)]
+    held = np.arange(0, 40, 2)  # every member holds out the same rows
     test_labels = np.arange(m) % 10
-    for k, idx in enumerate(halves):
-        write_member(run / "members" / str(k), idx, y[idx], onehot(y[idx]), onehot(test_labels))
-    write_member(run / "members" / "2", halves[0], y[halves[0]], onehot(y[halves[0]]), onehot(test_labels),
-                 finished=False)
+    for k in range(2):
+        write_member(run / "members" / str(k), held, y[held], onehot(y[held]), onehot(test_labels))
+    write_member(run / "members" / "2", held, y[held], onehot(y[held]), onehot(test_labels), finished=False)
     with pytest.warns(UserWarning, match="unfinished members 2"):
         report = ensemble.build(run)
     assert report["members"] == ["0", "1"] and report["skipped"] == ["2"]
     probs = np.load(run / "test_probs.npz")["probs"]
     assert probs.shape == (m, 10) and list(probs.argmax(1)) == list(test_labels)
-    assert json.loads((run / "ensemble.json").read_text())["estimate"]["accuracy"] == 1.0
+    blend = json.loads((run / "ensemble.json").read_text())
+    assert blend["estimate"] == {"accuracy": 1.0, "log_loss": pytest.approx(-np.log(0.9)), "rows": 10}
 
 
 def test_cli_on_a_run_without_members_is_one_line_exit_2(tmp_path):
@@ -118,7 +127,7 @@ def test_cli_on_a_run_without_members_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "members" in r.stderr
 
 
-def test_ensemble_preset_trains_members_on_their_own_splits_then_predict_blends(tmp_path):
+def test_ensemble_preset_trains_members_with_their_own_seeds_then_predict_blends(tmp_path):
     from tests.test_resume import write_processed
 
     write_processed(tmp_path, n=120)
@@ -134,9 +143,9 @@ def test_ensemble_preset_trains_members_on_their_own_splits_then_predict_blends(
         "BATCH_SIZE=16", "AUGMENT=0", "DEVICE=cpu")
     members = tmp_path / "runs" / "ens" / "members"
     vals = [np.load(members / k / "val_predictions.npz")["idx"] for k in ("0", "1")]
-    assert not np.array_equal(vals[0], vals[1]), "each member holds out its own rows"
+    assert np.array_equal(vals[0], vals[1]), "every member holds out the prepared validation rows"
     configs = [tomllib.loads((members / k / "config.toml").read_text()) for k in ("0", "1")]
-    assert [c["seed"] for c in configs] == [0, 1] and configs[0]["split_seed"] != configs[1]["split_seed"]
+    assert [c["seed"] for c in configs] == [0, 1] and configs[0]["split_seed"] == configs[1]["split_seed"]
     assert json.loads((tmp_path / "runs" / "ens" / "summary.json").read_text())["members"] == 2
 
     out = run("pipeline.predict", "--run", "ens", "--device", "cpu")
