@@ -267,7 +267,7 @@ def test_auto_picks_kaggle_with_credentials(tmp_path, monkeypatch, capsys):
     assert "source: kaggle" in out.out
     assert SECRET not in out.out + out.err
     assert api.calls == [("download", "digit-recognizer")]
-    assert sorted(p.name for p in raw.iterdir()) == sorted(KAGGLE_FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*KAGGLE_FILES, fetch.SOURCE_RECORD])
     for name, text in KAGGLE_FILES.items():
         assert (raw / name).read_text() == text
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import fetch, kaggle_api, submit
+from pipeline import fetch, kaggle_api, runs, submit
 from pipeline.errors import UserError
-from pipeline.fileio import save_npz, write_json
+from pipeline.fileio import write_json
 from tests.fake_kaggle import FakeKaggle, isolate, point_client_at, proxy_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_download_unzips_into_raw(fake, root, capsys):
     assert fetch.main(["--source", "kaggle"]) == 0
     out = capsys.readouterr()
     assert during[-1][1] == [] and any(name.startswith(".kaggle-download-") for name in during[-1][0])
-    assert sorted(p.name for p in raw.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
     for name, text in FILES.items():
         assert (raw / name).read_text() == text
     assert [p.name for p in (root / "data").iterdir()] == ["raw"]  # the temp folder is gone
@@ -103,7 +103,7 @@ def test_5xx_is_retried_with_exponential_backoff(fake, root, monkeypatch, capsys
     assert fake.rpcs() == ["DownloadDataFiles"] * 2 + DOWNLOAD
     err = capsys.readouterr().err
     assert "Kaggle: HTTP 503 while downloading competition 'digit-recognizer'; trying again in 0.5 s (retry 1/3)" in err
-    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
 
 
 def test_5xx_gives_up_after_the_retries(fake, root):
@@ -179,7 +179,7 @@ def test_download_from_the_command_line_through_a_proxy(root):
         refused = subprocess.run([sys.executable, "-m", "pipeline.fetch", "--raw", str(root / "other")], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
     assert server.rpcs()[:2] == DOWNLOAD and all(r.proxied for r in server.requests)
     assert server.requests[0].path == "/api/v1/competitions.CompetitionApiService/DownloadDataFiles"
     assert refused.returncode == 2 and refused.stderr.startswith("error: Kaggle refused the credentials")
@@ -193,7 +193,7 @@ def _trained_run(root, name="r1", n=5):
     """The files `submit` reads: meta.json's test_rows and the run's test_probs.npz (no training needed)."""
     write_json(root / "data" / "processed" / "meta.json", {"test_rows": n})
     probs = np.eye(10, dtype=np.float32)[np.arange(n) % 10]
-    save_npz(root / "runs" / name / "test_probs.npz", {"probs": probs})
+    runs.Run(name).write_probs(probs)  # recorded as made from the data of now
     write_json(root / "runs" / name / "summary.json", {"arch": "seed_small", "best_val_acc": 0.9912})
 
 
