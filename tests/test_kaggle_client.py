@@ -4,6 +4,7 @@ Every test checks what the client sent (tests.fake_kaggle records it) and that t
 no output and no file we wrote. Faults: 401, 403 (as HTTP 403 and inside an HTTP 200 body), 5xx retried
 with backoff then given up on, a download cut short, a submission refused, an upload refused.
 """
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,35 @@ def test_secrets_are_scrubbed_in_every_form(monkeypatch):
     monkeypatch.setenv("KAGGLE_KEY", SECRET)
     header = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
     assert kaggle_api.scrub(f"key {SECRET} header Basic {header}") == "key *** header Basic ***"
+
+
+# ---------------------------------------------------------------- misuse (issue 12)
+
+def test_a_world_readable_kaggle_json_is_warned_about(fake, root, monkeypatch, capsys):
+    folder = Path(os.environ["HOME"]) / ".kaggle"
+    folder.mkdir()
+    (folder / "kaggle.json").write_text(json.dumps({"username": USER, "key": SECRET}))
+    (folder / "kaggle.json").chmod(0o644)
+    kaggle_api.download_competition(root / "download")
+    err = capsys.readouterr().err
+    assert "warning: Your Kaggle API key is readable by other users" in err and "chmod 600" in err
+    assert SECRET not in err
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(monkeypatch):
+    import socket
+
+    import requests
+    from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+    waits, tries = [], []
+
+    def action():
+        tries.append(1)
+        reason = NameResolutionError("www.kaggle.com", None, socket.gaierror(-3, "Temporary failure in name resolution"))
+        raise requests.ConnectionError(MaxRetryError(None, "/v1/x", reason=reason))
+
+    with pytest.raises(UserError, match="does not resolve") as info:
+        kaggle_api.with_retries(action, "downloading", retries=3, base_delay=5, sleep=waits.append)
+    assert tries == [1] and waits == []
+    assert "\n" not in str(info.value)
