@@ -205,8 +205,8 @@ def main(argv=None):
     if not isinstance(n_test, int):
         raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
     with run.lock("submit", shared=True):
-        probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
         message = run_message(run, args.message)
+        probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
     path = write_submission(build_submission(labels), out, n_test)
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
