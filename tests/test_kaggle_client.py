@@ -295,3 +295,18 @@ def test_a_name_that_does_not_resolve_is_not_retried(monkeypatch):
         kaggle_api.with_retries(action, "downloading", retries=3, base_delay=5, sleep=waits.append)
     assert tries == [1] and waits == []
     assert "\n" not in str(info.value)
+
+
+def test_fetch_kaggle_replaces_an_offline_copy_and_records_its_source(fake, root, capsys):
+    raw = root / "data" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train.csv", "test.csv", "test_labels.csv"):
+        (raw / name).write_text("offline\n")
+    (raw / fetch.SOURCE_RECORD).write_text(json.dumps({"source": "mnist"}))
+    assert fetch.main(["--source", "kaggle", "--if-needed"]) == 0
+    assert "holds the competition from source mnist; fetching it from kaggle" in capsys.readouterr().out
+    assert (raw / "train.csv").read_text() == FILES["train.csv"] and not (raw / "test_labels.csv").exists()
+    assert fetch.current_source(raw) == "kaggle"
+    requests = len(fake.requests)
+    assert fetch.main(["--source", "kaggle", "--if-needed"]) == 0  # now it is there: nothing to do
+    assert len(fake.requests) == requests

@@ -195,3 +195,37 @@ def test_submit_refuses_nan_probabilities(project, capsys):
     assert submit.main(["--run", "r1", "--upload", "0"]) == 2
     assert "NaN" in capsys.readouterr().err
     assert not project.csv.exists()
+
+
+# ---------------------------------------------------------------- the upload step (issue 12)
+
+def test_a_failed_upload_is_retried_and_a_successful_one_never_repeated(project, capsys, monkeypatch):
+    answers = [UserError("Kaggle answered HTTP 503 while submitting"), "Successfully submitted"]
+    sent = []
+    calls = fake_kaggle_api(monkeypatch)
+
+    def flaky_submit(csv_path, message):
+        sent.append(message)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sys.modules["pipeline.kaggle_api"].submit = flaky_submit
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0  # what `make submit` runs first: the CSV
+    upload = ["--run", "r1", "--upload-only", "--message", 'v2 "best" $HOME']
+    assert submit.main(upload) == 2  # the upload failed: exit 2, the CSV stays
+    assert "HTTP 503" in capsys.readouterr().err
+    assert submit.main(upload) == 0  # the next `make submit`: tried again
+    assert "Successfully submitted" in capsys.readouterr().out
+    assert submit.main(upload) == 0  # and never again for this very file
+    assert "uploaded already" in capsys.readouterr().out
+    assert len(sent) == 2 and sent[-1].startswith('v2 "best" $HOME | run r1') and calls == []
+    record = json.loads((project.csv.parent / submit.UPLOAD_RECORD).read_text())
+    assert record["answer"] == "Successfully submitted"
+
+
+def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeypatch):
+    fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2
+    assert "make submit RUN=r1" in capsys.readouterr().err
