@@ -137,6 +137,6 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 
 FORCE:
 
-clean: ## remove processed data, runs and submissions, and temp files a killed stage left (keeps data/raw and .venv)
-	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) submissions/.uploaded.json data/.kaggle-download-*
+clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv and the upload record)
+	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) data/.kaggle-download-*
 	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

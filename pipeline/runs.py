@@ -332,8 +332,8 @@ class Run:
         try:
             model.load_state_dict(state)
         except ValueError as exc:
-            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: "
-                            f"{self._advice_train()} after removing it") from None
+            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it, "
+                            f"then `make train RUN={self.root.name}` rebuilds it") from None
         return model
 
     def ensemble_report(self):

@@ -89,8 +89,9 @@ def recorded_config(folder, force):
         changed.insert(0, "preset")
     if changed and not force:
         shown = ", ".join(f"{k} {recorded.get(k)!r} -> {on_file.get(k)!r}" for k in changed)
-        raise UserError(f"{saved_path} was edited after the run started ({shown}); the checkpoint keeps the run's "
-                        f"config: undo the edit, or FORCE=1 to continue with the edited values")
+        raise UserError(f"{saved_path} does not match the config in the run's checkpoint ({shown}): config.toml "
+                        f"was edited, or the checkpoint is another run's; undo the edit, or FORCE=1 to continue "
+                        f"with config.toml's values")
     return dict(on_file) if changed else dict(recorded)
 
 
@@ -252,7 +253,7 @@ def train_one(folder, preset, cfg, force, label=None):
     if run.finished:
         print(f"runs/{label} has finished training; nothing to do")
         return 0
-    if folder.parent.name == "members" and (folder / "config.toml").is_file():
+    if run.is_member and (folder / "config.toml").is_file():
         check_member_config(folder, preset, cfg, force)
 
     if cfg.select not in ("best", "last"):

@@ -58,8 +58,9 @@ def calls(box):
 
 
 def built(box, run="x"):
-    """Every file of `make train submit RUN=run` in place, each newer than what it is made from."""
-    files = ["data/raw/train.csv", "data/raw/test.csv", "data/processed/meta.json", f"runs/{run}/summary.json",
+    """Every file of `make train submit RUN=run` in place, each newer than what it is made from (test.csv before
+    train.csv, as fetch writes them)."""
+    files = ["data/raw/test.csv", "data/raw/train.csv", "data/processed/meta.json", f"runs/{run}/summary.json",
              f"runs/{run}/test_probs.npz", "submissions/.run", "submissions/submission.csv"]
     now = time.time()
     for i, name in enumerate(files):
@@ -234,7 +235,7 @@ def test_clean_removes_what_a_killed_stage_left(tmp_path):
     box = sandbox(tmp_path)
     leftovers = ["data/processed/.train.npz.abc123.tmp", "data/raw/.train.csv.abc123.tmp",
                  "data/.kaggle-download-abc123/x.zip", "submissions/.submission.csv.abc.tmp"]
-    kept = ["data/raw/train.csv", "data/raw/test.csv"]
+    kept = ["data/raw/train.csv", "data/raw/test.csv", "submissions/.uploaded.json"]  # the record: never upload twice
     for name in leftovers + kept:
         (box / name).parent.mkdir(parents=True, exist_ok=True)
         (box / name).write_text("x")
