@@ -145,10 +145,6 @@ class Run:
         return self.parent or self
 
     @property
-    def label(self):
-        return self.name
-
-    @property
     def is_ensemble(self):
         if self.is_member:
             return False
@@ -186,9 +182,7 @@ class Run:
             self.val_predictions()
             load_npz(self.folder / "model.npz")
             return True
-        except (UserError, OSError, ValueError, EOFError, KeyError):
-            return False
-        except Exception:  # noqa: BLE001 (a damaged zip raises BadZipFile and friends: not finished)
+        except Exception:  # noqa: BLE001 (a UserError, or a damaged zip's BadZipFile and friends: not finished)
             return False
 
     def finished_members(self):
