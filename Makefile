@@ -4,7 +4,10 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-PYTHON_BASE ?= python3.11
+# The newest python3.X >= 3.11 on PATH, unless PYTHON_BASE names one.
+ifeq ($(origin PYTHON_BASE),undefined)
+PYTHON_BASE := $(shell for v in 19 18 17 16 15 14 13 12 11; do command -v python3.$$v >/dev/null && { echo python3.$$v; break; }; done)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= standard
@@ -14,6 +17,24 @@ RUN ?= $(PRESET)
 SOURCE ?= auto
 UPLOAD ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
+
+# What a user types reaches Python as data: PRESET and RUN are checked here before any recipe uses them,
+# every other value travels in an environment variable PIPELINE_VAR_<NAME> holding its text unexpanded.
+name_chars := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z \
+              0 1 2 3 4 5 6 7 8 9 _ . -
+strip_chars = $(if $(2),$(call strip_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,999,$(2))),$(1))
+not_a_name = $(or $(if $(strip $(1)),,empty),$(subst $(eval) ,<space>,$(call strip_chars,$(subst /members/,,$(1)),$(name_chars))))
+ifneq ($(call not_a_name,$(PRESET)),)
+$(error PRESET='$(PRESET)' is not a preset name: use one of $(basename $(notdir $(wildcard configs/*.toml))))
+endif
+ifneq ($(call not_a_name,$(RUN)),)
+$(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-' (or NAME/members/K))
+endif
+# Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
+CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+export PIPELINE_MAKE_VARS := $(CMDLINE_VARS)
+$(foreach v,$(sort $(CMDLINE_VARS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
+  $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))
 
 RAW := data/raw
 PROCESSED := data/processed
@@ -29,7 +50,9 @@ help: ## list the targets
 venv: $(VENV)/.installed ## create .venv from requirements.txt (every target does this first)
 
 $(VENV)/.installed: requirements.txt
-	$(PYTHON_BASE) -m venv $(VENV)
+	$(if $(PYTHON_BASE),,$(error no python3.11 or newer found on PATH: install one, or name it with PYTHON_BASE=...))
+	@"$$PIPELINE_VAR_PYTHON_BASE" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "error: PYTHON_BASE=$$PIPELINE_VAR_PYTHON_BASE is not a Python 3.11 or newer" >&2; exit 2; }
+	"$$PIPELINE_VAR_PYTHON_BASE" -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
@@ -38,42 +61,48 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-fetch: $(RAW)/train.csv ## download the competition data (SOURCE=auto|kaggle|mnist)
+fetch: | $(VENV)/.installed ## download the competition data (SOURCE=auto|kaggle|mnist; again when SOURCE names another)
+	$(PY) -m pipeline.fetch --source "$$PIPELINE_VAR_SOURCE" --if-needed
 
-$(RAW)/train.csv: | $(VENV)/.installed
-	$(PY) -m pipeline.fetch --source $(SOURCE)
-
-# fetch writes test.csv before train.csv, so train.csv stands for both
-$(RAW)/test.csv: $(RAW)/train.csv ;
+# fetch writes both (train.csv last); `&:` makes them one target, so make never believes one was rebuilt alone
+$(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
+	$(PY) -m pipeline.fetch --source "$$PIPELINE_VAR_SOURCE"
 
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
 $(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed
-	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction $(VAL_FRACTION))
+	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
-train: $(RUNDIR)/summary.json ## train PRESET into runs/RUN (resumes an unfinished run)
+# The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and
+# what its outputs were made from, which file dates cannot tell.
+train: $(PROCESSED)/meta.json | $(VENV)/.installed ## train PRESET into runs/RUN (resumes an unfinished run, repairs a damaged one)
+	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
 
 $(RUNDIR)/summary.json: $(PROCESSED)/meta.json | $(VENV)/.installed
-	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) $(MAKEOVERRIDES)
+	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
 
-predict: $(RUNDIR)/test_probs.npz ## class probabilities of runs/RUN on test.csv
-
-$(RUNDIR)/test_probs.npz: $(RUNDIR)/summary.json | $(VENV)/.installed
+predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (recomputed when the data or model changed)
 	$(PY) -m pipeline.predict --run $(RUN)
 
-ensemble: ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)
+$(RUNDIR)/test_probs.npz: $(RUNDIR)/summary.json $(PROCESSED)/meta.json | $(VENV)/.installed
+	$(PY) -m pipeline.predict --run $(RUN)
+
+ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)
 	$(PY) -m pipeline.ensemble --run $(RUN) $(if $(filter 1,$(TTA)),--tta)
 
-submit: $(SUBMISSION) ## write submissions/submission.csv (uploads when Kaggle credentials exist and UPLOAD=1)
+# The submission is rebuilt when RUN names another run than submissions/.run, the run it was written from
+# (decided here rather than by a FORCE'd file, so that `make -n submit` tells the truth).
+SUBMITTED_RUN := $(shell cat submissions/.run 2>/dev/null)
 
-# The submission is rebuilt when RUN names another run: submissions/.run changes only then.
-submissions/.run: FORCE
-	@mkdir -p submissions; echo "$(RUN)" | cmp -s - $@ || echo "$(RUN)" > $@
+$(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN))$(if $(SUBMITTED_RUN),,none),FORCE) | $(VENV)/.installed
+	$(PY) -m pipeline.submit --run $(RUN) --upload 0
+	@echo "$(RUN)" > submissions/.run
 
-$(SUBMISSION): $(RUNDIR)/test_probs.npz submissions/.run | $(VENV)/.installed
-	$(PY) -m pipeline.submit --run $(RUN) --upload $(UPLOAD) $(if $(MESSAGE),--message "$(MESSAGE)")
+# The upload is its own step: retried by every `make submit` until one succeeds, never repeated after that.
+submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
+	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message "$$PIPELINE_VAR_MESSAGE"
 
-score: $(SUBMISSION) ## accuracy of the submission against the offline answer key
+score: | $(VENV)/.installed ## accuracy of submissions/submission.csv (as it is) against the offline answer key
 	$(PY) -m pipeline.score --submission $(SUBMISSION)
 
 report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
@@ -95,7 +124,7 @@ kernel: $(KERNEL) ## generate the Kaggle notebook in kernels/digit-recognizer/ (
 
 # The notebook bundles pipeline/ and configs/: rebuilt when they change, or always when KAGGLE_KERNEL_ID is given.
 $(KERNEL): $(wildcard pipeline/*.py pipeline/nn/*.py configs/*.toml) $(if $(KAGGLE_KERNEL_ID),FORCE) | $(VENV)/.dev-installed
-	$(PY) -m pipeline.kernel generate $(if $(KAGGLE_KERNEL_ID),--id $(KAGGLE_KERNEL_ID))
+	$(PY) -m pipeline.kernel generate $(if $(KAGGLE_KERNEL_ID),--id "$$PIPELINE_VAR_KAGGLE_KERNEL_ID")
 
 kernel-push: $(KERNEL) | $(VENV)/.dev-installed ## push the kernel to Kaggle and wait until its run completes or fails
 	$(PY) -m pipeline.kernel push
@@ -108,5 +137,6 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 
 FORCE:
 
-clean: ## remove processed data, runs and submissions (keeps data/raw and .venv)
-	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION)
+clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv and the upload record)
+	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) data/.kaggle-download-*
+	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

@@ -3,6 +3,8 @@
 Overrides are type-checked against the preset's defaults and unknown keys fail loudly (nanoGPT's
 rules, without its exec). Keys are case-insensitive so `make train EPOCHS=3` and `epochs=3` agree.
 """
+import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 
@@ -48,27 +50,57 @@ class TrainConfig:
         return asdict(self)
 
 
-# Variables the Makefile passes that are not training options (stage-level), ignored here.
-STAGE_VARIABLES = {"PRESET", "RUN", "SOURCE", "UPLOAD", "FORCE", "JOBS", "PYTHON", "VENV", "MESSAGE",
-                   "SUBMISSION", "KAGGLE_KERNEL_ID"}
+PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Read by train itself (FORCE=1), not a setting.
+TRAIN_VARIABLES = {"FORCE"}
+
+
+def stage_variables(makefile=None):
+    """Variables the Makefile reads that are not training settings (RUN, SOURCE, PYTHON_BASE, TTA, ...).
+
+    Derived from the Makefile itself, so a variable it gains is never refused as an unknown setting;
+    where there is no Makefile (the Kaggle kernel) nobody passes make variables.
+    """
+    path = makefile or paths.REPO / "Makefile"
+    try:
+        text = path.read_text()
+    except OSError:
+        return set(TRAIN_VARIABLES)
+    names = set(re.findall(r"\$[({]([A-Z][A-Z0-9_]*)[)}]", text))
+    names |= set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*[:?+]?=", text, re.M))
+    names |= set(re.findall(r"\$\((?:value|origin|filter [^,]*,\$\()\s*([A-Z][A-Z0-9_]*)", text))
+    names |= set(re.findall(r"PIPELINE_VAR_([A-Z][A-Z0-9_]*)", text))
+    settings = {f.name.upper() for f in fields(TrainConfig)}
+    return (names - settings) | TRAIN_VARIABLES
+
+
+def make_overrides(environ=None):
+    """The KEY=value settings given on make's command line: the Makefile hands their names in PIPELINE_MAKE_VARS
+    and their text, unexpanded, in PIPELINE_VAR_<NAME> (never through the shell)."""
+    environ = os.environ if environ is None else environ
+    names = environ.get("PIPELINE_MAKE_VARS", "").split()
+    return [f"{name}={environ.get('PIPELINE_VAR_' + name, '')}" for name in names]
 
 
 def preset_path(name):
+    known = ", ".join(sorted(p.stem for p in paths.configs().glob("*.toml")))
     path = paths.configs() / f"{name}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in paths.configs().glob("*.toml")))
+    if not PRESET_NAME.match(str(name)) or not path.is_file():
         raise UserError(f"unknown preset '{name}' (known: {known})")
     return path
 
 
-def load_toml(path):
+def load_toml(path, advice=None):
+    tail = f": {advice}" if advice else ""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
+        raise UserError(f"{path}: invalid TOML: {exc}{tail}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, so not TOML{tail}") from None
     except OSError as exc:
-        raise UserError(f"{path}: {exc.strerror}") from None
+        raise UserError(f"{path}: {exc.strerror}{tail}") from None
 
 
 def _coerce(name, default, value):
@@ -112,11 +144,12 @@ def apply_values(cfg, data, source="config", overrides=()):
         if key not in known:
             raise UserError(f"{source}: unknown key '{key}'")
         setattr(cfg, key, _coerce(key, getattr(cfg, key), value))
+    stage = stage_variables() if overrides else set()
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not KEY=value")
         key, value = item.split("=", 1)
-        if key.upper() in STAGE_VARIABLES:
+        if key.upper() in stage:
             continue
         name = key.lower()
         if name not in known:

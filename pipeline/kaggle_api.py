@@ -168,7 +168,26 @@ def _transient(exc):
     if isinstance(exc, requests.HTTPError):
         status = _status(exc)
         return status is not None and (status >= 500 or status == 429)
+    if _name_not_resolved(exc):
+        return False
     return isinstance(exc, (requests.ConnectionError, requests.Timeout)) or _cut_short(exc)
+
+
+def _name_not_resolved(exc):
+    """A DNS failure (no network, or a wrong host): waiting seconds will not resolve it."""
+    import socket
+
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return False
 
 
 def _detail(exc):
@@ -206,6 +225,9 @@ def explain(exc, doing, tries=1, forbidden=None, missing=None) -> UserError:
         return UserError(f"the download from Kaggle was cut short while {doing}{after}: {_detail(exc)}; "
                          f"nothing was kept, try again")
     kind = type(exc).__name__
+    if _name_not_resolved(exc):
+        return UserError(f"could not reach Kaggle while {doing}: its name does not resolve (no network, or DNS "
+                         f"is down); not retried: check the connection, then try again")
     if "Connection" in kind or "Timeout" in kind or isinstance(exc, OSError):
         return UserError(f"could not reach Kaggle while {doing}{after}: {scrub(exc)}")
     return UserError(f"the Kaggle client failed while {doing}: {kind}: {scrub(exc)}")
@@ -281,7 +303,20 @@ def _client():
         raise UserError(f"the kaggle package is not installed ({exc}): run `make venv`") from None
     except Exception as exc:  # noqa: BLE001 (token introspection talks to the server)
         raise explain(exc, "logging in") from None
+    _warn_readable_credentials()  # the client prints this warning to the stdout we swallow: say it ourselves
     return api
+
+
+def _warn_readable_credentials():
+    for folder in _config_dirs():
+        path = folder / "kaggle.json"
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o044:
+            _note(f"warning: Your Kaggle API key is readable by other users on this system: run `chmod 600 {path}`")
+        return
 
 
 # ---------------------------------------------------------------- competition

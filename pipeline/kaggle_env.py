@@ -9,7 +9,6 @@ settings.
     /kaggle/working/pipeline/      PIPELINE_ROOT: data/processed, runs/RUN (checkpoints), submissions
     /kaggle/working/submission.csv what the competition scores
 """
-import json
 import os
 import shlex
 import shutil
@@ -148,7 +147,7 @@ def deliver_best_so_far(folder):
 
     folder = Path(folder)
     ckpt_dir = folder / "checkpoints"
-    if (folder / "members").is_dir() or not ckpt_dir.is_dir():
+    if runs.run_of(folder).is_ensemble or not ckpt_dir.is_dir():
         return None
     best = ckpt_dir / checkpoint.BEST
     arrays = checkpoint.read(best) if best.is_file() else checkpoint.load_newest(ckpt_dir)
@@ -171,14 +170,14 @@ def select(folder):
     """Say which model the submission comes from; for an ensemble run, choose its blend first. Returns the line."""
     from pipeline import ensemble, runs
 
-    folder = Path(folder)
-    if (folder / "members").is_dir():  # blend the finished members by held-out validation
-        run_stage(ensemble.main, ["--run", folder.name])
-        chosen = json.loads((folder / "ensemble.json").read_text())
+    run = runs.run_of(folder)
+    if run.is_ensemble:  # blend the finished members by held-out validation
+        run_stage(ensemble.main, ["--run", run.name])
+        chosen = run.ensemble_report()
         line = f"{chosen['strategy']} of {len(chosen['weights'])} members, validation estimate " \
                f"{chosen['estimate']['accuracy']:.4f}"
-    elif (folder / "summary.json").is_file():
-        summary = runs.load_summary(folder)
+    elif run.finished:
+        summary = run.summary()
         line = f"epoch {summary.get('best_epoch')} of {summary.get('epochs_done')}, the best by validation " \
                f"accuracy ({summary.get('best_val_acc', 0.0):.4f})"
     else:
@@ -192,10 +191,10 @@ def report_folder(folder):
     from pipeline import runs
 
     folder = Path(folder)
-    members = folder / "members"
-    if not members.is_dir():
+    run = runs.run_of(folder)
+    if not run.is_ensemble:
         return folder
-    done = [m for m in sorted(members.iterdir()) if (m / "summary.json").is_file() and (m / "model.npz").is_file()]
+    done = run.finished_members()[0]
     if not done:
         return folder
-    return max(done, key=lambda m: runs.load_summary(m).get("best_val_acc") or 0.0)
+    return max(done, key=lambda m: m.summary().get("best_val_acc") or 0.0).folder

@@ -70,10 +70,10 @@ class CsvChecker:
         return row, col, text
 
 
-def _describe_bad_value(text):
+def _describe_bad_value(text, column):
     quoted = repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
     if re.fullmatch(r"-[0-9]+", text):
-        return f"value {text} is outside 0..255"
+        return f"value {text} is outside {_limit(column)}"
     if re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", text):
         return f"value {quoted} is not an integer"
     return f"value {quoted} is not a whole number written in digits"
@@ -116,8 +116,15 @@ def read_digit_csv(path, header):
     """
     path = Path(path)
     check = CsvChecker(path, header)
-    if not path.is_file():
+    problem = dataset.raw_csv_problem(path)
+    if problem == "missing":
         raise UserError(f"{shown(path)}: missing: run `make fetch` first")
+    if problem:
+        raise UserError(f"{shown(path)}: {problem}, so not the competition's file: `make fetch` replaces it")
+    rows = _count_lines(path)
+    if rows > dataset.MAX_CSV_ROWS + 1:
+        raise UserError(f"{shown(path)}: {rows} lines, more than a digit CSV of at most {dataset.MAX_CSV_ROWS} rows: "
+                        f"not the competition's file")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -156,7 +163,7 @@ def read_digit_csv(path, header):
     bad = NOT_CSV_DIGITS.search(body) if body.translate(None, b"0123456789,\n") else None
     if bad:
         row, col, text = check.at(body, bad.start())
-        raise check.cell(row, col, _describe_bad_value(text))
+        raise check.cell(row, col, _describe_bad_value(text, header[col]))
     empty = _first_empty_field(body)
     if empty >= 0:
         row, col, _ = check.at(body, empty)
@@ -179,6 +186,12 @@ def read_digit_csv(path, header):
         row, col = np.unravel_index(np.argmax(out_of_range), out_of_range.shape)
         raise check.cell(int(row), int(col), f"value {values[row, col]} is outside {_limit(header[col])}")
     return values.astype(np.uint8), digest
+
+
+def _count_lines(path, block=1 << 22):
+    """Lines of a file, counted in blocks before anything is held whole."""
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(block), b""))
 
 
 def to_images(pixels):
@@ -217,7 +230,8 @@ def main(argv=None):
     # Everything is valid: now write. meta.json is removed first, written last: present means complete.
     (out_dir / "meta.json").unlink(missing_ok=True)
     save_npz(out_dir / "train.npz", {"x": to_images(train[:, 1:]), "y": y})
-    save_npz(out_dir / "test.npz", {"x": to_images(test)})
+    test_images = to_images(test)
+    save_npz(out_dir / "test.npz", {"x": test_images})
     save_npz(out_dir / "split.npz", {"train_idx": train_idx, "val_idx": val_idx})
     write_json(out_dir / "meta.json", {
         "train_rows": int(len(train)),
@@ -226,6 +240,7 @@ def main(argv=None):
         "val_class_counts": np.bincount(y[val_idx], minlength=dataset.NUM_CLASSES).tolist(),
         "train_sha256": train_sha,
         "test_sha256": test_sha,
+        "test_array_sha256": hashlib.sha256(test_images.tobytes()).hexdigest(),
         "split_seed": args.split_seed,
         "val_fraction": args.val_fraction,
         "n_train": int(len(train_idx)),

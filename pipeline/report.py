@@ -6,7 +6,6 @@ Reads only the run folder and data/processed/train.npz (validation images); neve
 Writes curves.png, lr.png, confusion.png, worst.png, per_class.png, filters.png and, LAST (it is the
 Makefile's target), report.md linking them with the headline figures.
 """
-import json
 import math
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from pipeline import dataset, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import atomic_path, load_npz, write_text
+from pipeline.fileio import atomic_path, write_text
 from pipeline.score import confusion_matrix, per_class_scores
 
 WORST_SHOWN = 36  # a 6 x 6 grid stays readable at 28 x 28 pixels each
@@ -24,38 +23,12 @@ WORST_SHOWN = 36  # a 6 x 6 grid stays readable at 28 x 28 pixels each
 
 def load_metrics(folder):
     """Epoch records of metrics.jsonl sorted by epoch; a resumed run's repeated epoch keeps its last record."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: train the run first (`make train RUN={folder.name}`)")
-    by_epoch = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {line_no}: invalid JSON ({exc.msg})") from None
-        if "epoch" not in record:
-            raise UserError(f"{path} line {line_no}: no 'epoch' field")
-        by_epoch[record["epoch"]] = record
-    if not by_epoch:
-        raise UserError(f"{path} has no epoch records: train the run first")
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    return runs.run_of(folder).metrics()
 
 
 def load_val_predictions(folder):
     """(idx int64 (n,), y int64 (n,), probs float32 (n, 10)) of the delivered model on validation."""
-    path = folder / "val_predictions.npz"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={folder.name}`)")
-    d = load_npz(path)
-    missing = {"idx", "y", "probs"} - set(d)
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(sorted(missing))}: retrain the run")
-    idx, y, probs = d["idx"].astype(np.int64), d["y"].astype(np.int64), d["probs"]
-    if probs.shape != (len(idx), dataset.NUM_CLASSES) or len(y) != len(idx):
-        raise UserError(f"{path}: idx {idx.shape}, y {y.shape}, probs {probs.shape} do not agree")
-    return idx, y, probs
+    return runs.run_of(folder).val_predictions()
 
 
 def first_conv_kernel(state):
@@ -299,14 +272,12 @@ def write_report(folder):
 
     matplotlib.use("Agg")  # files only, no display; set here so importing this module changes nothing
 
-    config = runs.load_config(folder)
-    summary = runs.load_summary(folder)
-    metrics = load_metrics(folder)
-    model_path = folder / "model.npz"
-    if not model_path.is_file():
-        raise UserError(f"{model_path} is missing: the run has not finished training (`make train RUN={folder.name}`)")
-    kernel = first_conv_kernel(load_npz(model_path))
-    idx, y, probs = load_val_predictions(folder)
+    run = runs.run_of(folder)
+    config = run.config()
+    summary = run.summary()
+    metrics = run.metrics()
+    kernel = first_conv_kernel(run.model_state())
+    idx, y, probs = run.val_predictions()
     images, _ = dataset.load_train()
     if len(idx) and (idx.min() < 0 or idx.max() >= len(images)):
         raise UserError(f"{folder / 'val_predictions.npz'} indexes rows beyond train.npz: rerun `make prepare` and retrain")
@@ -335,8 +306,9 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    folder = runs.existing_run(args.run)
-    path = write_report(folder)
+    run = runs.Run.existing(args.run)
+    with run.lock("report", shared=True):
+        path = write_report(run.folder)
     print(f"wrote {path}")
     return 0
 

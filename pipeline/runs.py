@@ -1,69 +1,441 @@
-"""The run folder: what `train` writes and `predict`, `submit`, `report`, `ensemble` read.
+"""The run: one object that knows its own state. Stages ask it; they never test paths themselves.
 
 runs/NAME/
-  config.toml            the resolved TrainConfig (plus `preset`)
+  .lock                  fcntl lock: one writer (train, ensemble) or readers (predict, submit, report)
+  config.toml            the resolved TrainConfig (plus `preset`); the checkpoint carries the same config
   metrics.jsonl          one record per epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr,
                          images_per_s, wall_time_s
-  checkpoints/           latest / previous / best training state (resume)
+  checkpoints/           latest / previous / best training state (resume), each with its config
   model.npz              the delivered weights (best by validation): Model.state_dict()
   summary.json           arch, best_val_acc, best_val_loss, best_epoch, epochs_done, wall_time_s, finished
   val_predictions.npz    idx (rows of data/processed/train.npz), y, probs float32 (n_val, 10) of model.npz
-  test_probs.npz         probs float32 (M, 10) on test.csv (written by predict)
+  test_probs.npz         probs float32 (M, 10) on test.csv (written by predict), and `made_from`: the
+                         fingerprint of the data and of the model they were computed from
+  members/K/             an ensemble's members, each a run of its own (NAME/members/K); their
+                         test_probs.npz / test_probs_tta.npz are caches carrying `made_from` as well
+  ensemble.json          the blend chosen by validation (ensemble runs)
   report/                figures (written by report)
+
+A cached prediction is used only when its `made_from` matches the data and model of now: a mismatch
+means recompute, never reuse.
 """
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 from pipeline import paths
 from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
-from pipeline.fileio import load_npz
+from pipeline.fileio import load_npz, save_npz
 
 # A run, or one member of an ensemble run ("night/members/3").
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
+NUM_CLASSES = 10
+TEST_PROBS = "test_probs.npz"
+LOCK = ".lock"
+# How a run is executed, not what it computes: these may differ between invocations of one run.
+RUN_CONTROL = ("max_time", "ckpt_every", "device")
+
+
+def check_name(name):
+    if not RUN_NAME.match(str(name)):
+        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-' (or NAME/members/K)")
+    return str(name)
 
 
 def run_dir(name):
-    if not RUN_NAME.match(str(name)):
-        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-' (or NAME/members/K)")
-    return paths.runs() / name
+    return paths.runs() / check_name(name)
+
+
+def data_fingerprint():
+    """sha256 of data/processed/meta.json, which names the input CSVs and the test array by their hashes."""
+    path = paths.data_processed() / "meta.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: run `make prepare` first") from None
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}: run `make prepare` again") from None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_probs(probs, n_rows, what="probabilities"):
+    """Raise UserError unless probs is (n_rows, 10), finite, non-negative, rows summing to 1."""
+    if probs.ndim != 2 or probs.shape != (n_rows, NUM_CLASSES):
+        raise UserError(f"{what}: expected shape ({n_rows}, {NUM_CLASSES}), got {probs.shape}")
+    if not np.all(np.isfinite(probs)):
+        raise UserError(f"{what}: {int(np.sum(~np.isfinite(probs)))} values are NaN or infinite")
+    if np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise UserError(f"{what}: rows are not probability distributions (negative or not summing to 1)")
+
+
+def same_config(a, b):
+    """Two config dicts (or TrainConfigs) agree on everything but how the run is executed."""
+    a = a.to_dict() if isinstance(a, TrainConfig) else dict(a)
+    b = b.to_dict() if isinstance(b, TrainConfig) else dict(b)
+    return config_changes(a, b) == []
+
+
+def config_changes(a, b):
+    """Keys whose values differ between two config dicts, RUN_CONTROL and `preset` aside."""
+    keys = [k for k in dict.fromkeys([*a, *b]) if k not in RUN_CONTROL and k != "preset"]
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
+class Run:
+    """runs/NAME (or NAME/members/K): its state, its lock, its config and its artifacts."""
+
+    def __init__(self, name, folder=None):
+        self.name = check_name(name) if folder is None else str(name)
+        self.folder = paths.runs() / self.name if folder is None else folder
+
+    def __repr__(self):
+        return f"Run({self.name!r})"
+
+    @classmethod
+    def existing(cls, name):
+        """A run that exists; a UserError telling how to make it otherwise."""
+        run = cls(name)
+        if run.is_member:
+            parent = run.parent
+            if not parent.folder.is_dir():
+                raise UserError(f"run '{parent.name}' not found in {parent.folder.parent}: "
+                                f"train it first (`make train RUN={parent.name}`)")
+            if not parent.is_ensemble:
+                raise UserError(f"runs/{parent.name} is not an ensemble: it has no members "
+                                f"(use RUN={parent.name})")
+            if not run.folder.is_dir():
+                have = ", ".join(m.name.rsplit("/", 1)[-1] for m in parent.members()) or "none yet"
+                raise UserError(f"runs/{parent.name} has no member {run.name.rsplit('/', 1)[-1]} "
+                                f"(members: {have})")
+            return run
+        if not run.folder.is_dir():
+            raise UserError(f"run '{name}' not found in {run.folder.parent}: train it first (`make train RUN={name}`)")
+        return run
+
+    # ---------------------------------------------------------------- what it is
+
+    @property
+    def is_member(self):
+        return "/members/" in self.name
+
+    @property
+    def parent(self):
+        """The ensemble a member belongs to (None for a run of its own)."""
+        return Run(self.name.split("/", 1)[0]) if self.is_member else None
+
+    @property
+    def root(self):
+        """The top-level run: the one whose lock covers this run."""
+        return self.parent or self
+
+    @property
+    def is_ensemble(self):
+        if self.is_member:
+            return False
+        if (self.folder / "members").is_dir():
+            return True
+        try:
+            return self.config().members > 1
+        except UserError:
+            return False
+
+    def members(self):
+        """Member runs (NAME/members/K) in the order of K."""
+        root = self.folder / "members"
+        if self.is_member or not root.is_dir():
+            return []
+        ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+        return [Run(f"{self.name}/members/{k}") for k in ks]
+
+    def member(self, k):
+        return Run(f"{self.name}/members/{k}")
+
+    @property
+    def finished(self):
+        """Training has delivered everything: an ensemble's summary and every member; a single run's summary
+        (finished), model, validation predictions, metrics and config, each readable."""
+        try:
+            summary = self.summary()
+            if not summary.get("finished"):
+                return False
+            if self.is_ensemble:
+                members = self.members()
+                return len(members) >= int(summary.get("members", 0)) and all(m.finished for m in members)
+            self.config()
+            self.metrics()
+            self.val_predictions()
+            load_npz(self.folder / "model.npz")
+            return True
+        except Exception:  # noqa: BLE001 (a UserError, or a damaged zip's BadZipFile and friends: not finished)
+            return False
+
+    def finished_members(self):
+        """(finished member runs, names of the unfinished ones)."""
+        if not self.is_ensemble:
+            raise UserError(f"runs/{self.name} has no members/: train it with an ensemble preset "
+                            f"(`make train PRESET=overnight RUN={self.name}`)")
+        done, skipped = [], []
+        for member in self.members():
+            (done if member.finished else skipped).append(member)
+        return done, [m.name.rsplit("/", 1)[-1] for m in skipped]
+
+    # ---------------------------------------------------------------- its lock
+
+    @contextlib.contextmanager
+    def lock(self, what, shared=False):
+        """Hold runs/NAME/.lock (the top-level run's) for the block: one writer, or any number of readers.
+
+        fcntl.flock: the kernel drops it when the holder dies, even by kill -9. Never waits: a run in use
+        is refused at once with one line naming the holder.
+        """
+        root = self.root
+        if not shared:
+            root.folder.mkdir(parents=True, exist_ok=True)
+        path = root.folder / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot open the run's lock: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
+                raise UserError(f"runs/{root.name} is in use by {holder}: wait until it ends, or stop it "
+                                f"(a stopped training resumes later)") from None
+            note = f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note.encode(), 0)
+            yield self
+        finally:
+            os.close(fd)
+
+    # ---------------------------------------------------------------- its config
+
+    def config(self) -> TrainConfig:
+        """The config the run was trained with, from config.toml (train checks it against the checkpoint)."""
+        path = self.folder / "config.toml"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: train the run first (`make train RUN={self.root.name}`)")
+        data = load_toml(path, advice=f"`make train RUN={self.root.name}` restores it from the checkpoint")
+        data.pop("preset", None)
+        return apply_values(TrainConfig(), data, source=str(path))
+
+    def preset(self, default=None):
+        try:
+            return load_toml(self.folder / "config.toml").get("preset", default)
+        except UserError:
+            return default
+
+    # ---------------------------------------------------------------- its artifacts
+
+    def _advice_train(self):
+        return f"`make train RUN={self.root.name}` rebuilds it"
+
+    def summary(self):
+        """summary.json as a dict ({} when training has not finished)."""
+        path = self.folder / "summary.json"
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is damaged (not JSON): {self._advice_train()}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is damaged (not a JSON object): {self._advice_train()}")
+        return data
+
+    def metrics(self):
+        """Epoch records of metrics.jsonl sorted by epoch; a resumed run's repeated epoch keeps its last record."""
+        path = self.folder / "metrics.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: train the run first (`make train RUN={self.root.name}`)")
+        by_epoch = {}
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is damaged (not text): {self._advice_train()}") from None
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {line_no}: invalid JSON ({exc.msg}): {self._advice_train()}") from None
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise UserError(f"{path} line {line_no}: no 'epoch' field: {self._advice_train()}")
+            by_epoch[record["epoch"]] = record
+        if not by_epoch:
+            raise UserError(f"{path} has no epoch records: train the run first (`make train RUN={self.root.name}`)")
+        return [by_epoch[e] for e in sorted(by_epoch, key=lambda e: (not isinstance(e, int), e))]
+
+    def _npz(self, name, advice):
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            return load_npz(path)
+        except Exception as exc:  # noqa: BLE001 (BadZipFile, EOFError, ValueError, ...: all mean damaged)
+            raise UserError(f"{path} is damaged ({type(exc).__name__}): {advice}") from None
+
+    def val_predictions(self):
+        """(idx int64 (n,), y int64 (n,), probs float32 (n, 10)) of the delivered model on validation."""
+        path = self.folder / "val_predictions.npz"
+        d = self._npz("val_predictions.npz", self._advice_train())
+        if d is None:
+            raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={self.root.name}`)")
+        missing = {"idx", "y", "probs"} - set(d)
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(sorted(missing))}: {self._advice_train()}")
+        idx, y, probs = d["idx"].astype(np.int64), d["y"].astype(np.int64), d["probs"]
+        if idx.ndim != 1 or probs.shape != (len(idx), NUM_CLASSES) or y.shape != idx.shape:
+            raise UserError(f"{path}: idx {idx.shape}, y {y.shape}, probs {probs.shape} do not agree: "
+                            f"{self._advice_train()}")
+        return idx, y, probs
+
+    def model_state(self):
+        path = self.folder / "model.npz"
+        state = self._npz("model.npz", self._advice_train())
+        if state is None:
+            raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={self.root.name}`)")
+        return state
+
+    def load_model(self, xp=None):
+        """Build the run's architecture and load model.npz into it."""
+        from pipeline.nn import build_model
+
+        cfg = self.config()
+        state = self.model_state()
+        model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp or np)
+        try:
+            model.load_state_dict(state)
+        except ValueError as exc:
+            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it, "
+                            f"then `make train RUN={self.root.name}` rebuilds it") from None
+        return model
+
+    def ensemble_report(self):
+        """ensemble.json as a dict, or None before the first blend."""
+        path = self.folder / "ensemble.json"
+        if not path.is_file():
+            return None
+        advice = f"`make ensemble RUN={self.name}` rewrites it"
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is damaged (not JSON): {advice}") from None
+        if not isinstance(data, dict) or not {"strategy", "weights", "estimate"} <= set(data):
+            raise UserError(f"{path} is damaged (not a blend record): {advice}")
+        return data
+
+    # ---------------------------------------------------------------- predictions and what they were made from
+
+    def made_from(self):
+        """What this run's predictions depend on now: the data and the delivered model (or blend)."""
+        source = {"data": data_fingerprint()}
+        if self.is_ensemble:
+            path = self.folder / "ensemble.json"
+            source["blend"] = file_sha256(path) if path.is_file() else None
+        else:
+            path = self.folder / "model.npz"
+            source["model"] = file_sha256(path) if path.is_file() else None
+        return source
+
+    def predict_probs(self, x, xp=np, batch_size=1000):
+        """Probabilities of the run's model on images x (N, 28, 28, 1) float32 in [0, 1]: numpy float32 (N, 10)."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        model = self.load_model(xp)
+        probs = np.asarray(model.predict_proba(x, batch_size=batch_size), dtype=np.float32)
+        check_probs(probs, len(x), what=f"{self.name} predictions")
+        return probs
+
+    def write_probs(self, probs, name=TEST_PROBS, made_from=None):
+        """Write folder/name: probs float32 (M, 10) and the record of what they were made from, atomically."""
+        path = self.folder / name
+        record = json.dumps(made_from or self.made_from(), sort_keys=True)
+        save_npz(path, {"probs": np.asarray(probs, dtype=np.float32), "made_from": np.array(record)})
+        return path
+
+    def cached_probs(self, name, n_rows, made_from=None):
+        """The probabilities in folder/name if they were made from the data and model of now (and have n_rows
+        rows); None when they must be recomputed."""
+        try:
+            d = load_npz(self.folder / name)
+            record = json.loads(str(d["made_from"]))
+            probs = d["probs"]
+        except Exception:  # noqa: BLE001 (missing, damaged or without a record: recompute)
+            return None
+        if record != (made_from or self.made_from()) or probs.shape != (n_rows, NUM_CLASSES):
+            return None
+        return probs
+
+    def test_probs(self, n_rows):
+        """test_probs.npz, checked: made from the data and model of now, one row per test image."""
+        path = self.folder / TEST_PROBS
+        advice = f"rerun `make predict RUN={self.name}`, which recomputes them"
+        d = self._npz(TEST_PROBS, advice)
+        if d is None:
+            raise UserError(f"{path} is missing: run `make predict RUN={self.name}` first")
+        if "probs" not in d:
+            raise UserError(f"{path} has no 'probs' array: {advice}")
+        try:
+            record = json.loads(str(d.get("made_from")))
+        except ValueError:
+            record = None
+        if record != self.made_from():
+            what = "another model" if isinstance(record, dict) and record.get("data") == data_fingerprint() \
+                else "other data (data/processed changed since)"
+            raise UserError(f"{path} was made from {what}: {advice}")
+        probs = d["probs"]
+        if probs.ndim != 2 or probs.shape != (n_rows, NUM_CLASSES):
+            raise UserError(f"{path} has shape {probs.shape} but test.csv has {n_rows} rows: {advice}")
+        check_probs(probs, n_rows, what=str(path))  # NaN rows would argmax to a silent 0
+        return probs
 
 
 def existing_run(name):
     """The folder of a run that exists; a UserError telling how to make it otherwise."""
-    folder = run_dir(name)
-    if not folder.is_dir():
-        raise UserError(f"run '{name}' not found in {folder.parent}: train it first (`make train RUN={name}`)")
-    return folder
+    return Run.existing(name).folder
+
+
+def run_of(folder):
+    """The Run of a folder: runs/NAME or runs/NAME/members/K by name; any other folder as it is."""
+    rel = os.path.relpath(os.path.abspath(folder), os.path.abspath(paths.runs())).replace(os.sep, "/")
+    if RUN_NAME.match(rel):
+        return Run(rel)
+    return Run(Path(folder).name, folder=Path(folder))
 
 
 def load_config(folder) -> TrainConfig:
-    path = folder / "config.toml"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: train the run first (`make train RUN={folder.name}`)")
-    data = load_toml(path)
-    data.pop("preset", None)
-    return apply_values(TrainConfig(), data, source=str(path))
+    return run_of(folder).config()
 
 
 def load_summary(folder):
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return run_of(folder).summary()
 
 
 def load_model(folder, xp=None):
     """Build the run's architecture and load model.npz into it."""
-    import numpy as np
+    return run_of(folder).load_model(xp)
 
-    from pipeline.nn import build_model
 
-    cfg = load_config(folder)
-    path = folder / "model.npz"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run has not finished training (`make train RUN={folder.name}`)")
-    model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp or np)
-    try:
-        model.load_state_dict(load_npz(path))
-    except ValueError as exc:
-        raise UserError(f"{path} does not fit architecture {cfg.arch}: {exc}") from None
-    return model
+def warn(message):
+    """A warning as one line on stderr (no Python warning machinery, no source line)."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

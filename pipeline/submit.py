@@ -1,16 +1,23 @@
 """Write the Kaggle submission of a run and upload it when credentials exist.
 
     python -m pipeline.submit --run NAME [--upload 0|1] [--out submissions/submission.csv] [--message TEXT]
+    python -m pipeline.submit --run NAME --upload-only [--upload 0|1] [--message TEXT]
 
 The CSV is `ImageId,Label` with ImageId 1..M in test.csv order and Label the argmax of
-runs/NAME/test_probs.npz. It is validated before it is written (atomically), so an invalid submission
-never replaces a good one. A failed upload exits 2 but leaves the written CSV in place.
+runs/NAME/test_probs.npz (refused when they were made from other data or another model). It is validated
+before it is written (atomically), so an invalid submission never replaces a good one. A failed upload
+exits 2 but leaves the written CSV in place.
+
+An upload that succeeded is recorded in .uploaded.json beside the CSV (its sha256): --upload-only uploads
+the existing CSV unless that very file was uploaded already, so `make submit` retries a failed upload
+and never repeats a successful one.
 """
 import csv
 import io
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +25,11 @@ import pandas as pd
 
 from pipeline import dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import write_text
-from pipeline.predict import check_probs, load_test_probs
+from pipeline.fileio import write_json, write_text
 
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
+UPLOAD_RECORD = ".uploaded.json"
 
 
 def labels_from_probs(probs):
@@ -130,49 +137,81 @@ def parse_args(argv):
                    help="1: upload when Kaggle credentials exist (default); 0: only write the CSV")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default submissions/submission.csv)")
     p.add_argument("--message", default="", help="text added to the submission message")
+    p.add_argument("--upload-only", action="store_true",
+                   help="do not write the CSV: upload the existing one unless it was uploaded already")
     return p.parse_args(argv)
 
 
-@cli_main
-def main(argv=None):
-    args = parse_args(argv)
-    folder = runs.existing_run(args.run)
-    out = args.out or paths.submissions() / "submission.csv"
+def upload_record(path):
+    return Path(path).parent / UPLOAD_RECORD
 
-    probs = load_test_probs(folder)
-    n_test = dataset.load_meta().get("test_rows")
-    if not isinstance(n_test, int):
-        raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
-    if probs.ndim != 2 or probs.shape != (n_test, dataset.NUM_CLASSES):
-        raise UserError(f"{folder / 'test_probs.npz'} has shape {probs.shape} but test.csv has {n_test} rows: "
-                        f"rerun `make predict RUN={args.run}`")
-    check_probs(probs, n_test, what=str(folder / "test_probs.npz"))  # NaN rows would argmax to a silent 0
 
-    labels = labels_from_probs(probs)
-    path = write_submission(build_submission(labels), out, n_test)
-    counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
-    print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
+def already_uploaded(path):
+    """The record of the upload of this very file (same sha256), or None."""
+    try:
+        record = json.loads(upload_record(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("sha256") == runs.file_sha256(path) else None
 
-    summary = runs.load_summary(folder)
-    blend = folder / "ensemble.json"
-    if blend.is_file():  # an ensemble: name the blend and its validation estimate
-        info = json.loads(blend.read_text())
-        summary = {"arch": f"{info['strategy']} of {len(info['weights'])} {summary.get('arch', '')}".strip(),
-                   "best_val_acc": info["estimate"]["accuracy"]}
-    message = upload_message(args.run, summary, args.message)
-    if not args.upload:
-        print(f"upload skipped (--upload 0); {path} is ready")
+
+def upload(path, run_name, message, upload_wanted):
+    """Upload `path` (once: a success is recorded); returns the exit code."""
+    if not upload_wanted:
+        print(f"upload skipped (UPLOAD=0); {path} is ready")
+        return 0
+    done = already_uploaded(path)
+    if done:
+        print(f"{path} was uploaded already ({done.get('time')}: {done.get('answer')}); nothing to do")
         return 0
     from pipeline import kaggle_api
 
     if not kaggle_api.has_credentials():
         print(f"{path} is ready; no Kaggle credentials found, so it was not uploaded. Upload it with "
               f"`kaggle competitions submit -c {COMPETITION} -f {shlex.quote(str(path))} -m {shlex.quote(message)}` "
-              f"or set credentials and rerun `python -m pipeline.submit --run {args.run}`")
+              f"or set credentials and rerun `make submit RUN={run_name}`")
         return 0
-    answer = kaggle_api.submit(path, message)  # UserError on failure: exit 2, the CSV stays written
+    sha = runs.file_sha256(path)
+    answer = kaggle_api.submit(path, message)  # UserError on failure: exit 2, the CSV stays, the next try uploads
+    write_json(upload_record(path), {"sha256": sha, "run": run_name, "message": message, "answer": answer,
+                                     "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"uploaded {path} ({message}): {answer}")
     return 0
+
+
+def run_message(run, extra):
+    """The upload message of a run: its name, its model (or blend) and its validation accuracy."""
+    summary = run.summary()
+    blend = run.ensemble_report() if run.is_ensemble else None
+    if blend:  # an ensemble: name the blend and its validation estimate
+        summary = {"arch": f"{blend['strategy']} of {len(blend['weights'])} {summary.get('arch', '')}".strip(),
+                   "best_val_acc": blend["estimate"].get("accuracy")}
+    return upload_message(run.name, summary, extra)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    run = runs.Run.existing(args.run)
+    out = args.out or paths.submissions() / "submission.csv"
+    if args.upload_only:
+        if not out.is_file():
+            raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
+        with run.lock("submit", shared=True):
+            message = run_message(run, args.message)
+        return upload(out, run.name, message, args.upload)
+
+    n_test = dataset.load_meta().get("test_rows")
+    if not isinstance(n_test, int):
+        raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
+    with run.lock("submit", shared=True):
+        message = run_message(run, args.message)
+        probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
+    labels = labels_from_probs(probs)
+    path = write_submission(build_submission(labels), out, n_test)
+    counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
+    print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
+    return upload(path, run.name, message, args.upload)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ import numpy as np
 from pipeline import checkpoint, dataset, runs
 from pipeline.augment import random_affine
 from pipeline.averaging import WeightAverage
-from pipeline.config import TrainConfig, apply_values, build_config, load_toml, to_toml
+from pipeline.config import TrainConfig, apply_values, build_config, load_toml, make_overrides, to_toml
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
 from pipeline.nn import build_model, make_optimizer, make_schedule, select_device, softmax, softmax_cross_entropy, to_numpy
 
 DEFAULT_PRESET = "standard"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
-RUN_CONTROL = ("max_time", "ckpt_every", "device")
+RUN_CONTROL = runs.RUN_CONTROL
 CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of work
 # Clean training images whose statistics the BatchNorms of the weight average get (about 4 % of an epoch's
 # work for deotte): per channel that is 5 000 to 3.4 million values, plenty for a mean and a variance.
@@ -39,8 +39,12 @@ def parse_args(argv):
     ap.add_argument("--preset", help=f"preset in configs/ (default: {DEFAULT_PRESET}, or the run's own on resume)")
     ap.add_argument("--run", help="run name under runs/ (default: the preset's name)")
     ap.add_argument("--force", action="store_true", help="resume even though the config changed")
+    ap.add_argument("--make-vars", action="store_true",
+                    help="also read make's command-line variables (PIPELINE_MAKE_VARS, set by the Makefile)")
     ap.add_argument("overrides", nargs="*", help="KEY=value settings (EPOCHS=3 LR=1e-3 ...)")
     args = ap.parse_args(argv)
+    if args.make_vars:
+        args.overrides = make_overrides() + args.overrides
     env_force = [o for o in args.overrides if o.upper().startswith("FORCE=")]
     if env_force and env_force[-1].split("=", 1)[1] not in ("", "0"):
         args.force = True
@@ -60,13 +64,44 @@ def parse_duration(text):
     return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
 
 
+def recorded_config(folder, force):
+    """The run's config as its checkpoint recorded it ({} for a new run), config.toml checked against it.
+
+    config.toml is only a copy for people to read: an edited one is refused (FORCE=1 adopts the edit), a
+    damaged or missing one is restored from the checkpoint. Runs checkpointed before configs were recorded
+    fall back to config.toml.
+    """
+    saved_path = folder / "config.toml"
+    arrays = checkpoint.load_newest(folder / "checkpoints")
+    recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else None
+    if recorded is None:
+        return load_toml(saved_path, advice="remove it to start the run afresh") if saved_path.is_file() else {}
+    try:
+        on_file = load_toml(saved_path) if saved_path.is_file() else None
+    except UserError as exc:
+        on_file = None
+        runs.warn(f"{exc}; restoring it from the checkpoint")
+    if on_file is None:
+        write_text(saved_path, to_toml(recorded))
+        return dict(recorded)
+    changed = runs.config_changes(recorded, on_file)
+    if on_file.get("preset", DEFAULT_PRESET) != recorded.get("preset", DEFAULT_PRESET):
+        changed.insert(0, "preset")
+    if changed and not force:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {on_file.get(k)!r}" for k in changed)
+        raise UserError(f"{saved_path} does not match the config in the run's checkpoint ({shown}): config.toml "
+                        f"was edited, or the checkpoint is another run's; undo the edit, or FORCE=1 to continue "
+                        f"with config.toml's values")
+    return dict(on_file) if changed else dict(recorded)
+
+
 def resolve_config(args, folder):
     """New run: preset + overrides. Existing run: its own config; a different one is refused unless forced."""
     saved_path = folder / "config.toml"
-    if not saved_path.is_file():
+    saved = recorded_config(folder, args.force)
+    if not saved:
         preset = args.preset or DEFAULT_PRESET
         return preset, build_config(preset, args.overrides)
-    saved = load_toml(saved_path)
     saved_preset = saved.pop("preset", DEFAULT_PRESET)
     preset = args.preset or saved_preset
     if args.preset:
@@ -94,6 +129,9 @@ def load_data(cfg, xp):
         train_idx, val_idx = dataset.load_split()
     else:
         train_idx, val_idx = dataset.stratified_split(y, cfg.val_fraction, cfg.split_seed)
+    if len(val_idx) == 0:
+        raise UserError("the validation split is empty, so no epoch could be judged: train.csv needs at least "
+                        "2 rows of a digit (run `make prepare` again with more data)")
     return (xp.asarray(x[train_idx]), xp.asarray(y[train_idx]), xp.asarray(x[val_idx]), xp.asarray(y[val_idx]),
             val_idx)
 
@@ -158,11 +196,16 @@ def progress(total, desc, leave, unit="batch"):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    folder = runs.run_dir(args.run or args.preset or DEFAULT_PRESET)
-    preset, cfg = resolve_config(args, folder)
-    if cfg.members > 1:
-        return train_ensemble(folder, preset, cfg, args.force)
-    return train_one(folder, preset, cfg, args.force)
+    run = runs.Run(args.run or args.preset or DEFAULT_PRESET)
+    if run.is_member:
+        raise UserError(f"RUN={run.name} names a member of an ensemble: members are trained by their ensemble "
+                        f"(`make train RUN={run.root.name}`)")
+    with run.lock("train"):
+        folder = run.folder
+        preset, cfg = resolve_config(args, folder)
+        if cfg.members > 1:
+            return train_ensemble(folder, preset, cfg, args.force)
+        return train_one(folder, preset, cfg, args.force)
 
 
 def member_config(cfg, k):
@@ -195,6 +238,7 @@ def train_ensemble(folder, preset, cfg, force):
     members = [runs.load_summary(folder / "members" / str(k)) for k in range(cfg.members)]
     write_json(folder / "summary.json", {
         "arch": cfg.arch, "ensemble": True, "members": cfg.members, "finished": True,
+        "data_fingerprint": runs.data_fingerprint(),
         "best_val_acc": max(m["best_val_acc"] for m in members),
         "member_val_acc": [m["best_val_acc"] for m in members],
         "wall_time_s": sum(m["wall_time_s"] for m in members),
@@ -206,11 +250,12 @@ def train_ensemble(folder, preset, cfg, force):
 def train_one(folder, preset, cfg, force, label=None):
     """Train (or resume) one net into `folder`; returns the process exit code."""
     label = label or folder.name
+    run = runs.Run(label)
     max_time = parse_duration(cfg.max_time)
-    if (folder / "model.npz").is_file() and (folder / "summary.json").is_file():
+    if run.finished:
         print(f"runs/{label} has finished training; nothing to do")
         return 0
-    if folder.parent.name == "members" and (folder / "config.toml").is_file():
+    if run.is_member and (folder / "config.toml").is_file():
         check_member_config(folder, preset, cfg, force)
 
     if cfg.select not in ("best", "last"):
@@ -237,11 +282,15 @@ def train_one(folder, preset, cfg, force, label=None):
     arrays = checkpoint.load_newest(ckpt_dir)
     if arrays is not None:
         model_state, opt_state, rng_state, state = checkpoint.unpack(arrays)
-        model.load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
-        model.set_rng_state(rng_state)
-        if average:
-            average.load_state_dict(checkpoint.average_part(arrays))
+        try:
+            model.load_state_dict(model_state)
+            opt.load_state_dict(opt_state)
+            model.set_rng_state(rng_state)
+            if average:
+                average.load_state_dict(checkpoint.average_part(arrays))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"the checkpoint in {ckpt_dir} does not fit {cfg.arch} ({exc}): it belongs to another "
+                            f"run; remove {ckpt_dir} to train runs/{label} afresh") from None
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
     else:
         folder.mkdir(parents=True, exist_ok=True)
@@ -250,14 +299,19 @@ def train_one(folder, preset, cfg, force, label=None):
               f"validation images, on {'GPU' if xp is not np else 'CPU'}")
     if force:
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+    state["config"] = {"preset": preset, **cfg.to_dict()}  # the checkpoint carries the config it was made with
 
     def save(kind="latest", delivered=None):
         packed = checkpoint.pack(delivered or model.state_dict(), opt.state_dict(), model.get_rng_state(), state,
                                  average.state_dict() if average else None)
-        if kind == "best":
-            checkpoint.write_best(ckpt_dir, packed)
-        else:
-            checkpoint.write_latest(ckpt_dir, packed)
+        try:
+            if kind == "best":
+                checkpoint.write_best(ckpt_dir, packed)
+            else:
+                checkpoint.write_latest(ckpt_dir, packed)
+        except OSError as exc:
+            raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; the previous checkpoint is "
+                            f"kept: make room, then `make train RUN={run.root.name}` continues") from None
 
     started = time.monotonic()
     wall_before = state["wall_time_s"]
@@ -304,12 +358,12 @@ def train_one(folder, preset, cfg, force, label=None):
                 if stop.signum:
                     bar.close()
                     print(f"\nstopped by signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step "
-                          f"{state['step']}; `make train RUN={label.split('/')[0]}` continues", file=sys.stderr)
+                          f"{state['step']}; `make train RUN={run.root.name}` continues", file=sys.stderr)
                     return 128 + stop.signum
                 if out_of_time:
                     bar.close()
                     print(f"MAX_TIME reached: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
-                          f"`make train RUN={label.split('/')[0]}` continues", file=sys.stderr)
+                          f"`make train RUN={run.root.name}` continues", file=sys.stderr)
                     return 3
             bar.close()
 
@@ -353,7 +407,11 @@ def train_one(folder, preset, cfg, force, label=None):
             if state["done"]:
                 print(f"early stop: no improvement in {cfg.early_stop_patience} epochs")
     epoch_bar.close()
-    finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state)
+
+    def last_weights():  # what the last epoch delivers: the average when the run keeps one
+        return average.averaged_state(model, calibration) if average else model.state_dict()
+
+    finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights)
     return 0
 
 
@@ -375,7 +433,7 @@ class swapped_state:
 
 def check_member_config(folder, preset, cfg, force):
     """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked)."""
-    saved = load_toml(folder / "config.toml")
+    saved = recorded_config(folder, force)
     saved.pop("preset", None)
     current = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
     for key in RUN_CONTROL:
@@ -384,22 +442,38 @@ def check_member_config(folder, preset, cfg, force):
         raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
 
 
-def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state):
-    """Deliver the best-by-validation weights: val predictions, model.npz, then summary.json (the Makefile's target)."""
+def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights=None):
+    """Deliver the best-by-validation weights: val predictions, model.npz, then summary.json (the Makefile's target).
+
+    A damaged or foreign best.npz is reported in one line and the last epoch's weights are delivered instead.
+    """
     best_path = ckpt_dir / checkpoint.BEST
+    best_epoch = state["best_epoch"]
     if best_path.exists():
-        model_state, _, _, _ = checkpoint.unpack(checkpoint.read(best_path))
-        model.load_state_dict(model_state)
+        try:
+            arrays = checkpoint.read(best_path)
+            model_state, _, _, best_state = checkpoint.unpack(arrays)
+            if best_state.get("config") and not runs.same_config(best_state["config"], cfg):
+                raise checkpoint.CorruptCheckpoint(f"{best_path}: made with another config")
+            model.load_state_dict(model_state)
+        except (checkpoint.CorruptCheckpoint, ValueError, KeyError) as exc:
+            runs.warn(f"{exc}; delivering the last epoch's weights instead")
+            if last_weights is not None:
+                model.load_state_dict(last_weights())
+            best_epoch = len(state["history"])
     val_loss, val_acc, probs = evaluate(model, x_val, y_val)
-    save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
     history = state["history"]
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_text(folder / "config.toml", to_toml(state.get("config") or cfg.to_dict()))
+    save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
     save_npz(folder / "model.npz", model.state_dict())
     write_json(folder / "summary.json", {
-        "arch": cfg.arch, "best_val_acc": val_acc, "best_val_loss": val_loss, "best_epoch": state["best_epoch"],
+        "arch": cfg.arch, "best_val_acc": val_acc, "best_val_loss": val_loss, "best_epoch": best_epoch,
         "epochs_done": len(history), "wall_time_s": state["wall_time_s"], "finished": True,
+        "data_fingerprint": runs.data_fingerprint(),
         "train_images_per_s": float(np.median([r["images_per_s"] for r in history])) if history else None,
     })
-    print(f"runs/{label}: best epoch {state['best_epoch']}, val_acc {val_acc:.4f}, "
+    print(f"runs/{label}: best epoch {best_epoch}, val_acc {val_acc:.4f}, "
           f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{label}/model.npz")
 
 

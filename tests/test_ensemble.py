@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import ensemble
+from pipeline import ensemble, runs
+from pipeline.config import TrainConfig, to_toml
 from pipeline.errors import UserError
 from pipeline.fileio import save_npz
 
@@ -87,36 +88,85 @@ def test_shift_images_moves_by_whole_pixels():
 
 
 def write_member(folder, idx, y, probs, test_probs, finished=True):
+    """A member run: validation predictions; when finished, its config, metrics, a real model and a test cache
+    made from the data and model of now."""
+    from pipeline.nn import build_model
+
     folder.mkdir(parents=True)
     save_npz(folder / "val_predictions.npz", {"idx": idx, "y": y, "probs": probs})
-    save_npz(folder / "test_probs.npz", {"probs": test_probs})
     if finished:
-        (folder / "model.npz").write_bytes(b"")
-        os.utime(folder / "test_probs.npz")  # cache newer than the model
-        (folder / "summary.json").write_text(json.dumps({"best_val_acc": 1.0}))
+        (folder / "config.toml").write_text(to_toml(TrainConfig(arch="seed_small").to_dict()))
+        (folder / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        save_npz(folder / "model.npz", build_model("seed_small", seed=0, dtype=np.float32).state_dict())
+        (folder / "summary.json").write_text(json.dumps({"best_val_acc": 1.0, "finished": True}))
+        runs.run_of(folder).write_probs(test_probs)
 
 
-def test_build_blends_finished_members_and_skips_unfinished(tmp_path, monkeypatch):
+def blend_project(tmp_path, monkeypatch, n=40, m=12):
+    """data/processed of n training rows and m test rows, runs/ens with members 0 and 1 finished, 2 not."""
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
-    n, m = 40, 12
     y = np.arange(n) % 10
     x = np.zeros((n, 28, 28, 1), np.float32)
     save_npz(tmp_path / "data/processed/train.npz", {"x": x, "y": y})
     save_npz(tmp_path / "data/processed/test.npz", {"x": np.zeros((m, 28, 28, 1), np.float32)})
     (tmp_path / "data/processed/meta.json").write_text(json.dumps({"test_rows": m}))
     run = tmp_path / "runs" / "ens"
-    held = np.arange(0, 40, 2)  # every member holds out the same rows
+    held = np.arange(0, n, 2)  # every member holds out the same rows
     test_labels = np.arange(m) % 10
     for k in range(2):
         write_member(run / "members" / str(k), held, y[held], onehot(y[held]), onehot(test_labels))
     write_member(run / "members" / "2", held, y[held], onehot(y[held]), onehot(test_labels), finished=False)
+    return run, test_labels
+
+
+def test_build_blends_finished_members_and_skips_unfinished(tmp_path, monkeypatch):
+    run, test_labels = blend_project(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="unfinished members 2"):
         report = ensemble.build(run)
     assert report["members"] == ["0", "1"] and report["skipped"] == ["2"]
     probs = np.load(run / "test_probs.npz")["probs"]
-    assert probs.shape == (m, 10) and list(probs.argmax(1)) == list(test_labels)
+    assert probs.shape == (12, 10) and list(probs.argmax(1)) == list(test_labels)  # the caches were used
     blend = json.loads((run / "ensemble.json").read_text())
     assert blend["estimate"] == {"accuracy": 1.0, "log_loss": pytest.approx(-np.log(0.9)), "rows": 10}
+
+
+def test_member_caches_of_other_test_data_are_recomputed(tmp_path, monkeypatch):
+    run, test_labels = blend_project(tmp_path, monkeypatch)
+    # prepare ran again on another test.csv of the same length: every cache is stale
+    x_new = np.random.default_rng(1).random((12, 28, 28, 1), dtype=np.float32)
+    save_npz(tmp_path / "data/processed/test.npz", {"x": x_new})
+    (tmp_path / "data/processed/meta.json").write_text(json.dumps({"test_rows": 12, "test_sha256": "other"}))
+    with pytest.warns(UserWarning):
+        ensemble.build(run)
+    model = runs.Run("ens/members/0").load_model()
+    fresh = np.load(run / "members" / "0" / "test_probs.npz")["probs"]
+    np.testing.assert_allclose(fresh, model.predict_proba(x_new), rtol=1e-5, atol=1e-6)
+    assert runs.Run("ens").cached_probs("test_probs.npz", 12) is not None  # the blend names the data of now
+
+
+def test_a_member_cache_with_the_wrong_row_count_is_recomputed(tmp_path, monkeypatch):
+    run, _ = blend_project(tmp_path, monkeypatch)
+    member = runs.Run("ens/members/1")
+    member.write_probs(np.full((5, 10), 0.1, np.float32))  # made from the data of now, but 5 rows where 12 are
+    with pytest.warns(UserWarning):
+        ensemble.build(run)
+    assert np.load(run / "members" / "1" / "test_probs.npz")["probs"].shape == (12, 10)
+
+
+def test_cli_warns_about_unfinished_members_in_one_line(tmp_path, monkeypatch):
+    blend_project(tmp_path, monkeypatch)
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "pipeline.ensemble", "--run", "ens", "--device", "cpu"], env=env,
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "warning: runs/ens: skipping unfinished members 2\n"
+
+
+def test_predict_and_ensemble_do_not_import_each_other():
+    for module, other in (("pipeline.predict", "pipeline.ensemble"), ("pipeline.ensemble", "pipeline.predict")):
+        r = subprocess.run([sys.executable, "-c", f"import sys, {module}; print({other!r} in sys.modules)"],
+                           cwd=REPO, capture_output=True, text=True)
+        assert r.stdout.strip() == "False", (module, r.stderr)
 
 
 def test_cli_on_a_run_without_members_is_one_line_exit_2(tmp_path):

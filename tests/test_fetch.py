@@ -267,7 +267,7 @@ def test_auto_picks_kaggle_with_credentials(tmp_path, monkeypatch, capsys):
     assert "source: kaggle" in out.out
     assert SECRET not in out.out + out.err
     assert api.calls == [("download", "digit-recognizer")]
-    assert sorted(p.name for p in raw.iterdir()) == sorted(KAGGLE_FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*KAGGLE_FILES, fetch.SOURCE_RECORD])
     for name, text in KAGGLE_FILES.items():
         assert (raw / name).read_text() == text
 
@@ -359,3 +359,22 @@ def test_submit_returns_message_and_detects_failure(tmp_path, monkeypatch):
     assert SECRET not in str(info.value)
     with pytest.raises(UserError, match="no such submission file"):
         kaggle_api.submit(tmp_path / "absent.csv", "x")
+
+
+# --------------------------------------------------------------------------- misuse (issue 12)
+
+def test_fetch_if_needed_keeps_good_data_and_replaces_what_prepare_refused(tiny, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    assert run_mnist(tiny, raw) == 0
+    assert fetch.current_source(raw) == "mnist"
+    before = (raw / "train.csv").read_bytes()
+    capsys.readouterr()
+    assert fetch.main(["--source", "auto", "--raw", str(raw), "--if-needed"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    for make_bad in (lambda p: os.mkfifo(p), lambda p: p.symlink_to("/dev/zero")):
+        (raw / "train.csv").unlink()
+        make_bad(raw / "train.csv")
+        assert fetch.current_source(raw) is None
+        assert run_mnist(tiny, raw, "--if-needed") == 0  # what prepare's line advises
+        assert (raw / "train.csv").is_file() and not (raw / "train.csv").is_symlink()
+        assert (raw / "train.csv").read_bytes() == before

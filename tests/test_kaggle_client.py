@@ -4,6 +4,7 @@ Every test checks what the client sent (tests.fake_kaggle records it) and that t
 no output and no file we wrote. Faults: 401, 403 (as HTTP 403 and inside an HTTP 200 body), 5xx retried
 with backoff then given up on, a download cut short, a submission refused, an upload refused.
 """
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import fetch, kaggle_api, submit
+from pipeline import fetch, kaggle_api, runs, submit
 from pipeline.errors import UserError
-from pipeline.fileio import save_npz, write_json
+from pipeline.fileio import write_json
 from tests.fake_kaggle import FakeKaggle, isolate, point_client_at, proxy_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def test_download_unzips_into_raw(fake, root, capsys):
     assert fetch.main(["--source", "kaggle"]) == 0
     out = capsys.readouterr()
     assert during[-1][1] == [] and any(name.startswith(".kaggle-download-") for name in during[-1][0])
-    assert sorted(p.name for p in raw.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
     for name, text in FILES.items():
         assert (raw / name).read_text() == text
     assert [p.name for p in (root / "data").iterdir()] == ["raw"]  # the temp folder is gone
@@ -103,7 +104,7 @@ def test_5xx_is_retried_with_exponential_backoff(fake, root, monkeypatch, capsys
     assert fake.rpcs() == ["DownloadDataFiles"] * 2 + DOWNLOAD
     err = capsys.readouterr().err
     assert "Kaggle: HTTP 503 while downloading competition 'digit-recognizer'; trying again in 0.5 s (retry 1/3)" in err
-    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
 
 
 def test_5xx_gives_up_after_the_retries(fake, root):
@@ -179,7 +180,7 @@ def test_download_from_the_command_line_through_a_proxy(root):
         refused = subprocess.run([sys.executable, "-m", "pipeline.fetch", "--raw", str(root / "other")], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in (root / "data" / "raw").iterdir()) == sorted([*FILES, fetch.SOURCE_RECORD])
     assert server.rpcs()[:2] == DOWNLOAD and all(r.proxied for r in server.requests)
     assert server.requests[0].path == "/api/v1/competitions.CompetitionApiService/DownloadDataFiles"
     assert refused.returncode == 2 and refused.stderr.startswith("error: Kaggle refused the credentials")
@@ -193,7 +194,7 @@ def _trained_run(root, name="r1", n=5):
     """The files `submit` reads: meta.json's test_rows and the run's test_probs.npz (no training needed)."""
     write_json(root / "data" / "processed" / "meta.json", {"test_rows": n})
     probs = np.eye(10, dtype=np.float32)[np.arange(n) % 10]
-    save_npz(root / "runs" / name / "test_probs.npz", {"probs": probs})
+    runs.Run(name).write_probs(probs)  # recorded as made from the data of now
     write_json(root / "runs" / name / "summary.json", {"arch": "seed_small", "best_val_acc": 0.9912})
 
 
@@ -262,3 +263,50 @@ def test_secrets_are_scrubbed_in_every_form(monkeypatch):
     monkeypatch.setenv("KAGGLE_KEY", SECRET)
     header = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
     assert kaggle_api.scrub(f"key {SECRET} header Basic {header}") == "key *** header Basic ***"
+
+
+# ---------------------------------------------------------------- misuse (issue 12)
+
+def test_a_world_readable_kaggle_json_is_warned_about(fake, root, monkeypatch, capsys):
+    folder = Path(os.environ["HOME"]) / ".kaggle"
+    folder.mkdir()
+    (folder / "kaggle.json").write_text(json.dumps({"username": USER, "key": SECRET}))
+    (folder / "kaggle.json").chmod(0o644)
+    kaggle_api.download_competition(root / "download")
+    err = capsys.readouterr().err
+    assert "warning: Your Kaggle API key is readable by other users" in err and "chmod 600" in err
+    assert SECRET not in err
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(monkeypatch):
+    import socket
+
+    import requests
+    from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+    waits, tries = [], []
+
+    def action():
+        tries.append(1)
+        reason = NameResolutionError("www.kaggle.com", None, socket.gaierror(-3, "Temporary failure in name resolution"))
+        raise requests.ConnectionError(MaxRetryError(None, "/v1/x", reason=reason))
+
+    with pytest.raises(UserError, match="does not resolve") as info:
+        kaggle_api.with_retries(action, "downloading", retries=3, base_delay=5, sleep=waits.append)
+    assert tries == [1] and waits == []
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_kaggle_replaces_an_offline_copy_and_records_its_source(fake, root, capsys):
+    raw = root / "data" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train.csv", "test.csv", "test_labels.csv"):
+        (raw / name).write_text("offline\n")
+    (raw / fetch.SOURCE_RECORD).write_text(json.dumps({"source": "mnist"}))
+    assert fetch.main(["--source", "kaggle", "--if-needed"]) == 0
+    assert "holds the competition from source mnist; fetching it from kaggle" in capsys.readouterr().out
+    assert (raw / "train.csv").read_text() == FILES["train.csv"] and not (raw / "test_labels.csv").exists()
+    assert fetch.current_source(raw) == "kaggle"
+    requests = len(fake.requests)
+    assert fetch.main(["--source", "kaggle", "--if-needed"]) == 0  # now it is there: nothing to do
+    assert len(fake.requests) == requests

@@ -1,10 +1,17 @@
 """The Makefile stays in step with the code: every target dry-runs, is documented, and names real modules."""
 import importlib.util
+import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.config import TrainConfig, apply_values, make_overrides, stage_variables
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -12,6 +19,61 @@ REPO = Path(__file__).resolve().parent.parent
 def make(*args):
     return subprocess.run(["make", "-C", str(REPO), "--no-print-directory", *args],
                           capture_output=True, text=True, timeout=60)
+
+
+FAKE_PYTHON = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as fh:
+    env = {{k: v for k, v in os.environ.items() if k.startswith("PIPELINE_")}}
+    fh.write(json.dumps({{"argv": sys.argv[1:], "env": env}}) + "\\n")
+"""
+
+
+def sandbox(tmp_path, venv=True):
+    """A copy of the Makefile in tmp_path whose .venv python only logs how it was called (argv, PIPELINE_ env)."""
+    box = tmp_path / "box"
+    box.mkdir()
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(REPO / name, box / name)
+    shutil.copytree(REPO / "configs", box / "configs")
+    if venv:
+        (box / ".venv" / "bin").mkdir(parents=True)
+        python = box / ".venv" / "bin" / "python"
+        python.write_text(FAKE_PYTHON)
+        python.chmod(0o755)
+        for marker in (".installed", ".dev-installed"):
+            (box / ".venv" / marker).touch()
+    return box
+
+
+def outside_make(env):
+    """The environment without what an enclosing make (`make test`) passes down: its variables are not ours."""
+    return {k: v for k, v in env.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+            and not k.startswith("PIPELINE_VAR_") and k != "PIPELINE_MAKE_VARS"}
+
+
+def sandbox_make(box, *args, env=None):
+    env = dict(outside_make(os.environ if env is None else env), FAKE_LOG=str(box / "calls.jsonl"))
+    return subprocess.run(["make", "-C", str(box), "--no-print-directory", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def calls(box):
+    log = box / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def built(box, run="x"):
+    """Every file of `make train submit RUN=run` in place, each newer than what it is made from (test.csv before
+    train.csv, as fetch writes them)."""
+    files = ["data/raw/test.csv", "data/raw/train.csv", "data/processed/meta.json", f"runs/{run}/summary.json",
+             f"runs/{run}/test_probs.npz", "submissions/.run", "submissions/submission.csv"]
+    now = time.time()
+    for i, name in enumerate(files):
+        path = box / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{run}\n" if name == "submissions/.run" else "x")
+        os.utime(path, (now - 100 + i, now - 100 + i))
 
 
 def phony_targets():
@@ -34,13 +96,156 @@ def test_every_target_dry_runs_and_calls_existing_modules(target):
         assert importlib.util.find_spec(module) is not None, f"{target} calls missing module {module}"
 
 
-def test_command_line_overrides_reach_train():
+def test_command_line_overrides_reach_train(tmp_path):
     out = make("-n", "-W", "data/processed/meta.json", "train", "PRESET=quick", "EPOCHS=3", "RUN=myrun").stdout
     line = next(l for l in out.splitlines() if "pipeline.train" in l)
-    assert "--preset quick" in line and "--run myrun" in line and "EPOCHS=3" in line
+    assert "--preset quick" in line and "--run myrun" in line and "--make-vars" in line
+    box = sandbox(tmp_path)
+    result = sandbox_make(box, "train", "PRESET=quick", "EPOCHS=3", "RUN=myrun")
+    assert result.returncode == 0, result.stderr
+    call = next(c for c in calls(box) if "pipeline.train" in c["argv"])
+    assert "EPOCHS=3" in make_overrides(call["env"]) and "RUN=myrun" in make_overrides(call["env"])
 
 
 def test_resume_without_preset_keeps_the_runs_own():
     out = make("-n", "-W", "data/processed/meta.json", "train", "RUN=old").stdout
     line = next(l for l in out.splitlines() if "pipeline.train" in l)
     assert "--preset" not in line and "--run old" in line
+
+
+# ---------------------------------------------------------------- misuse (issue 12)
+
+@pytest.mark.parametrize("message", ["x `touch {mark}`", "x $$(touch {mark})", "x $(touch {mark})",
+                                     'v2 "best" $HOME it\'s', "line one\nline two"])
+def test_message_reaches_python_as_data(tmp_path, message):
+    box = sandbox(tmp_path)
+    built(box)
+    mark = tmp_path / "pwned"
+    message = message.format(mark=mark)
+    result = sandbox_make(box, "submit", "RUN=x", f"MESSAGE={message}")
+    assert result.returncode == 0, result.stderr
+    assert not mark.exists(), "the shell ran part of MESSAGE"
+    upload = next(c for c in calls(box) if "--upload-only" in c["argv"])
+    assert upload["argv"][upload["argv"].index("--message") + 1] == message
+
+
+@pytest.mark.parametrize("run", ["x`touch {mark}`", "x$$(touch {mark})", "x;touch {mark}", "a b", "../../x"])
+def test_a_bad_run_name_is_refused_before_any_recipe(tmp_path, run):
+    box = sandbox(tmp_path)
+    mark = tmp_path / "pwned"
+    result = sandbox_make(box, "train", "submit", f"RUN={run.format(mark=mark)}")
+    assert result.returncode != 0 and "is not a run name" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not mark.exists() and calls(box) == []
+
+
+def test_a_preset_outside_configs_is_refused(tmp_path):
+    box = sandbox(tmp_path)
+    result = sandbox_make(box, "train", "PRESET=../../x")
+    assert result.returncode != 0 and "is not a preset name" in result.stderr and calls(box) == []
+    from pipeline.config import build_config
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="unknown preset"):
+        build_config("../configs/quick")
+
+
+def test_dry_run_of_submit_after_everything_is_built_lists_only_the_upload(tmp_path):
+    box = sandbox(tmp_path)
+    built(box)
+    result = sandbox_make(box, "-n", "submit", "RUN=x")
+    assert result.returncode == 0, result.stderr
+    stages = re.findall(r"-m (pipeline\.\w+)", result.stdout)
+    assert stages == ["pipeline.submit"] and "--upload-only" in result.stdout, result.stdout
+    other = sandbox_make(box, "-n", "submit", "RUN=y").stdout  # another run: its submission is written
+    assert "pipeline.submit --run y --upload 0" in other
+
+
+def test_a_failed_upload_is_tried_again_by_the_next_submit(tmp_path):
+    box = sandbox(tmp_path)
+    built(box)
+    for _ in range(2):  # the CSV is up to date both times; the upload step still asks (it knows what was sent)
+        assert sandbox_make(box, "submit", "RUN=x").returncode == 0
+    assert sum("--upload-only" in c["argv"] for c in calls(box)) == 2
+    assert not any("pipeline.predict" in c["argv"] or "pipeline.train" in c["argv"] for c in calls(box))
+
+
+def test_score_judges_the_submission_that_exists(tmp_path):
+    box = sandbox(tmp_path)
+    (box / "submissions").mkdir()
+    (box / "submissions" / "submission.csv").write_text("x")
+    result = sandbox_make(box, "score")  # PRESET and RUN default to standard, which was never trained
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"][:2] for c in calls(box)] == [["-m", "pipeline.score"]]
+
+
+def test_ensemble_creates_the_venv_first(tmp_path):
+    box = sandbox(tmp_path, venv=False)
+    out = sandbox_make(box, "-n", "ensemble", "RUN=night").stdout
+    assert "-m venv" in out and out.index("-m venv") < out.index("pipeline.ensemble")
+
+
+def fake_pythons(tmp_path, versions):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for v in versions:
+        exe = folder / f"python3.{v}"
+        exe.write_text(f"#!/bin/bash\necho python3.{v} \"$@\" >> {tmp_path}/python.log\n")
+        exe.chmod(0o755)
+    return folder
+
+
+def test_the_newest_python_is_picked(tmp_path):
+    box = sandbox(tmp_path, venv=False)
+    folder = fake_pythons(tmp_path, [11, 13, 12])
+    result = sandbox_make(box, "venv", env=dict(os.environ, PATH=f"{folder}:/usr/bin:/bin"))
+    log = (tmp_path / "python.log").read_text()
+    assert "python3.13 -m venv .venv" in log and "python3.12" not in log and "python3.11" not in log, log
+    del result  # the fake python makes no venv: what matters is which one was asked
+
+
+def test_python_base_names_the_python(tmp_path):
+    box = sandbox(tmp_path, venv=False)
+    folder = fake_pythons(tmp_path, [13, 14])
+    sandbox_make(box, "venv", "PYTHON_BASE=python3.13", env=dict(os.environ, PATH=f"{folder}:/usr/bin:/bin"))
+    log = (tmp_path / "python.log").read_text()
+    assert "python3.13 -m venv .venv" in log and "python3.14" not in log
+
+
+def test_no_python_is_one_line(tmp_path):
+    box = sandbox(tmp_path, venv=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    make_exe = shutil.which("make")
+    result = subprocess.run([make_exe, "-C", str(box), "--no-print-directory", "venv"], capture_output=True,
+                            text=True, timeout=60, env=dict(outside_make(os.environ), PATH=str(empty)))
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "no python3.11 or newer found" in result.stderr and "command not found" not in result.stderr
+
+
+def test_make_variables_are_not_refused_as_settings():
+    cfg = apply_values(TrainConfig(), {}, overrides=["PYTHON_BASE=python3.13", "TTA=1", "MESSAGE=x", "EPOCHS=2"])
+    assert cfg.epochs == 2
+    makefile = (REPO / "Makefile").read_text()
+    read = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", makefile))
+    settings = {f.upper() for f in TrainConfig().to_dict()}
+    assert read - settings <= stage_variables(), "a Makefile variable would be refused by train"
+
+
+def test_make_overrides_come_from_the_environment_unexpanded():
+    env = {"PIPELINE_MAKE_VARS": "EPOCHS LR", "PIPELINE_VAR_EPOCHS": "3", "PIPELINE_VAR_LR": "$(x) `y`"}
+    assert make_overrides(env) == ["EPOCHS=3", "LR=$(x) `y`"]
+
+
+def test_clean_removes_what_a_killed_stage_left(tmp_path):
+    box = sandbox(tmp_path)
+    leftovers = ["data/processed/.train.npz.abc123.tmp", "data/raw/.train.csv.abc123.tmp",
+                 "data/.kaggle-download-abc123/x.zip", "submissions/.submission.csv.abc.tmp"]
+    kept = ["data/raw/train.csv", "data/raw/test.csv", "submissions/.uploaded.json"]  # the record: never upload twice
+    for name in leftovers + kept:
+        (box / name).parent.mkdir(parents=True, exist_ok=True)
+        (box / name).write_text("x")
+    assert sandbox_make(box, "clean").returncode == 0
+    assert [n for n in leftovers if (box / n).exists()] == []
+    assert all((box / n).exists() for n in kept)
+    assert not (box / "data" / ".kaggle-download-abc123").exists()

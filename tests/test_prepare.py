@@ -235,3 +235,49 @@ def test_split_is_stratified_and_seeded(tmp_path):
     np.testing.assert_array_equal(val_idx, expected_val)
     assert meta["n_val"] == len(val_idx) and meta["val_fraction"] == 0.2 and meta["split_seed"] == 1
     assert meta["val_class_counts"] == np.bincount(labels[val_idx]).tolist()
+
+
+# ---------------------------------------------------------------- misuse (issue 12)
+
+def test_a_negative_label_is_outside_the_labels(prepared, capsys):
+    raw, out, before = prepared
+    write_raw(raw, set_cell(GOOD_TRAIN, 3, 0, "-1"))
+    assert run(raw, out) == 2
+    err = capsys.readouterr().err
+    assert "row 3 (line 4), column label: value -1 is outside 0..9" in err and "0..255" not in err
+
+
+def test_a_data_set_without_validation_rows_is_refused(prepared, capsys):
+    raw, out, before = prepared
+    write_raw(raw, csv_text(TRAIN_HEADER, TRAIN[:10]))  # one row of each digit: nothing left to validate on
+    assert run(raw, out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "validation split would be empty" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_huge_sparse_csv_is_refused_before_it_is_read(prepared, capsys):
+    raw, out, before = prepared
+    with open(raw / "test.csv", "wb") as fh:
+        fh.write(TEST_HEADER.encode() + b"\n")
+        fh.truncate(10 * 2**30)  # 10 GB of holes: reading it whole would exhaust memory
+    assert run(raw, out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "10.0 GB" in err and "`make fetch` replaces it" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder"])
+def test_a_train_csv_that_is_no_file_is_one_line(prepared, capsys, kind):
+    raw, out, before = prepared
+    (raw / "train.csv").unlink()
+    if kind == "fifo":
+        os.mkfifo(raw / "train.csv")
+    elif kind == "dev_zero":
+        (raw / "train.csv").symlink_to("/dev/zero")
+    else:
+        (raw / "train.csv").mkdir()
+    assert run(raw, out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a regular file" in err and "`make fetch` replaces it" in err
+    assert "missing" not in err

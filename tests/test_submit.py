@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline import submit
+from pipeline import runs, submit
 from pipeline.errors import UserError
-from pipeline.fileio import save_npz
 
 N_TEST = 6
 
@@ -95,7 +94,7 @@ def project(tmp_path, monkeypatch):
     probs = rng.random((N_TEST, 10)).astype(np.float32) * 0.1
     probs[np.arange(N_TEST), labels] = 1.0
     probs /= probs.sum(axis=1, keepdims=True)
-    save_npz(run / "test_probs.npz", {"probs": probs})
+    runs.Run("r1").write_probs(probs)  # with the record of the data and model they come from
     (run / "summary.json").write_text(json.dumps({"arch": "seed_small", "best_val_acc": 0.98765}))
     return types.SimpleNamespace(root=tmp_path, run=run, labels=labels,
                                  csv=tmp_path / "submissions" / "submission.csv")
@@ -132,7 +131,7 @@ def test_submit_writes_valid_csv_from_run(project, capsys, monkeypatch):
 def test_submit_rejects_probs_of_wrong_length_and_keeps_old_file(project, capsys):
     project.csv.parent.mkdir(parents=True)
     project.csv.write_text("previous good submission\n")
-    save_npz(project.run / "test_probs.npz", {"probs": np.full((N_TEST - 1, 10), 0.1, np.float32)})
+    runs.Run("r1").write_probs(np.full((N_TEST - 1, 10), 0.1, np.float32))
     assert submit.main(["--run", "r1", "--upload", "0"]) == 2
     assert "rerun `make predict" in capsys.readouterr().err
     assert project.csv.read_text() == "previous good submission\n"
@@ -192,7 +191,41 @@ def test_upload_message_without_accuracy():
 def test_submit_refuses_nan_probabilities(project, capsys):
     probs = np.full((N_TEST, 10), 0.1, np.float32)
     probs[2] = np.nan
-    save_npz(project.run / "test_probs.npz", {"probs": probs})
+    runs.Run("r1").write_probs(probs)
     assert submit.main(["--run", "r1", "--upload", "0"]) == 2
     assert "NaN" in capsys.readouterr().err
     assert not project.csv.exists()
+
+
+# ---------------------------------------------------------------- the upload step (issue 12)
+
+def test_a_failed_upload_is_retried_and_a_successful_one_never_repeated(project, capsys, monkeypatch):
+    answers = [UserError("Kaggle answered HTTP 503 while submitting"), "Successfully submitted"]
+    sent = []
+    calls = fake_kaggle_api(monkeypatch)
+
+    def flaky_submit(csv_path, message):
+        sent.append(message)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sys.modules["pipeline.kaggle_api"].submit = flaky_submit
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0  # what `make submit` runs first: the CSV
+    upload = ["--run", "r1", "--upload-only", "--message", 'v2 "best" $HOME']
+    assert submit.main(upload) == 2  # the upload failed: exit 2, the CSV stays
+    assert "HTTP 503" in capsys.readouterr().err
+    assert submit.main(upload) == 0  # the next `make submit`: tried again
+    assert "Successfully submitted" in capsys.readouterr().out
+    assert submit.main(upload) == 0  # and never again for this very file
+    assert "uploaded already" in capsys.readouterr().out
+    assert len(sent) == 2 and sent[-1].startswith('v2 "best" $HOME | run r1') and calls == []
+    record = json.loads((project.csv.parent / submit.UPLOAD_RECORD).read_text())
+    assert record["answer"] == "Successfully submitted"
+
+
+def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeypatch):
+    fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2
+    assert "make submit RUN=r1" in capsys.readouterr().err

@@ -1,0 +1,314 @@
+"""The run model under misuse: its lock, the config its checkpoint carries, damaged artifacts said in one line
+with advice that works, and predictions never reused for other data (issue 12)."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import checkpoint, predict, report, runs, submit, train
+from pipeline.config import to_toml
+from pipeline.fileio import load_npz, save_npz
+from tests.test_resume import env_for, finish, train as run_train, write_processed
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["ARCH=seed_small", "EPOCHS=1", "BATCH_SIZE=32", "AUGMENT=0", "DEVICE=cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A root with data/processed and a finished run 'base' (seed_small, one epoch)."""
+    root = tmp_path_factory.mktemp("trained")
+    write_processed(root)
+    code, _, err = finish(run_train(root, "base", extra=FAST))
+    assert code == 0, err
+    return root
+
+
+@pytest.fixture
+def root(trained, tmp_path, monkeypatch):
+    """A copy of the trained root of this test's own, as PIPELINE_ROOT."""
+    copy = tmp_path / "root"
+    shutil.copytree(trained, copy)
+    monkeypatch.setenv("PIPELINE_ROOT", str(copy))
+    return copy
+
+
+def one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def predict_main(*args):
+    return predict.main(["--device", "cpu", *args])
+
+
+# ---------------------------------------------------------------- the lock
+
+HOLD = """
+import sys, time
+from pipeline import runs
+with runs.Run(sys.argv[1]).lock("train"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(root, name):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, name], env=env_for(root), cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_holder_and_kill_9_frees_the_run(root):
+    holder = hold_lock(root, "base")
+    try:
+        code, _, err = finish(run_train(root, "base", extra=FAST))
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"runs/base is in use by pid {holder.pid} (train" in err
+        r = subprocess.run([sys.executable, "-m", "pipeline.predict", "--run", "base", "--device", "cpu"],
+                           env=env_for(root), cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr and r.stderr.count("\n") == 1  # readers too
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with runs.Run("base").lock("train"):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_two_trainings_of_one_run_never_mix(trained, tmp_path):
+    write_processed(tmp_path)
+    first = run_train(tmp_path, "same", extra=[*FAST, "EPOCHS=3"])
+    lock = tmp_path / "runs" / "same" / runs.LOCK
+    while not (lock.exists() and lock.read_text().startswith(f"pid {first.pid}")):
+        assert first.poll() is None, first.communicate()
+    code, _, err = finish(run_train(tmp_path, "same", extra=[*FAST, "LR=0.5"]))
+    assert code == 2 and "in use by" in err and err.count("\n") == 1, err
+    code, _, err = finish(first)
+    assert code == 0, err
+    assert "lr = 0.004" in (tmp_path / "runs" / "same" / "config.toml").read_text()  # the quick preset's, not 0.5
+
+
+# ---------------------------------------------------------------- the config the checkpoint carries
+
+def stopped_run(root, name, extra=()):
+    """A run stopped mid-training with a checkpoint (MAX_TIME after the first step or so)."""
+    code, _, err = finish(run_train(root, name, extra=[*FAST, "EPOCHS=3", "CKPT_EVERY=1", "MAX_TIME=0.001s", *extra]))
+    assert code == 3, err
+    return root / "runs" / name
+
+
+def test_the_checkpoint_carries_its_config_and_an_edited_config_toml_is_refused(root):
+    folder = stopped_run(root, "edit")
+    state = checkpoint.unpack(checkpoint.read(folder / "checkpoints" / checkpoint.LATEST))[3]
+    assert state["config"]["lr"] == 0.004 and state["config"]["arch"] == "seed_small"
+    text = (folder / "config.toml").read_text()
+    (folder / "config.toml").write_text(text.replace("lr = 0.004", "lr = 0.5"))
+    code, _, err = finish(run_train(root, "edit", extra=[*FAST, "EPOCHS=3"]))
+    assert code == 2 and err.count("\n") == 1 and "lr 0.004 -> 0.5" in err and "FORCE=1" in err, err
+    # as `make train RUN=edit FORCE=1` runs it: no preset on the command line, the run's own config
+    assert train.main(["--run", "edit", "FORCE=1", "MAX_TIME=0.001s"]) == 3
+    state = checkpoint.unpack(checkpoint.read(folder / "checkpoints" / checkpoint.LATEST))[3]
+    assert state["config"]["lr"] == 0.5  # adopted on purpose, and recorded
+
+
+def test_a_damaged_config_toml_is_restored_from_the_checkpoint(root):
+    folder = stopped_run(root, "binary")
+    (folder / "config.toml").write_bytes(bytes(range(256)))
+    code, _, err = finish(run_train(root, "binary", extra=[*FAST, "EPOCHS=3"]))
+    assert code == 0, err
+    assert "restoring it from the checkpoint" in err and "Traceback" not in err
+    assert "arch = \"seed_small\"" in (folder / "config.toml").read_text()
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line(root):
+    other = stopped_run(root, "other", extra=["ARCH=small_bn"])
+    mine = stopped_run(root, "mine")
+    shutil.copy(other / "checkpoints" / checkpoint.LATEST, mine / "checkpoints" / checkpoint.LATEST)
+    (mine / "checkpoints" / checkpoint.PREVIOUS).unlink(missing_ok=True)
+    code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3"]))
+    assert code == 2 and err.count("\n") == 1 and "arch 'small_bn' -> 'seed_small'" in err, err
+    code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3", "FORCE=1"]))
+    assert code == 2 and err.count("\n") == 1 and "does not fit seed_small" in err and "remove" in err, err
+    shutil.rmtree(mine / "checkpoints")  # what the line says to do
+    code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3"]))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign"])
+def test_a_damaged_or_foreign_best_checkpoint_falls_back_to_the_last_epoch(root, damage):
+    folder = root / "runs" / "base"
+    best = folder / "checkpoints" / checkpoint.BEST
+    if damage == "garbage":
+        best.write_bytes(best.read_bytes()[:200])
+    else:
+        other = stopped_run(root, "foreign", extra=["ARCH=small_bn"])
+        shutil.copy(other / "checkpoints" / checkpoint.LATEST, best)
+    (folder / "summary.json").unlink()  # the run is delivered again from its checkpoints
+    code, out, err = finish(run_train(root, "base", extra=FAST))
+    assert code == 0, err
+    assert "Traceback" not in err and "delivering the last epoch's weights instead" in err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    live = checkpoint.unpack(checkpoint.read(folder / "checkpoints" / checkpoint.LATEST))[0]
+    delivered = load_npz(folder / "model.npz")
+    assert all(np.array_equal(delivered[k], live[k]) for k in live)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(root, monkeypatch, capsys):
+    write_processed(root)
+    real_save = checkpoint.save_npz
+    saves = []
+
+    def save(path, arrays, compressed=False):
+        saves.append(path)
+        if len(saves) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(path, arrays, compressed)
+
+    monkeypatch.setattr(checkpoint, "save_npz", save)
+    code = train.main(["--preset", "quick", "--run", "full", *FAST, "EPOCHS=2", "CKPT_EVERY=1"])
+    assert code == 2
+    one_error_line(capsys, "No space left on device", "previous checkpoint is kept", "make train RUN=full")
+    ckpt = root / "runs" / "full" / "checkpoints"
+    assert checkpoint.load_newest(ckpt) is not None and not (ckpt / ".incoming.npz").exists()
+    monkeypatch.setattr(checkpoint, "save_npz", real_save)
+    assert train.main(["--preset", "quick", "--run", "full", *FAST, "EPOCHS=2", "CKPT_EVERY=1"]) == 0
+
+
+# ---------------------------------------------------------------- damaged artifacts: one line, and advice that works
+
+def garbage(path):
+    path.write_bytes(b"\x00garbage\xff" * 10)
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("name,damage,stage", [
+    ("model.npz", garbage, "predict"), ("model.npz", truncated, "predict"), ("model.npz", garbage, "report"),
+    ("model.npz", "delete", "predict"), ("model.npz", "delete", "report"),
+    ("val_predictions.npz", truncated, "report"), ("summary.json", garbage, "report"),
+    ("metrics.jsonl", garbage, "report"), ("config.toml", garbage, "predict"), ("config.toml", garbage, "report"),
+])
+def test_a_damaged_artifact_is_one_line_and_make_train_repairs_it(root, capsys, name, damage, stage):
+    path = root / "runs" / "base" / name
+    if damage == "delete":
+        path.unlink()
+    else:
+        damage(path)
+    main = {"predict": predict_main, "report": lambda *args: report.main(list(args))}[stage]
+    assert main("--run", "base") == 2
+    one_error_line(capsys, name, "make train RUN=base")
+    assert train.main(["--run", "base"]) == 0  # what the line says: it rebuilds the run from its checkpoints
+    capsys.readouterr()
+    assert main("--run", "base") == 0
+
+
+def test_damaged_test_probs_are_one_line_and_make_predict_recomputes_them(root, capsys):
+    assert predict_main("--run", "base") == 0
+    garbage(root / "runs" / "base" / "test_probs.npz")
+    assert submit.main(["--run", "base", "--upload", "0"]) == 2
+    one_error_line(capsys, "test_probs.npz is damaged", "make predict RUN=base")
+    assert predict_main("--run", "base") == 0
+    assert submit.main(["--run", "base", "--upload", "0"]) == 0
+
+
+def ensemble_root(root):
+    """runs/night: an ensemble whose two members are copies of the finished run 'base'."""
+    night = root / "runs" / "night"
+    for k in (0, 1):
+        shutil.copytree(root / "runs" / "base", night / "members" / str(k), ignore=shutil.ignore_patterns(".lock"))
+    cfg = runs.Run("base").config()
+    cfg.members = 2
+    (night / "config.toml").write_text(to_toml({"preset": "quick", **cfg.to_dict()}))
+    (night / "summary.json").write_text(json.dumps({"ensemble": True, "members": 2, "finished": True}))
+    return night
+
+
+def test_a_damaged_member_cache_or_ensemble_json_is_one_line_or_recomputed(root, capsys):
+    night = ensemble_root(root)
+    runs.Run("night/members/0").write_probs(np.full((3, 10), 0.1, np.float32), "test_probs.npz")  # 3 rows, not 20
+    garbage(night / "members" / "1" / "test_probs.npz")
+    assert predict_main("--run", "night") == 0  # both caches recomputed
+    assert load_npz(night / "members" / "0" / "test_probs.npz")["probs"].shape == (20, 10)
+    garbage(night / "ensemble.json")
+    capsys.readouterr()
+    assert submit.main(["--run", "night", "--upload", "0"]) == 2
+    one_error_line(capsys, "ensemble.json is damaged", "make ensemble RUN=night")
+    from pipeline import ensemble
+
+    assert ensemble.main(["--run", "night", "--device", "cpu"]) == 0
+    assert submit.main(["--run", "night", "--upload", "0"]) == 0
+
+
+def test_a_member_name_on_a_single_run_is_refused(root, capsys):
+    assert predict_main("--run", "base/members/0") == 2
+    one_error_line(capsys, "runs/base is not an ensemble")
+    assert train.main(["--run", "base/members/0"]) == 2
+    one_error_line(capsys, "members are trained by their ensemble", "make train RUN=base")
+    ensemble_root(root)
+    assert predict_main("--run", "night/members/7") == 2
+    one_error_line(capsys, "has no member 7", "members: 0, 1")
+
+
+# ---------------------------------------------------------------- nothing stale
+
+def other_test_data(root, rows=7):
+    """What `make prepare` leaves after test.csv was replaced by other rows."""
+    x = np.random.default_rng(5).random((rows, 28, 28, 1), dtype=np.float32)
+    processed = root / "data" / "processed"
+    save_npz(processed / "test.npz", {"x": x})
+    meta = json.loads((processed / "meta.json").read_text())
+    (processed / "meta.json").write_text(json.dumps({**meta, "test_rows": rows, "test_sha256": "another test.csv"}))
+    return x
+
+
+def test_predictions_of_other_test_data_are_never_submitted(root, capsys):
+    assert predict_main("--run", "base") == 0
+    assert predict_main("--run", "base") == 0
+    assert "up to date" in capsys.readouterr().out
+    x = other_test_data(root, rows=20)  # same row count: only the record tells
+    assert submit.main(["--run", "base", "--upload", "0"]) == 2
+    one_error_line(capsys, "test_probs.npz was made from other data", "make predict RUN=base")
+    assert predict_main("--run", "base") == 0
+    assert "up to date" not in capsys.readouterr().out
+    expected = runs.Run("base").load_model().predict_proba(x).argmax(1)
+    assert submit.main(["--run", "base", "--upload", "0"]) == 0
+    labels = submit.validate_submission(root / "submissions" / "submission.csv", 20)["Label"].to_numpy()
+    assert np.array_equal(labels, expected)
+
+
+def test_predictions_of_another_model_are_never_submitted(root, capsys):
+    assert predict_main("--run", "base") == 0
+    (root / "runs" / "base" / "summary.json").unlink()
+    shutil.rmtree(root / "runs" / "base" / "checkpoints")
+    assert train.main(["--run", "base", "SEED=1", "FORCE=1"]) == 0  # retrained: another model.npz
+    capsys.readouterr()
+    assert submit.main(["--run", "base", "--upload", "0"]) == 2
+    one_error_line(capsys, "made from another model", "make predict RUN=base")
+
+
+# ---------------------------------------------------------------- the run model
+
+def test_the_run_knows_its_state(root):
+    base = runs.Run("base")
+    assert base.finished and not base.is_ensemble and base.members() == [] and not base.is_member
+    assert base.config().arch == "seed_small"
+    night = ensemble_root(root)
+    ens = runs.Run("night")
+    assert ens.is_ensemble and [m.name for m in ens.members()] == ["night/members/0", "night/members/1"]
+    assert ens.finished and ens.members()[0].root.name == "night"
+    (night / "members" / "1" / "model.npz").unlink()
+    assert not ens.finished and ens.finished_members()[1] == ["1"]
+    assert runs.Run("base").made_from()["data"] == runs.data_fingerprint()
