@@ -1,16 +1,43 @@
-"""The same ops on CuPy and NumPy agree (skipped without CuPy or a CUDA device)."""
+"""The same ops on the GPU backend and on NumPy agree.
+
+Every test runs against tests/fakecupy.py, a NumPy-backed stand-in as strict as CuPy about what crosses
+between host and device, on every run; and against CuPy itself where CuPy and a CUDA device exist.
+
+What the fake cannot catch (only a real GPU run can):
+- asynchrony: its kernels finish before they return, so a race between streams, or host memory changed
+  while a copy is still in flight, passes here;
+- out-of-bounds wrapping: it indexes as NumPy does, raising IndexError where CuPy silently wraps an
+  out-of-range integer index around, so code that counts on that IndexError passes here;
+- kernel compilation: nothing is compiled (NVRTC, cuBLAS, cuDNN are never loaded); `make(broken=...)`
+  only imitates such a failure;
+- numerics: it computes with NumPy, so GPU rounding, summation order, TF32 and atomics are not seen;
+- memory: it counts the bytes of live device arrays, but not CuPy's memory pool, fragmentation or a
+  device's capacity;
+- speed: its timings are NumPy's.
+"""
+import sys
+
 import numpy as np
 import pytest
 
-from pipeline.nn import build_model, conv, make_optimizer, norm, pool, softmax_cross_entropy, to_numpy
-from pipeline.nn.backend import cupy_available, get_array_module, select_device
+from pipeline.nn import backend, build_model, conv, make_optimizer, norm, pool, softmax_cross_entropy, to_numpy
+from pipeline.nn.backend import get_array_module, select_device
+from tests import fakecupy
 
-pytestmark = pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a CUDA device")
+REAL_CUPY = backend.cupy_available()
 
 
-@pytest.fixture
-def cp():
-    return select_device("gpu")
+@pytest.fixture(params=["fake", "cupy"])
+def cp(request, monkeypatch):
+    """The GPU backend: the fake always; real CuPy where it and a device exist."""
+    if request.param == "cupy":
+        if not REAL_CUPY:
+            pytest.skip("needs CuPy and a CUDA device")
+        return select_device("gpu")
+    fake = fakecupy.install(monkeypatch)
+    assert select_device("gpu") is fake
+    fake._ledger.reset()
+    return fake
 
 
 def close(gpu, cpu, rtol=1e-4, atol=1e-5):
@@ -81,7 +108,7 @@ def test_model_step_and_state_agree_with_numpy(cp):
     sc, sg = cpu.state_dict(), gpu.state_dict()
     assert all(isinstance(v, np.ndarray) for v in sg.values())
     for k in sc:
-        np.testing.assert_allclose(sg[k], sc[k], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(sg[k], sc[k], rtol=1e-3, atol=1e-5, err_msg=k)
     assert isinstance(ogpu.state_dict()["0.w.exp_avg"], np.ndarray)
     p = gpu.predict_proba(x)
     assert isinstance(p, np.ndarray) and p.dtype == np.float32
