@@ -235,7 +235,10 @@ def train_one(folder, preset, cfg, force, label=None):
     arrays = checkpoint.load_newest(ckpt_dir)
     if arrays is not None:
         model_state, opt_state, rng_state, state = checkpoint.unpack(arrays)
-        model.load_state_dict(model_state)
+        try:
+            model.load_state_dict(model_state)
+        except ValueError as exc:
+            raise UserError(f"runs/{label}: its checkpoint does not fit architecture {cfg.arch}: {exc}") from None
         opt.load_state_dict(opt_state)
         model.set_rng_state(rng_state)
         if average:
