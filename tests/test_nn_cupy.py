@@ -113,3 +113,25 @@ def test_model_step_and_state_agree_with_numpy(cp):
     p = gpu.predict_proba(x)
     assert isinstance(p, np.ndarray) and p.dtype == np.float32
     np.testing.assert_allclose(p, cpu.predict_proba(x), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("broken", ["compile", "cublas"])
+def test_a_cupy_that_imports_but_cannot_run_falls_back_to_numpy_in_one_line(monkeypatch, capsys, broken):
+    """Issue 15 item 2: counting devices is not enough; the probe runs a kernel, a GEMM and a copy back."""
+    fakecupy.install(monkeypatch, broken=broken)
+    assert not backend.cupy_available()
+    assert select_device("auto") is np
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CuPy cannot run on this GPU" in err and "using NumPy" in err
+    assert not backend.cupy_available()  # probed once: no second line
+    assert capsys.readouterr().err == ""
+    with pytest.raises(backend.UserError, match="cannot run on the GPU"):
+        select_device("gpu")
+
+
+def test_no_device_is_no_gpu_without_a_message(monkeypatch, capsys):
+    fakecupy.install(monkeypatch, devices=0)
+    assert select_device("auto") is np
+    assert capsys.readouterr().err == ""
+    with pytest.raises(backend.UserError, match="no CUDA device"):
+        select_device("gpu")
