@@ -110,9 +110,10 @@ _BROKEN = {"mode": None}
 
 
 def _caller():
-    """'file:line' of the first frame outside this file and outside NumPy."""
+    """'file:line' of the first frame outside this file, NumPy and the backend's pass-through helpers."""
     frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename == __file__ or "/numpy/" in frame.f_code.co_filename):
+    while frame is not None and (frame.f_code.co_filename == __file__ or "/numpy/" in frame.f_code.co_filename
+                                 or frame.f_code.co_filename.endswith("pipeline/nn/backend.py")):
         frame = frame.f_back
     if frame is None:
         return "?"
