@@ -11,8 +11,8 @@ def _conv(filters, kernel, stride=1, padding="valid", bias=True):
 
 
 def _conv_bn_relu(filters, kernel, stride=1, padding="valid"):
-    """No conv bias: the BatchNorm right after subtracts it again (its true gradient is 0, PyTorch's and
-    Keras' reference nets drop it too); Adam would only move it by +-lr on rounding noise."""
+    """No conv bias: the BatchNorm right after subtracts it again, so its true gradient is 0 and Adam would
+    only move it by +-lr on rounding noise (torchvision's ResNets build such convs with bias=False too)."""
     return [_conv(filters, kernel, stride, padding, bias=False), {"type": "batchnorm"}, {"type": "relu"}]
 
 

@@ -30,8 +30,8 @@ def softmax_cross_entropy(logits, y, label_smoothing=0.0, as_float=True):
 
     y: N labels in [0, K), checked here, where they arrive (NumPy would take -1 as the last class and CuPy
     wraps any out-of-range label around): host labels at no cost, device labels at one host sync.
-    as_float=False leaves the loss a 0-d array on the logits' backend, so that a GPU step need not wait
-    for it (train.step_totals fetches it with the step's other numbers).
+    as_float=False leaves the loss on the logits' backend (a 0-d CuPy array, a NumPy scalar), so that a GPU
+    step need not wait for it (train.step_totals fetches it with the step's other numbers).
     """
     xp = get_array_module(logits)
     n, k = logits.shape
