@@ -71,8 +71,10 @@ CUPY_NAMES = frozenset("""
     unique unique_all unique_counts unique_inverse unique_values unpackbits unravel_index unsignedinteger unwrap
     ushort vander var vdot vectorize vsplit vstack where who zeros zeros_like""".split())
 
-# CuPy's ndarray methods this stand-in offers (from CuPy's ndarray reference, cupy/_core/core.pyx);
-# each takes and returns device arrays.
+# The ndarray methods this stand-in offers, a subset of CuPy's: each is among the `_ndarray_base.<name>`
+# method names compiled into the same wheel's cupy/_core/core*.so (read with `strings`); so are get, set,
+# item, tolist, tobytes, fill, T, flags, shape and the other attributes defined below. No __index__: CuPy
+# has none.
 _METHODS = ("all any argmax argmin argsort astype clip conj copy cumprod cumsum diagonal dot flatten max "
             "mean min nonzero prod put ravel repeat reshape round sort squeeze std sum swapaxes take trace "
             "transpose var view").split()
