@@ -543,4 +543,7 @@ def install(monkeypatch, broken=None, devices=1):
     for name, value in (("_cupy", None), ("_cupy_tried", False), ("_cupy_usable", None)):
         if hasattr(backend, name):
             monkeypatch.setattr(backend, name, value)
+    # the engine's per-thread scratch buffers would outlive the fake holding its arrays, which NumPy code
+    # could then be lent (once the fake is gone, the backend takes them for NumPy's): its own while it lasts
+    monkeypatch.setattr(backend._local, "scratch", {}, raising=False)
     return fake
