@@ -155,13 +155,15 @@ STAGES = [
      '''import numpy as np
 
 from pipeline import kaggle_env
+from pipeline.config import build_config
 from pipeline.nn import select_device
 
 settings = kaggle_env.settings()
 PIPELINE_ROOT = kaggle_env.use_working_dir()
 print(settings)
 print("outputs under", PIPELINE_ROOT)
-print("device:", "GPU (CuPy)" if select_device("auto") is not np else "CPU (NumPy)")'''),
+device = select_device(build_config(settings.preset, settings.overrides).device)  # the one training will use
+print("device:", "GPU (CuPy)" if device is not np else "CPU (NumPy)")'''),
     ("## Find the data\n\n`/kaggle/input/digit-recognizer`, `/kaggle/input/competitions/digit-recognizer`, or "
      "wherever below `/kaggle/input` a folder holds `train.csv` and `test.csv`.",
      '''data_dir = kaggle_env.find_competition_data()

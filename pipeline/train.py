@@ -23,7 +23,8 @@ from pipeline.averaging import WeightAverage
 from pipeline.config import TrainConfig, apply_values, build_config, load_toml, make_overrides, to_toml
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
-from pipeline.nn import build_model, make_optimizer, make_schedule, select_device, softmax, softmax_cross_entropy, to_numpy
+from pipeline.nn import (build_model, get_array_module, make_optimizer, make_schedule, select_device, softmax,
+                         softmax_cross_entropy, to_numpy)
 
 DEFAULT_PRESET = "standard"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
@@ -132,8 +133,8 @@ def load_data(cfg, xp):
     if len(val_idx) == 0:
         raise UserError("the validation split is empty, so no epoch could be judged: train.csv needs at least "
                         "2 rows of a digit (run `make prepare` again with more data)")
-    return (xp.asarray(x[train_idx]), xp.asarray(y[train_idx]), xp.asarray(x[val_idx]), xp.asarray(y[val_idx]),
-            val_idx)
+    # labels stay on the host: the loss checks them there for free, and they are small
+    return xp.asarray(x[train_idx]), y[train_idx], xp.asarray(x[val_idx]), y[val_idx], val_idx
 
 
 def evaluate(model, x, y, batch_size=1000):
@@ -144,9 +145,18 @@ def evaluate(model, x, y, batch_size=1000):
         loss, _ = softmax_cross_entropy(logits, y[i:i + batch_size])
         total += float(loss) * len(logits)
         probs.append(to_numpy(softmax(logits)))
+    model.forget_activations()  # the last batch's, on the device until the next step otherwise
     probs = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
     n = max(len(x), 1)
     return total / n, float((probs.argmax(1) == to_numpy(y)).mean()) if len(x) else 0.0, probs
+
+
+def step_totals(loss, logits, y):
+    """(loss as a float, count of correct predictions) of a training step: one transfer from the device."""
+    xp = get_array_module(logits)
+    correct = (logits.argmax(1) == xp.asarray(y)).sum()
+    both = to_numpy(xp.stack([xp.asarray(loss, dtype=xp.float64), correct.astype(xp.float64)]))
+    return float(both[0]), int(both[1])
 
 
 def batches_per_epoch(n, batch_size):
@@ -329,20 +339,21 @@ def train_one(folder, preset, cfg, force, label=None):
             while state["step"] < steps_per_epoch:
                 step = state["step"]
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size if step + 1 < steps_per_epoch else None]
-                xb, yb = x_tr[xp.asarray(rows)], y_tr[xp.asarray(rows)]
+                xb, yb = x_tr[xp.asarray(rows)], y_tr[rows]
                 if cfg.augment:
                     xb = random_affine(xb, batch_rng(cfg.seed, epoch, step), cfg.rotate_deg, cfg.zoom, cfg.shift,
                                        cfg.zoom_xy)
                 lr = schedule(epoch * steps_per_epoch + step)
                 logits = model.forward(xb, train=True)
-                loss, dlogits = softmax_cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                loss, dlogits = softmax_cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing, as_float=False)
                 model.backward(dlogits, input_grad=False)
                 opt.step(model.params(), lr)
                 if average:
                     average.update(model)
                 state["step"] += 1
-                sums["loss"] += float(loss) * len(rows)
-                sums["correct"] += int((logits.argmax(1) == yb).sum())
+                loss, correct = step_totals(loss, logits, yb)  # the step's one host sync on a GPU
+                sums["loss"] += loss * len(rows)
+                sums["correct"] += correct
                 sums["seen"] += len(rows)
                 sums["seconds"] = time.monotonic() - t_epoch
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}", acc=f"{sums['correct'] / sums['seen']:.4f}",

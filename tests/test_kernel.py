@@ -154,6 +154,21 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert (s.preset, s.overrides, s.run) == ("quick", ("EPOCHS=1", "DEVICE=cpu"), "kaggle-quick")
 
 
+@pytest.mark.parametrize("overrides,shown", [("EPOCHS=1 DEVICE=cpu", "CPU (NumPy)"), ("EPOCHS=1", "GPU (CuPy)")])
+def test_the_settings_cell_shows_the_device_training_will_use(tmp_path, monkeypatch, capsys, overrides, shown):
+    """On a machine with a GPU (here fakecupy), DEVICE=cpu trains on the CPU, and the notebook says so."""
+    from tests import fakecupy
+
+    fakecupy.install(monkeypatch)
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "kaggle"))
+    monkeypatch.setenv("DIGIT_PRESET", "quick")
+    monkeypatch.setenv("DIGIT_OVERRIDES", overrides)
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))  # the cell points it elsewhere; restored after
+    cell = next(code for markdown, code in kernel.STAGES if markdown.startswith("## Settings"))
+    exec(compile(cell, "settings-cell", "exec"), {})
+    assert f"device: {shown}" in capsys.readouterr().out
+
+
 def test_an_earlier_versions_run_is_restored(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "working" / "pipeline"))
     earlier = tmp_path / "input" / "my-kernel" / "pipeline" / "runs" / "kaggle-quick"

@@ -462,7 +462,7 @@ def test_state_dict_round_trip_and_strict_load(tmp_path):
         np.testing.assert_array_equal(v, state[k])
     np.testing.assert_array_equal(other.predict_proba(x), model.predict_proba(x))
     bad = dict(state)
-    bad.pop("0.b")
+    bad.pop("0.w")
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict(bad)
     with pytest.raises(ValueError, match="unexpected"):

@@ -72,3 +72,18 @@ def test_check_probs():
         predict.check_probs(np.where(np.eye(2, 10) > 0, np.nan, 0.1), 2)
     with pytest.raises(UserError, match="probability"):
         predict.check_probs(np.full((2, 10), 0.2), 2)
+
+
+def test_a_run_saved_with_conv_biases_before_batchnorm_is_told_apart_in_one_line(project, capsys):
+    """deotte and small_bn lost the conv bias in front of each BatchNorm: an older model.npz that still
+    has them is refused with one line that says why, not a traceback."""
+    from pipeline.nn import build_model
+
+    _, run, _, _ = project
+    (run / "config.toml").write_text(to_toml(TrainConfig(arch="small_bn").to_dict()))
+    state = build_model("small_bn", seed=0).state_dict()
+    assert "0.b" not in state and "4.b" not in state and "9.b" in state  # the dense layers keep theirs
+    save_npz(run / "model.npz", {**state, "0.b": np.zeros(16, np.float32), "4.b": np.zeros(32, np.float32)})
+    assert predict.main(["--run", "r1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older version" in err and "Traceback" not in err

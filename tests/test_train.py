@@ -69,3 +69,20 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
     code, out, err = finish(run_train(tmp_path, "bad", extra=bad))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "runs" / "bad" / "summary.json").exists()
+
+
+def test_a_checkpoint_with_conv_biases_before_batchnorm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """small_bn lost the conv bias in front of each BatchNorm: resuming a run saved before says so in one
+    line, no traceback."""
+    write_processed(tmp_path)
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    args = ["--preset", "quick", "--run", "old", "EPOCHS=2", "BATCH_SIZE=16", "DEVICE=cpu"]
+    assert train.main([*args, "MAX_TIME=0.001s"]) == 3  # stops after its first step, with a checkpoint
+    folder = tmp_path / "runs" / "old" / "checkpoints"
+    model_state, opt_state, rng_state, state = checkpoint.unpack(checkpoint.read(folder / checkpoint.LATEST))
+    model_state = {**model_state, "0.b": np.zeros(16, np.float32), "4.b": np.zeros(32, np.float32)}
+    checkpoint.write_latest(folder, checkpoint.pack(model_state, opt_state, rng_state, state))
+    capsys.readouterr()
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older version" in err and "runs/old" in err

@@ -5,17 +5,20 @@ architecture, and gives a dense spec without "units" num_classes.
 """
 
 
-def _conv(filters, kernel, stride=1, padding="valid"):
+def _conv(filters, kernel, stride=1, padding="valid", bias=True):
     return {"type": "conv2d", "filters": filters, "kernel": kernel, "stride": stride, "padding": padding,
-            "bias": True}
+            "bias": bias}
 
 
 def _conv_bn_relu(filters, kernel, stride=1, padding="valid"):
-    return [_conv(filters, kernel, stride, padding), {"type": "batchnorm"}, {"type": "relu"}]
+    """No conv bias: the BatchNorm right after subtracts it again, so its true gradient is 0 and Adam would
+    only move it by +-lr on rounding noise (torchvision's ResNets build such convs with bias=False too)."""
+    return [_conv(filters, kernel, stride, padding, bias=False), {"type": "batchnorm"}, {"type": "relu"}]
 
 
 def _conv_relu_bn(filters, kernel, stride=1, padding="valid"):
-    """Keras' `Conv2D(..., activation='relu')` then `BatchNormalization()`: the order of Deotte's kernel."""
+    """Keras' `Conv2D(..., activation='relu')` then `BatchNormalization()`: the order of Deotte's kernel.
+    The bias stays: the ReLU between makes it matter."""
     return [_conv(filters, kernel, stride, padding), {"type": "relu"}, {"type": "batchnorm"}]
 
 

@@ -5,6 +5,7 @@ the arrays lives on the GPU, so every op has one generic body (`xp = get_array_m
 CuPy is never required: its import sits in a try/except and is attempted lazily, not at import time.
 """
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,8 @@ from pipeline.errors import UserError
 
 _cupy = None
 _cupy_tried = False
+_cupy_usable = None  # None: not probed yet (cupy_available)
+_cupy_failure = ""   # why an installed CuPy with a device could not run its probe
 
 
 def _import_cupy():
@@ -30,14 +33,34 @@ def _import_cupy():
 
 
 def cupy_available():
-    """True when cupy imports and at least one CUDA device is visible."""
-    cp = _import_cupy()
+    """True when cupy imports, a CUDA device is visible and a tiny element-wise kernel and matrix product run
+    on it (a CuPy built for another CUDA, or without NVRTC or cuBLAS, imports but fails at its first op:
+    then one line on stderr, and NumPy). Probed once per process."""
+    global _cupy_usable, _cupy_failure
+    if _cupy_usable is None:
+        _cupy_usable, _cupy_failure = _probe_cupy(_import_cupy())
+        if _cupy_failure:
+            print(f"CuPy cannot run on this GPU ({_cupy_failure}); using NumPy", file=sys.stderr)
+    return _cupy_usable
+
+
+def _probe_cupy(cp):
+    """(usable, why not: '' when CuPy or a device is simply absent)."""
     if cp is None:
-        return False
+        return False, ""
     try:
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return False, ""
+    except Exception:  # no driver: no GPU to use
+        return False, ""
+    try:
+        a = cp.arange(4, dtype=cp.float32).reshape(2, 2)
+        product = ((a + 1) @ a).get()  # an element-wise kernel (compiled by NVRTC), a cuBLAS GEMM, a copy back
+        if not np.array_equal(product, [[4, 7], [8, 15]]):  # [[1, 2], [3, 4]] @ [[0, 1], [2, 3]]
+            return False, f"a test product came out {product.tolist()}"
+    except Exception as exc:
+        return False, " ".join(f"{type(exc).__name__}: {exc}".split())
+    return True, ""
 
 
 def get_array_module(*arrays):
@@ -61,7 +84,8 @@ def select_device(name="auto"):
         return np
     if name == "gpu":
         if not cupy_available():
-            reason = "cupy is not installed" if _import_cupy() is None else "no CUDA device is visible"
+            reason = ("cupy is not installed" if _import_cupy() is None else
+                      f"CuPy cannot run on the GPU ({_cupy_failure})" if _cupy_failure else "no CUDA device is visible")
             raise UserError(f"device 'gpu' requested but {reason}; use DEVICE=cpu or DEVICE=auto")
         return _import_cupy()
     if name == "auto":

@@ -108,9 +108,14 @@ class Conv2D(Layer):
             self.cache = None  # not this layer's function: the model repeats the pass unfolded for a backward
             return out
         # eval keeps no columns: a backward after it (rare) rebuilds them
+        if train:
+            workspace = self.workspace
+        elif get_array_module(x) is np:
+            workspace = self.eval_workspace
+        else:  # the GPU keeps no eval columns between calls (deotte's: ~1.5 GB at batch 1000); CuPy's pool
+            workspace = None  # makes allocating them per call cheap
         out, self.cache = conv.conv2d_forward(x, self.params["w"], self.params.get("b"), self.stride, self.pad,
-                                              workspace=self.workspace if train else self.eval_workspace,
-                                              out=out_buffer, keep_columns=train)
+                                              workspace=workspace, out=out_buffer, keep_columns=train)
         return out
 
     def backward(self, dout):

@@ -3,7 +3,9 @@
 Label smoothing follows PyTorch's definition: the target is (1 - s) * one_hot + s / K, K classes.
 Shapes: logits (N, K), y int (N,).
 """
-from pipeline.nn.backend import get_array_module
+import numpy as np
+
+from pipeline.nn.backend import get_array_module, to_numpy
 
 
 def log_softmax(logits):
@@ -23,10 +25,17 @@ def softmax(logits):
     return e
 
 
-def softmax_cross_entropy(logits, y, label_smoothing=0.0):
-    """(loss: float, mean over the batch; dlogits (N, K) = (softmax - target) / N)."""
+def softmax_cross_entropy(logits, y, label_smoothing=0.0, as_float=True):
+    """(loss, mean over the batch; dlogits (N, K) = (softmax - target) / N).
+
+    y: N labels in [0, K), checked here, where they arrive (NumPy would take -1 as the last class and CuPy
+    wraps any out-of-range label around): host labels at no cost, device labels at one host sync.
+    as_float=False leaves the loss on the logits' backend (a 0-d CuPy array, a NumPy scalar), so that a GPU
+    step need not wait for it (train.step_totals fetches it with the step's other numbers).
+    """
     xp = get_array_module(logits)
     n, k = logits.shape
+    check_labels(y, n, k)
     y = xp.asarray(y).astype(xp.int64, copy=False)
     logp = log_softmax(logits)
     rows = xp.arange(n)
@@ -36,7 +45,7 @@ def softmax_cross_entropy(logits, y, label_smoothing=0.0):
         per_row = (1.0 - s) * nll - (s / k) * logp.sum(axis=1)
     else:
         per_row = nll
-    loss = float(per_row.sum()) / n
+    loss = per_row.sum() / n
     dlogits = xp.exp(logp)
     if label_smoothing:
         dlogits -= logits.dtype.type(s / k)
@@ -44,4 +53,20 @@ def softmax_cross_entropy(logits, y, label_smoothing=0.0):
     else:
         dlogits[rows, y] -= logits.dtype.type(1.0)
     dlogits *= logits.dtype.type(1.0 / n)
-    return loss, dlogits
+    return (float(loss) if as_float else loss), dlogits
+
+
+def check_labels(y, n, k):
+    """ValueError unless y holds n integer labels in [0, k)."""
+    xp = get_array_module(y)
+    if xp is np:
+        y = np.asarray(y)
+    if y.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), got {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if n == 0:
+        return
+    low, high = (int(v) for v in to_numpy(xp.stack([y.min(), y.max()])))
+    if low < 0 or high >= k:
+        raise ValueError(f"labels must lie in [0, {k}) for {k} classes; got labels from {low} to {high}")
