@@ -14,6 +14,8 @@ NEXT_STEPS = {
                  "running the Train cell again continues (a later version too, with this version's output "
                  "attached as an input: `make kernel CONTINUE=1`)"),
     "blend": ("`make ensemble RUN={run}` blends them", "the Select cell blends them"),
+    "upload": ("upload skipped (--upload 0)",
+               "to score it, submit it from the saved version's Output (Submit to competition)"),
     "restart": ("use another RUN=, or FORCE=1 to continue with the new one",
                 "change the settings cell back, or delete runs/{run} under PIPELINE_ROOT to start it afresh"),
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import dataset, paths, runs
+from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_text
 from pipeline.predict import check_probs, load_test_probs
@@ -161,7 +161,7 @@ def main(argv=None):
                    "best_val_acc": info["estimate"]["accuracy"]}
     message = upload_message(args.run, summary, args.message)
     if not args.upload:
-        print(f"upload skipped (--upload 0); {path} is ready")
+        print(f"{console.next_step('upload')}; {path} is ready")
         return 0
     from pipeline import kaggle_api
 
