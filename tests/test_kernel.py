@@ -505,7 +505,7 @@ def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, 
     assert "device: CPU (NumPy)" in text and "run: kaggle-quick-1ep" in text and "epoch 1/1" in text
     assert "kaggle-quick-1ep: epoch 1 of 1, the best by validation accuracy" in text
     assert "batch" in _text(nb, "stderr")  # the progress bar within the epoch (text here: no ipywidgets)
-    assert "make " not in text and "--upload 0" not in text and "CuPy" not in text  # the notebook's own terms
+    assert "make " not in text and "upload skipped" not in text and "CuPy" not in text  # the notebook's own terms
     assert "submit it from the saved version's Output" in text
     outputs = [o for c in nb.cells for o in _outputs(c)]
     assert not any(o.output_type == "error" for o in outputs)
