@@ -612,17 +612,25 @@ def test_push_reports_a_failed_run_and_gives_up_after_max_polls(fake, kernel_fol
 
 def test_push_takes_an_edited_settings_cell_and_asks_for_a_t4(fake, tmp_path):
     folder = tmp_path / "gpu"
-    kernel.generate(folder, KERNEL_ID, gpu=True, continue_run=True)
     import nbformat
 
+    kernel.generate(folder, KERNEL_ID, gpu=True)
     nb = nbformat.read(folder / kernel.NOTEBOOK, as_version=4)
     nb.cells[1].source = nb.cells[1].source.replace('PRESET = "standard"', 'PRESET = "quick"   ')
     nbformat.write(nb, folder / kernel.NOTEBOOK)
     assert kernel.push(folder, poll_interval=0, max_polls=1) == 0
     body = fake.bodies("SaveKernel")[0]
     assert body["enableGpu"] is True and body["machineShape"] == "NvidiaTeslaT4"
-    assert body["kernelDataSources"] == [KERNEL_ID]
     assert 'PRESET = "quick"' in json.loads(body["text"])["cells"][1]["source"]
+
+
+def test_continue_before_a_first_version_is_one_line(fake, tmp_path):
+    folder = tmp_path / "continue"
+    kernel.generate(folder, KERNEL_ID, continue_run=True)
+    with pytest.raises(UserError, match=r"could not attach the output of .*push without CONTINUE=1 first"):
+        kernel.push(folder, poll_interval=0, max_polls=1)
+    assert kernel.push(folder, poll_interval=0, max_polls=1) == 0  # a second version has an output to attach
+    assert [body["kernelDataSources"] for body in fake.bodies("SaveKernel")] == [[KERNEL_ID]] * 2
 
 
 def test_push_refuses_a_stale_notebook_and_another_owner(fake, kernel_folder, capsys):
