@@ -11,8 +11,8 @@ NOTEBOOK_VARIABLE = "PIPELINE_NOTEBOOK"
 # The next step a message tells of: (the repository's words, the notebook's words); {run} is the run's name.
 NEXT_STEPS = {
     "continue": ("`make train RUN={run}` continues",
-                 "running the Train cell again continues (a later version too, with this version's output "
-                 "attached as an input: `make kernel CONTINUE=1`)"),
+                 "running the Train cell again continues (so does a later version with this version's output "
+                 "added as an input)"),
     "blend": ("`make ensemble RUN={run}` blends them", "the Select cell blends them"),
     "upload": ("upload skipped (--upload 0)",
                "to score it, submit it from the saved version's Output (Submit to competition)"),
