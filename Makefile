@@ -116,17 +116,25 @@ test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collect
 bench: $(VENV)/.dev-installed ## engine vs PyTorch throughput on this CPU
 	$(PY) -m bench.bench
 
-KERNEL_DIR := kernels/digit-recognizer
-KERNEL := $(KERNEL_DIR)/kernel-metadata.json
+KERNEL_BUILD := build/kernel
+KERNEL := $(KERNEL_BUILD)/kernel-metadata.json
 KERNEL_SUBMISSION := submissions/kernel/submission.csv
+# The notebook's settings cell gets each variable that is given. Make exports command-line variables, so the
+# shell reads their values ("$$PRESET"): no value is ever pasted into the command line itself.
+KERNEL_OPTIONS = $(if $(filter command line environment,$(origin PRESET)),--preset "$$PRESET") \
+	$(if $(EPOCHS),--epochs "$$EPOCHS") $(if $(MAX_TIME),--max-time "$$MAX_TIME") \
+	$(if $(DEVICE),--device "$$DEVICE") $(if $(SEED),--seed "$$SEED") \
+	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \
+	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID")
 
-kernel: $(KERNEL) ## generate the Kaggle notebook in kernels/digit-recognizer/ (KAGGLE_KERNEL_ID=owner/slug)
+kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1)
+	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
-# The notebook bundles pipeline/ and configs/: rebuilt when they change, or always when KAGGLE_KERNEL_ID is given.
-$(KERNEL): $(wildcard pipeline/*.py pipeline/nn/*.py configs/*.toml) $(if $(KAGGLE_KERNEL_ID),FORCE) | $(VENV)/.dev-installed
-	$(PY) -m pipeline.kernel generate $(if $(KAGGLE_KERNEL_ID),--id "$$PIPELINE_VAR_KAGGLE_KERNEL_ID")
+# kernel-push uploads the build as it is; with no build yet, it makes one with the defaults first.
+$(KERNEL): | $(VENV)/.dev-installed
+	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
-kernel-push: $(KERNEL) | $(VENV)/.dev-installed ## push the kernel to Kaggle and wait until its run completes or fails
+kernel-push: | $(KERNEL) ## push build/kernel/ to Kaggle and wait until its run completes or fails
 	$(PY) -m pipeline.kernel push
 
 kernel-output: $(KERNEL_SUBMISSION) ## download the kernel's submission.csv (and log) into submissions/kernel/

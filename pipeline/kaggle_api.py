@@ -389,6 +389,11 @@ def push_kernel(folder, kernel_id, retries=RETRIES, base_delay=BASE_DELAY) -> di
     if invalid:
         raise UserError(f"kernel '{kernel_id}' was pushed but Kaggle could not attach {', '.join(invalid)}: accept "
                         f"the competition rules at {RULES_URL}, then push again")
+    invalid = list(getattr(response, "invalid_kernel_sources", None) or [])
+    if invalid:
+        raise UserError(f"kernel '{kernel_id}' was pushed but Kaggle could not attach the output of "
+                        f"{', '.join(invalid)}: a kernel has an output to attach once one of its versions has run "
+                        f"(push without CONTINUE=1 first)")
     return {"ref": response.ref, "url": response.url, "version": response.version_number}
 
 

@@ -1,25 +1,25 @@
-"""The kernel's runtime on Kaggle: where the competition data is, where outputs go, how stages run.
+"""The kernel's runtime on Kaggle: its settings, where the competition data is, where outputs go, how stages run.
 
-The generated notebook (kernels/digit-recognizer/, written by `make kernel`) calls these; nothing runs at
-import. KAGGLE_ROOT (default /kaggle) relocates input/ and working/, so tests run the notebook on a fake
-tree; DIGIT_PRESET, DIGIT_TRAIN_BUDGET, DIGIT_OVERRIDES ("KEY=value ...") and DIGIT_RUN override the
-settings.
+The notebook (built by `make kernel` from kernels/digit-recognizer/) calls these; nothing runs at import.
+KAGGLE_ROOT (default /kaggle) relocates input/ and working/, so tests run the notebook on a fake tree.
 
     /kaggle/input/...              read-only: the competition (and maybe an earlier version's output)
     /kaggle/working/pipeline/      PIPELINE_ROOT: data/processed, runs/RUN (checkpoints), submissions
     /kaggle/working/submission.csv what the competition scores
 """
+import html
+import json
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 COMPETITION = "digit-recognizer"
 COMPETITION_FILES = ("train.csv", "test.csv")
-DEFAULT_PRESET = "standard"
-# A Kaggle session ends after 12 hours: train for at most 10, leaving time to prepare, predict and report.
-DEFAULT_TRAIN_BUDGET = "10h"
+DEVICES = ("auto", "cpu", "gpu")
 SEARCH_DEPTH = 4  # how far below input/ to look for the CSVs or an earlier run (datasets can be deep trees)
 
 
@@ -35,21 +35,92 @@ def working_dir() -> Path:
     return kaggle_root() / "working"
 
 
+# ---------------------------------------------------------------- settings
+
 @dataclass(frozen=True)
 class Settings:
-    preset: str            # a preset of configs/
-    train_budget: str      # MAX_TIME of this session's training (e.g. 10h, 90m)
-    overrides: tuple       # extra KEY=value settings for train
-    run: str               # run name under runs/
+    """The notebook's settings cell, checked (see settings())."""
+    preset: str                # a preset of configs/
+    epochs: Optional[int]      # None: the preset's own
+    max_time: str              # this session's training budget (e.g. 10h, 90m)
+    device: str                # auto | cpu | gpu, as asked; training_device() says which one runs
+    seed: int                  # weights, data order and augmentation
+
+    @property
+    def run(self) -> str:
+        """The run's name under runs/: one per preset, epochs and seed, so a changed cell trains a run of its own
+        (a changed MAX_TIME or DEVICE continues the same one)."""
+        name = f"kaggle-{self.preset}"
+        if self.epochs is not None:
+            name += f"-{self.epochs}ep"
+        if self.seed:
+            name += f"-seed{self.seed}"
+        return name
+
+    def train_args(self, device):
+        """train's argv for these settings on `device` ('cpu' or 'gpu', from training_device())."""
+        args = ["--preset", self.preset, "--run", self.run, f"MAX_TIME={self.max_time}", f"SEED={self.seed}",
+                f"DEVICE={device}"]
+        return args + ([f"EPOCHS={self.epochs}"] if self.epochs is not None else [])
 
 
-def settings() -> Settings:
-    """The kernel's settings: the defaults above, each overridable by its environment variable."""
-    preset = os.environ.get("DIGIT_PRESET", DEFAULT_PRESET)
-    return Settings(preset=preset,
-                    train_budget=os.environ.get("DIGIT_TRAIN_BUDGET", DEFAULT_TRAIN_BUDGET),
-                    overrides=tuple(shlex.split(os.environ.get("DIGIT_OVERRIDES", ""))),
-                    run=os.environ.get("DIGIT_RUN", f"kaggle-{preset}"))
+def settings(preset, epochs, max_time, device, seed) -> Settings:
+    """The settings cell's values, checked: a typing mistake is one UserError here, before any data is read."""
+    from pipeline.config import preset_path
+    from pipeline.errors import UserError
+    from pipeline.train import parse_duration
+
+    def whole(name, value, low, allow_none=False):
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{name} = {value!r}: expected a whole number of at least {low}"
+                            + (" (or None)" if allow_none else ""))
+        return value
+
+    if not isinstance(preset, str):
+        raise UserError(f"PRESET = {preset!r}: expected the name of a preset in quotes, e.g. 'quick'")
+    preset_path(preset)  # UserError naming the known presets
+    if not isinstance(max_time, str) or parse_duration(max_time) <= 0:
+        raise UserError(f"MAX_TIME = {max_time!r}: expected a duration in quotes, e.g. '10h', '90m' or '1h30m'")
+    if device not in DEVICES:
+        raise UserError(f"DEVICE = {device!r}: expected one of {', '.join(repr(d) for d in DEVICES)}")
+    return Settings(preset=preset, epochs=whole("EPOCHS", epochs, 1, allow_none=True), max_time=max_time,
+                    device=device, seed=whole("SEED", seed, 0))
+
+
+def training_device(asked):
+    """'gpu' when CuPy works on a GPU here, else 'cpu'; `asked` is the DEVICE setting (auto, cpu or gpu).
+
+    A CuPy that imports but fails on its first real operation (a driver or architecture mismatch) would stop
+    the session at the first training step: it is tried once here, on a small product. With 'auto' the
+    notebook then trains with NumPy and says so in one line; 'gpu' insists, so it is a UserError.
+    """
+    from pipeline.errors import UserError
+
+    if asked == "cpu":
+        return "cpu"
+    reason = None
+    try:
+        import cupy  # noqa: PLC0415  (only on a GPU machine)
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            reason = "CuPy sees no GPU"
+        else:
+            a = cupy.arange(12, dtype=cupy.float32).reshape(3, 4)
+            float((a @ a.T).sum())  # a kernel launch and a copy back, as the first training step makes
+    except ImportError:
+        reason = "CuPy is not installed"
+    except Exception as exc:  # CUDA runtime or driver errors: there is a CuPy, but it cannot run here
+        reason = "CuPy fails here: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    if reason is None:
+        return "gpu"
+    if asked == "gpu":
+        raise UserError(f"DEVICE = 'gpu' but {reason}; set DEVICE = 'auto' (or 'cpu') in the settings cell, or "
+                        f"choose a GPU accelerator for the notebook")
+    if reason.startswith("CuPy fails"):
+        print(f"{reason}; training on the CPU with NumPy instead", flush=True)
+    return "cpu"
 
 
 def _folders(root, depth):
@@ -132,12 +203,13 @@ def run_stage(main, argv, ok=(0,)):
     return code
 
 
-def deliver_best_so_far(folder):
+def deliver_best_so_far(folder, device=None):
     """After training stopped at its time budget: model.npz and val_predictions.npz from the best checkpoint.
 
     The newest checkpoint stands in when no epoch has ended yet. summary.json is not written, so the run
     stays unfinished and the next `train` continues it. Ensemble runs are left alone (their finished
-    members are blended). Returns model.npz's path, or None when there was nothing to deliver.
+    members are blended). `device`: where to evaluate (default: the run's own). Returns model.npz's path,
+    or None when there was nothing to deliver.
     """
     import numpy as np
 
@@ -154,7 +226,7 @@ def deliver_best_so_far(folder):
     if arrays is None:
         return None
     cfg = runs.load_config(folder)
-    xp = select_device(cfg.device)
+    xp = select_device(device or cfg.device)
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
     model.load_state_dict(checkpoint.unpack(arrays)[0])
     _, _, x_val, y_val, val_idx = train.load_data(cfg, xp)
@@ -162,27 +234,31 @@ def deliver_best_so_far(folder):
     save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
     save_npz(folder / "model.npz", model.state_dict())
     print(f"{folder.name}: delivering the {'best' if best.is_file() else 'newest'} checkpoint so far "
-          f"(validation accuracy {val_acc:.4f}); the next run of this notebook continues the training")
+          f"(validation accuracy {val_acc:.4f}); running the Train cell again, or a later version with this "
+          f"one's output attached, continues the training")
     return folder / "model.npz"
 
 
-def select(folder):
-    """Say which model the submission comes from; for an ensemble run, choose its blend first. Returns the line."""
+def select(folder, device=None):
+    """Say which model the submission comes from; for an ensemble run, choose its blend first (on `device`,
+    default auto). Returns the line."""
     from pipeline import ensemble, runs
 
     run = runs.run_of(folder)
     if run.is_ensemble:  # blend the finished members by held-out validation
-        run_stage(ensemble.main, ["--run", run.name])
+        run_stage(ensemble.main, ["--run", run.name, *(["--device", device] if device else [])])
         chosen = run.ensemble_report()
         line = f"{chosen['strategy']} of {len(chosen['weights'])} members, validation estimate " \
                f"{chosen['estimate']['accuracy']:.4f}"
     elif run.finished:
         summary = run.summary()
-        line = f"epoch {summary.get('best_epoch')} of {summary.get('epochs_done')}, the best by validation " \
-               f"accuracy ({summary.get('best_val_acc', 0.0):.4f})"
+        how = "the last" if summary.get("select") == "last" else "the best by validation accuracy"
+        what = "the weight average" if summary.get("weight_average") else "the weights"
+        line = f"{what} of epoch {summary.get('best_epoch')} of {summary.get('epochs_done')}, {how} " \
+               f"(validation accuracy {summary.get('best_val_acc', 0.0):.4f})"
     else:
-        line = "the best checkpoint so far (training continues next run)"
-    print(f"{folder.name}: {line}")
+        line = "the best checkpoint so far (training continues when the Train cell runs again)"
+    print(f"{run.name}: {line}")
     return line
 
 
@@ -198,3 +274,49 @@ def report_folder(folder):
     if not done:
         return folder
     return max(done, key=lambda m: m.summary().get("best_val_acc") or 0.0).folder
+
+
+# ---------------------------------------------------------------- the report, inline
+
+def show_report(report_md):
+    """Show a run's report.md in the notebook: its text as Markdown, its tables as HTML, every figure inline."""
+    from IPython.display import HTML, Image, Markdown, display
+
+    report_md = Path(report_md)
+    for kind, lines in report_blocks(report_md.read_text(encoding="utf-8")):
+        if kind == "figure":
+            display(Image(filename=str(report_md.parent / lines[0])))
+        elif kind == "table":
+            display(HTML(markdown_table_html(lines)))
+        elif "".join(lines).strip():
+            display(Markdown("\n".join(lines).strip()))
+
+
+def report_blocks(text):
+    """[(kind, lines)] of a Markdown report in order: 'figure' (its file name), 'table' (pipe rows) or 'text'."""
+    blocks = []
+    for line in text.splitlines():
+        figure = re.fullmatch(r"!\[[^\]]*\]\(([^)\s]+)\)", line.strip())
+        kind = "figure" if figure else "table" if line.startswith("|") else "text"
+        if figure:
+            blocks.append(("figure", [figure.group(1)]))
+        elif blocks and blocks[-1][0] == kind:
+            blocks[-1][1].append(line)
+        else:
+            blocks.append((kind, [line]))
+    return blocks
+
+
+def markdown_table_html(lines):
+    """An HTML table of a Markdown pipe table (header row, alignment row, body rows)."""
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    header, aligns, body = cells(lines[0]), cells(lines[1]), [cells(line) for line in lines[2:]]
+    styles = [' style="text-align: right"' if a.endswith(":") and not a.startswith(":") else "" for a in aligns]
+
+    def row(values, tag):
+        return "<tr>" + "".join(f"<{tag}{style}>{html.escape(v)}</{tag}>" for v, style in zip(values, styles)) + "</tr>"
+
+    return ("<table>\n<thead>" + row(header, "th") + "</thead>\n<tbody>\n"
+            + "\n".join(row(r, "td") for r in body) + "\n</tbody>\n</table>")

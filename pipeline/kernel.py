@@ -1,44 +1,59 @@
 """Stage `kernel`: the same pipeline as a Kaggle notebook, and its life on Kaggle.
 
-    python -m pipeline.kernel [generate] [--id OWNER/SLUG] [--out kernels/digit-recognizer]
+    python -m pipeline.kernel [generate] [--id OWNER/SLUG] [--out build/kernel] [--preset P] [--epochs N]
+                              [--max-time 10h] [--device auto|cpu|gpu] [--seed S] [--gpu] [--continue]
     python -m pipeline.kernel push   [--folder DIR] [--poll-interval 30] [--max-polls 1500]
     python -m pipeline.kernel status [--folder DIR]
     python -m pipeline.kernel output [--folder DIR] [--out submissions/kernel]
 
-generate writes kernel-metadata.json and digit-recognizer.ipynb (built with nbformat). The notebook's
-first code cell writes the pipeline modules it imports (found by following the imports from ENTRY_MODULES)
-and the presets to working/pipeline-src, then a markdown and a code cell per stage call the stages'
-main(argv) as the command line would. Same sources, same bytes: the files are committed and a test
-fails when they drift from pipeline/. The kernel id is --id, else KAGGLE_KERNEL_ID, else the username
-of the Kaggle credentials with the slug digit-recognizer-numpy-cnn, else the id already in the folder.
+What is written by hand lives in kernels/digit-recognizer/: the notebook's cells (digit-recognizer.md, a
+MyST-style Markdown file whose ```{code-cell} blocks are the code cells) and the metadata defaults.
+generate builds from them, into build/kernel/ (ignored by git), kernel-metadata.json and the notebook
+digit-recognizer.ipynb: the settings cell gets --preset, --epochs, --max-time, --device and --seed (the
+template's values otherwise), and the cell tagged `bundle` becomes a hidden cell that writes the pipeline
+modules the notebook imports (found by following the imports from ENTRY_MODULES) and the presets to
+working/pipeline-src. --gpu asks Kaggle for a T4 (machine_shape), the default is a CPU session;
+--continue attaches the kernel's own previous output (kernel_sources), which the notebook continues from.
+The kernel id is --id, else KAGGLE_KERNEL_ID, else the username of the Kaggle credentials with the slug
+digit-recognizer-numpy-cnn, else the id of the previous build.
 
-push uploads the folder (SaveKernel), then asks the run's status every --poll-interval seconds until it
-is complete or failed, at most --max-polls times (exit 3 when still running). output downloads the run's
+push uploads the build (SaveKernel), then asks the run's status every --poll-interval seconds until it is
+complete or failed, at most --max-polls times (exit 3 when still running); it refuses a build whose bundled
+sources are older than pipeline/ (the other cells are the user's to edit). output downloads the run's
 submission.csv, checks it and moves it into submissions/kernel/ with the run's log.
 """
 import argparse
-import os
 import ast
 import base64
 import json
+import os
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline import kaggle_api, paths
+from pipeline import kaggle_api, kaggle_env, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_bytes, write_text
 
-KERNEL_DIR = paths.REPO / "kernels" / "digit-recognizer"
+TEMPLATE_DIR = paths.REPO / "kernels" / "digit-recognizer"
+TEMPLATE = TEMPLATE_DIR / "digit-recognizer.md"
+METADATA_DEFAULTS = TEMPLATE_DIR / "kernel-metadata.defaults.json"
+BUILD_DIR = paths.REPO / "build" / "kernel"
 NOTEBOOK = "digit-recognizer.ipynb"
 METADATA = "kernel-metadata.json"
 DEFAULT_SLUG = "digit-recognizer-numpy-cnn"
 DEFAULT_TITLE = "Digit Recognizer NumPy CNN"   # Kaggle derives the slug from the title: they must agree
+# Kaggle's name for a session with one T4 (kagglesdk's ApiSaveKernelRequest.machine_shape; its other
+# options are NvidiaTeslaP100, being retired, and Tpu1VmV38). enable_gpu alone gets a P100 on a CLI push.
+GPU_MACHINE_SHAPE = "NvidiaTeslaT4"
+# The settings cell's variables, in the order of kaggle_env.settings()'s arguments.
+SETTINGS = ("PRESET", "EPOCHS", "MAX_TIME", "DEVICE", "SEED")
+SOURCE_LIMIT = 1_000_000  # Kaggle refuses a kernel source over 1 MB
 # The modules the notebook's cells import; the bundle is these plus everything they import from pipeline.
-ENTRY_MODULES = ("pipeline.kaggle_env", "pipeline.prepare", "pipeline.train", "pipeline.predict",
-                 "pipeline.submit", "pipeline.report")
+ENTRY_MODULES = ("pipeline.console", "pipeline.kaggle_env", "pipeline.prepare", "pipeline.train",
+                 "pipeline.predict", "pipeline.submit", "pipeline.report")
 SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 PENDING = {"queued", "running", "new_script"}
@@ -103,8 +118,8 @@ def _literal(text):
 def bundle_cell(files):
     """The first code cell: write the bundle to working/pipeline-src and import pipeline from there."""
     entries = "".join(f"    {name!r}: {_literal(text)},\n" for name, text in files.items())
-    return f'''# Our pipeline package, written to disk by this cell. Generated by `python -m pipeline.kernel` from the
-# repository's pipeline/ and configs/: change those and regenerate (`make kernel`), never this cell.
+    return f'''# Our pipeline package, written to disk by this cell: the repository's pipeline/ and configs/, bundled by
+# `make kernel`. The settings are in the first code cell; the code is changed in the repository, not here.
 import base64
 import importlib
 import os
@@ -130,110 +145,116 @@ print(f"{{len(SOURCES)}} files written to {{SRC}}; pipeline imported from {{Path
 
 # ---------------------------------------------------------------- the notebook
 
-INTRO = f"""# Digit Recognizer: a CNN written by hand in NumPy (CuPy on the GPU)
-
-No PyTorch, no TensorFlow: the network, its backward pass and its optimizer are plain array code that
-runs on NumPy, or on CuPy through the very same code when a GPU is present. The notebook runs the
-repository's pipeline stage by stage, the way `make train submit` does on a laptop:
-
-1. find the competition data under `/kaggle/input`
-2. prepare it: strict CSV validation, normalization, a stratified validation split
-3. train a preset within a time budget, checkpointing into `/kaggle/working` so a re-run continues
-4. select the delivered model by validation and predict the test set
-5. write `/kaggle/working/submission.csv`
-6. show the training curves and the validation confusion matrix
-
-*Generated by `python -m pipeline.kernel` from the repository's sources; do not edit it here, regenerate it.*"""
-
-STAGES = [
-    ("## The code\n\nThe cell below (its input is hidden) writes the pipeline's modules, exactly as they are in "
-     "the repository, into `/kaggle/working/pipeline-src` and imports them from there.", None),
-    ("## Settings\n\nThe preset and training budget: `standard` trains one augmented `deotte` net for up to 10 "
-     "hours, well inside Kaggle's 12-hour sessions. Environment variables `DIGIT_PRESET`, "
-     "`DIGIT_TRAIN_BUDGET`, `DIGIT_OVERRIDES` and `DIGIT_RUN` override them. Every stage writes under "
-     "`/kaggle/working/pipeline` (`PIPELINE_ROOT`).",
-     '''import numpy as np
-
-from pipeline import kaggle_env
-from pipeline.config import build_config
-from pipeline.nn import select_device
-
-settings = kaggle_env.settings()
-PIPELINE_ROOT = kaggle_env.use_working_dir()
-print(settings)
-print("outputs under", PIPELINE_ROOT)
-device = select_device(build_config(settings.preset, settings.overrides).device)  # the one training will use
-print("device:", "GPU (CuPy)" if device is not np else "CPU (NumPy)")'''),
-    ("## Find the data\n\n`/kaggle/input/digit-recognizer`, `/kaggle/input/competitions/digit-recognizer`, or "
-     "wherever below `/kaggle/input` a folder holds `train.csv` and `test.csv`.",
-     '''data_dir = kaggle_env.find_competition_data()
-print(data_dir, sorted(p.name for p in data_dir.iterdir()))'''),
-    ("## Prepare\n\nEvery row and value is checked before anything is written; pixels become float32 in [0, 1] "
-     "and a stratified tenth of `train.csv` is held out for validation.",
-     '''from pipeline import prepare
-
-kaggle_env.run_stage(prepare.main, ["--raw", data_dir]);'''),
-    ("## Train\n\nResumes from the newest checkpoint when this session (or an earlier version's output attached "
-     "as an input) has one. When the budget runs out, training stops with a checkpoint and the best weights "
-     "so far are delivered; the next run of the notebook continues.",
-     '''from pipeline import runs, train
-
-restored = kaggle_env.restore_earlier_run(settings.run)
-if restored:
-    print("continuing the run found in", restored)
-code = kaggle_env.run_stage(train.main, ["--preset", settings.preset, "--run", settings.run,
-                                         f"MAX_TIME={settings.train_budget}", *settings.overrides], ok=(0, 3))
-run_folder = runs.run_dir(settings.run)
-if code == 3:  # out of time: submit the best weights so far, train on next time
-    kaggle_env.deliver_best_so_far(run_folder)'''),
-    ("## Select\n\nTraining kept the weights of the epoch with the best validation accuracy; an ensemble preset "
-     "chooses its blend of members by the rows each member held out.",
-     '''kaggle_env.select(run_folder);'''),
-    ("## Predict\n\nClass probabilities of the selected model for every test image (on the GPU when there is one).",
-     '''from pipeline import predict
-
-kaggle_env.run_stage(predict.main, ["--run", settings.run]);'''),
-    ("## Write the submission\n\n`ImageId,Label` for every test image, validated before it is written.",
-     '''import pandas as pd
-
-from pipeline import submit
-
-SUBMISSION = kaggle_env.working_dir() / "submission.csv"
-kaggle_env.run_stage(submit.main, ["--run", settings.run, "--upload", "0", "--out", SUBMISSION])
-pd.read_csv(SUBMISSION).head()'''),
-    ("## Curves and confusion matrix\n\nLoss and accuracy per epoch, then the validation confusion matrix of the "
-     "delivered model (colour marks the errors).",
-     '''from IPython.display import Image, display
-
-from pipeline import report
-
-report_dir = report.write_report(kaggle_env.report_folder(run_folder)).parent
-for figure in ("curves.png", "confusion.png"):
-    display(Image(filename=str(report_dir / figure)))'''),
-    ("## Tidy up\n\nThe processed arrays are rebuilt from the input in seconds: they are removed so the saved "
-     "output holds the run (checkpoints, model, figures) and `submission.csv`.",
-     '''import shutil
-
-from pipeline import paths
-
-shutil.rmtree(paths.data_processed(), ignore_errors=True)
-print(sorted(p.name for p in kaggle_env.working_dir().iterdir()))'''),
-]
+CODE_FENCE = re.compile(r"^```\{code-cell\}\s*ipython3\s*$")
+TAGS_LINE = re.compile(r"^:tags:\s*\[(.*)\]\s*$")
 
 
-def build_notebook(files):
-    """The notebook (an nbformat NotebookNode) for the bundle `files`; cell ids are fixed for byte-identical output."""
+def read_template(path=TEMPLATE):
+    """[(kind, source, tags)] of the template: the prose between code cells is a markdown cell each,
+    a ```{code-cell} ipython3 block a code cell, its leading `:tags: [a, b]` line its tags."""
+    cells, lines, tags, kind = [], [], [], "markdown"
+
+    def close():
+        source = "\n".join(lines).strip("\n")
+        if kind == "code" or source.strip():
+            cells.append((kind, source, tuple(tags)))
+        lines.clear()
+        tags.clear()
+
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if kind == "markdown" and CODE_FENCE.match(line):
+            close()
+            kind = "code"
+        elif kind == "code" and line.rstrip() == "```":
+            close()
+            kind = "markdown"
+        elif kind == "code" and not lines and TAGS_LINE.match(line):
+            tags.extend(t.strip() for t in TAGS_LINE.match(line).group(1).split(",") if t.strip())
+        elif kind == "markdown" and line.startswith("```{"):
+            raise UserError(f"{path} line {number}: only ```{{code-cell}} ipython3 blocks are cells")
+        else:
+            lines.append(line)
+    if kind == "code":
+        raise UserError(f"{path}: the last code cell has no closing ```")
+    close()
+    return cells
+
+
+def _settings_cell(cells):
+    found = [source for kind, source, tags in cells if kind == "code" and "settings" in tags]
+    if len(found) != 1:
+        raise UserError(f"{TEMPLATE} needs exactly one code cell tagged settings, found {len(found)}")
+    return found[0]
+
+
+def _assignments(source):
+    """{NAME: ast.Assign} of the settings cell, which must assign exactly SETTINGS, one literal each."""
+    found = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.lineno == node.end_lineno):
+            raise UserError(f"{TEMPLATE}: the settings cell may only hold one-line NAME = value assignments")
+        found[node.targets[0].id] = node
+    if tuple(found) != SETTINGS:
+        raise UserError(f"{TEMPLATE}: the settings cell assigns {', '.join(found)}, not {', '.join(SETTINGS)}")
+    return found
+
+
+def template_settings(cells=None):
+    """{NAME: value} of the template's settings cell: the notebook's defaults."""
+    nodes = _assignments(_settings_cell(read_template() if cells is None else cells))
+    return {name: ast.literal_eval(node.value) for name, node in nodes.items()}
+
+
+def _python_literal(value):
+    """None, a whole number or a string (double-quoted, like the template's) as Python source."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def settings_source(source, values):
+    """The settings cell `source` with the values of `values` ({NAME: value}) written in; comments stay put."""
+    nodes = _assignments(source)
+    lines = source.split("\n")
+    for name, value in values.items():
+        node = nodes[name]
+        line = lines[node.lineno - 1]
+        code, comment = line[:node.value.end_col_offset], line[node.value.end_col_offset:]
+        new = code[:node.value.col_offset] + _python_literal(value)
+        if comment.strip():  # keep the comment's column when the new value leaves room for it
+            column = len(code) + len(comment) - len(comment.lstrip())
+            new = new.ljust(column) if len(new) + 2 <= column else new + "  "
+            comment = comment.lstrip()
+        lines[node.lineno - 1] = new + comment
+    return "\n".join(lines)
+
+
+def check_settings(values):
+    """The template's settings updated with `values` ({NAME: value}), checked as the notebook will check them."""
+    merged = {**template_settings(), **values}
+    kaggle_env.settings(*(merged[name] for name in SETTINGS))  # UserError on a bad value
+    return merged
+
+
+def build_notebook(files, settings=None):
+    """The notebook (an nbformat NotebookNode): the template's cells, `settings` ({NAME: value}) written into the
+    settings cell, the bundle of `files` into the bundle cell. Cell ids are fixed for byte-identical output."""
     import nbformat
     from nbformat import v4
 
-    cells = [v4.new_markdown_cell(INTRO)]
-    for markdown, code in STAGES:
-        cells.append(v4.new_markdown_cell(markdown))
-        if code is None:
+    cells = []
+    for kind, source, tags in read_template():
+        if kind == "markdown":
+            cells.append(v4.new_markdown_cell(source))
+            continue
+        if "bundle" in tags:
             cell = v4.new_code_cell(bundle_cell(files))
             cell.metadata.update({"_kg_hide-input": True, "jupyter": {"source_hidden": True}})
+        elif "settings" in tags:
+            cell = v4.new_code_cell(settings_source(source, check_settings(settings or {})))
         else:
-            cell = v4.new_code_cell(code)
+            cell = v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = list(tags)
         cells.append(cell)
     for i, cell in enumerate(cells):
         cell["id"] = f"cell-{i:02d}"
@@ -245,10 +266,20 @@ def build_notebook(files):
     return nb
 
 
-def notebook_text(files=None):
+def notebook_text(files=None, settings=None):
     import nbformat
 
-    return nbformat.writes(build_notebook(bundle_files() if files is None else files)) + "\n"
+    return nbformat.writes(build_notebook(bundle_files() if files is None else files, settings)) + "\n"
+
+
+def bundle_source_of(notebook):
+    """The source of the notebook's bundle cell (a path or its text as JSON), or None when it has none."""
+    import nbformat
+
+    text = notebook.read_text(encoding="utf-8") if isinstance(notebook, Path) else notebook
+    nb = nbformat.reads(text, as_version=4)
+    found = [c.source for c in nb.cells if c.cell_type == "code" and "bundle" in c.metadata.get("tags", [])]
+    return found[0] if len(found) == 1 else None
 
 
 # ---------------------------------------------------------------- metadata and id
@@ -270,7 +301,7 @@ def title_for(slug):
 def read_metadata(folder):
     path = Path(folder) / METADATA
     if not path.is_file():
-        raise UserError(f"{path} is missing: generate the kernel first (`make kernel`)")
+        raise UserError(f"{path} is missing: build the kernel first (`make kernel`)")
     try:
         meta = json.loads(path.read_text())
     except ValueError as exc:
@@ -294,32 +325,32 @@ def resolve_kernel_id(explicit, folder, environ):
     return kernel_id
 
 
-def metadata_text(kernel_id):
+def metadata_text(kernel_id, gpu=False, continue_run=False):
+    """kernel-metadata.json: the defaults of kernels/digit-recognizer/, the id and its title; `gpu` asks for a
+    T4 session (else a CPU one); `continue_run` attaches the kernel's own previous output as an input."""
     _, slug = parse_kernel_id(kernel_id)
-    meta = {
-        "id": kernel_id,
-        "title": title_for(slug),
-        "code_file": NOTEBOOK,
-        "language": "python",
-        "kernel_type": "notebook",
-        "is_private": True,
-        "enable_gpu": True,
-        "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": [],
-        "competition_sources": [kaggle_api.COMPETITION],
-        "kernel_sources": [],
-        "model_sources": [],
-    }
+    try:
+        defaults = json.loads(METADATA_DEFAULTS.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{METADATA_DEFAULTS}: {exc}") from None
+    meta = {"id": kernel_id, "title": title_for(slug), "code_file": NOTEBOOK, **defaults}
+    meta["enable_gpu"] = bool(gpu)
+    if gpu:
+        meta["machine_shape"] = GPU_MACHINE_SHAPE
+    if continue_run and kernel_id not in meta["kernel_sources"]:
+        meta["kernel_sources"] = [*meta["kernel_sources"], kernel_id]
     return json.dumps(meta, indent=2) + "\n"
 
 
-def generate(out, kernel_id):
-    """Write kernel-metadata.json and the notebook into `out`; returns their paths."""
+def generate(out, kernel_id, settings=None, gpu=False, continue_run=False):
+    """Build kernel-metadata.json and the notebook (its settings cell given `settings`, {NAME: value}) into
+    `out`; returns their paths."""
     out = Path(out)
-    notebook = notebook_text()
+    notebook = notebook_text(settings=settings)
+    if len(notebook.encode()) >= SOURCE_LIMIT:
+        raise UserError(f"the notebook is {len(notebook.encode())} bytes, over Kaggle's limit of {SOURCE_LIMIT}")
     write_text(out / NOTEBOOK, notebook)
-    write_text(out / METADATA, metadata_text(kernel_id))
+    write_text(out / METADATA, metadata_text(kernel_id, gpu, continue_run))
     return out / METADATA, out / NOTEBOOK
 
 
@@ -333,8 +364,10 @@ def push(folder, poll_interval=POLL_INTERVAL, max_polls=MAX_POLLS, retries=kaggl
     kernel_id = meta["id"]
     owner, slug = parse_kernel_id(kernel_id)
     notebook = folder / meta.get("code_file", NOTEBOOK)
-    if not notebook.is_file() or notebook.read_text(encoding="utf-8") != notebook_text():
-        raise UserError(f"{notebook} does not match the pipeline/ sources: regenerate it (`make kernel`)")
+    if not notebook.is_file():
+        raise UserError(f"{notebook} is missing: build the kernel first (`make kernel`)")
+    if bundle_source_of(notebook) != bundle_cell(bundle_files()):
+        raise UserError(f"{notebook} does not bundle the current pipeline/ sources: rebuild it (`make kernel`)")
     user = kaggle_api.kernel_owner()
     if user and user != owner:
         raise UserError(f"{folder / METADATA} names kernel '{kernel_id}' but the credentials are {user}'s: "
@@ -387,16 +420,24 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
 
 def build_parser():
     p = StageArgumentParser(prog="python -m pipeline.kernel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
-    g = sub.add_parser("generate", help="write kernel-metadata.json and the notebook (the default)")
+    g = sub.add_parser("generate", help="build kernel-metadata.json and the notebook (the default)")
     g.add_argument("--id", help="OWNER/SLUG (default: KAGGLE_KERNEL_ID, else the credentials' username)")
-    g.add_argument("--out", type=Path, default=KERNEL_DIR, help="output folder (default: kernels/digit-recognizer)")
-    for name, text in (("push", "push the kernel and wait for its run"), ("status", "the status of its latest run"),
-                       ("output", "download the run's submission.csv")):
+    g.add_argument("--out", type=Path, default=BUILD_DIR, help="output folder (default: build/kernel)")
+    g.add_argument("--preset", help="PRESET of the settings cell (default: the template's)")
+    g.add_argument("--epochs", type=int, help="EPOCHS of the settings cell (default: the preset's own)")
+    g.add_argument("--max-time", help="MAX_TIME of the settings cell, e.g. 10h or 90m")
+    g.add_argument("--device", choices=kaggle_env.DEVICES, help="DEVICE of the settings cell")
+    g.add_argument("--seed", type=int, help="SEED of the settings cell")
+    g.add_argument("--gpu", action="store_true", help=f"ask Kaggle for a T4 session ({GPU_MACHINE_SHAPE}); "
+                                                      "default: a CPU session")
+    g.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="attach the kernel's own previous output as an input, to continue its run")
+    for name, text in (("push", "push the built kernel and wait for its run"),
+                       ("status", "the status of its latest run"), ("output", "download the run's submission.csv")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("--folder", type=Path, default=KERNEL_DIR,
-                       help="the kernel folder (default: kernels/digit-recognizer)")
+        s.add_argument("--folder", type=Path, default=BUILD_DIR, help="the built kernel (default: build/kernel)")
         if name == "push":
             s.add_argument("--poll-interval", type=float, default=POLL_INTERVAL, help="seconds between status polls")
             s.add_argument("--max-polls", type=int, default=MAX_POLLS, help="give up waiting after this many polls")
@@ -414,8 +455,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         kernel_id = resolve_kernel_id(args.id, args.out, os.environ)
-        meta, notebook = generate(args.out, kernel_id)
-        print(f"wrote {meta} ({kernel_id}) and {notebook}")
+        given = {"PRESET": args.preset, "EPOCHS": args.epochs, "MAX_TIME": args.max_time, "DEVICE": args.device,
+                 "SEED": args.seed}
+        settings = {name: value for name, value in given.items() if value is not None}
+        meta, notebook = generate(args.out, kernel_id, settings, args.gpu, args.continue_run)
+        print(f"wrote {meta} ({kernel_id}, {'a T4 GPU' if args.gpu else 'a CPU'} session"
+              f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")
         return 0
     if args.command == "push":
         if args.max_polls < 1 or args.poll_interval < 0:

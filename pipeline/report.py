@@ -48,13 +48,18 @@ def first_conv_kernel(state):
 
 # ---------------------------------------------------------------- figures
 
+def _figure(figsize):
+    """A figure of its own, outside pyplot: no backend is chosen or changed, and nothing is left open to show
+    (a notebook keeps its inline plots for the cells that follow)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _save(fig, path):
-    """Write a figure atomically as PNG and close it."""
+    """Write a figure atomically as PNG."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 def _series(metrics, key):
@@ -64,9 +69,8 @@ def _series(metrics, key):
 
 
 def plot_curves(metrics, path):
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure((11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, key, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
             epochs, values = _series(metrics, f"{split}_{key}")
@@ -84,9 +88,8 @@ def plot_curves(metrics, path):
 
 
 def plot_learning_rate(metrics, path):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = _figure((6, 3.5))
+    ax = fig.subplots()
     epochs, lrs = _series(metrics, "lr")
     ax.plot(epochs, lrs, "-o", markersize=3)
     if lrs and min(lrs) > 0:
@@ -100,11 +103,10 @@ def plot_learning_rate(metrics, path):
 
 def plot_confusion(confusion, path):
     """Counts in every cell; colour shows only the errors (off the diagonal), which are what matter."""
-    import matplotlib.pyplot as plt
-
     errors = confusion.astype(float)
     np.fill_diagonal(errors, 0)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = _figure((6.5, 5.5))
+    ax = fig.subplots()
     image = ax.imshow(errors, cmap="Reds", vmin=0, vmax=max(1.0, errors.max()))
     n = len(confusion)
     for t in range(n):
@@ -132,17 +134,17 @@ def worst_misclassified(y, probs, limit=WORST_SHOWN):
 
 def plot_worst(images, y, probs, positions, path):
     """Grid of images (n, 28, 28, 1) at `positions` titled 'true -> predicted (confidence)'."""
-    import matplotlib.pyplot as plt
-
     if len(positions) == 0:
-        fig, ax = plt.subplots(figsize=(4, 1.5))
+        fig = _figure((4, 1.5))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no misclassified validation images", ha="center", va="center")
         ax.axis("off")
         _save(fig, path)
         return
     cols = min(6, len(positions))
     rows = math.ceil(len(positions) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.9 * rows), squeeze=False)
+    fig = _figure((1.7 * cols, 1.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, pos in zip(axes.ravel(), positions):
@@ -155,10 +157,9 @@ def plot_worst(images, y, probs, positions, path):
 
 
 def plot_per_class(per_class, path):
-    import matplotlib.pyplot as plt
-
     classes = [r["class"] for r in per_class]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig = _figure((8, 3.8))
+    ax = fig.subplots()
     width = 0.27
     lowest = 1.0
     for shift, key in ((-width, "precision"), (0.0, "recall"), (width, "f1")):
@@ -176,13 +177,12 @@ def plot_per_class(per_class, path):
 
 def plot_filters(kernel, path):
     """First-layer filters (kh, kw, Cin, Cout), averaged over input channels, each scaled to its own range."""
-    import matplotlib.pyplot as plt
-
     filters = kernel.mean(axis=2)  # (kh, kw, Cout)
     count = filters.shape[-1]
     cols = min(8, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.2 * rows + 0.4), squeeze=False)
+    fig = _figure((1.1 * cols, 1.2 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, ax in enumerate(axes.ravel()[:count]):
@@ -268,8 +268,6 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
 
 def write_report(folder):
     """Write every figure of the run in `folder` into folder/report/, then report.md; returns its path."""
-    import matplotlib
-
     matplotlib.use("Agg")  # files only, no display; set here so importing this module changes nothing
 
     run = runs.run_of(folder)

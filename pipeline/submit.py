@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import dataset, paths, runs
+from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_json, write_text
 
@@ -158,7 +158,7 @@ def already_uploaded(path):
 def upload(path, run_name, message, upload_wanted):
     """Upload `path` (once: a success is recorded); returns the exit code."""
     if not upload_wanted:
-        print(f"upload skipped (UPLOAD=0); {path} is ready")
+        print(f"{console.next_step('upload')}; {path} is ready")
         return 0
     done = already_uploaded(path)
     if done:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline import checkpoint, dataset, runs
+from pipeline import checkpoint, console, dataset, runs
 from pipeline.augment import random_affine
 from pipeline.averaging import WeightAverage
 from pipeline.config import TrainConfig, apply_values, build_config, load_toml, make_overrides, to_toml
@@ -118,7 +118,7 @@ def resolve_config(args, folder):
             changed.insert(0, "preset")
         if not args.force:
             raise UserError(f"runs/{folder.name} was started with another config (changed: {', '.join(changed)}); "
-                            f"use another RUN=, or FORCE=1 to continue with the new one")
+                            f"{console.next_step('restart', run=folder.name)}")
         print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}", file=sys.stderr)
         return preset, wanted
     return preset, current
@@ -196,11 +196,8 @@ class StopSignal:
 
 
 def progress(total, desc, leave, unit="batch"):
-    """A tqdm bar on a terminal; nothing when output is not a TTY (CI logs get one line per epoch)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=leave, unit=unit, dynamic_ncols=True,
-                disable=not sys.stderr.isatty())
+    """A tqdm bar on a terminal or in the notebook; nothing in a log (CI logs get one line per epoch)."""
+    return console.progress_bar(total, desc, leave, unit)
 
 
 @cli_main
@@ -238,7 +235,8 @@ def train_ensemble(folder, preset, cfg, force):
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                print(f"MAX_TIME reached before member {k}; `make train RUN={folder.name}` continues", file=sys.stderr)
+                print(f"MAX_TIME reached before member {k}; {console.next_step('continue', run=folder.name)}",
+                      file=sys.stderr)
                 return 3
             mcfg.max_time = f"{left:.0f}s"
         print(f"== member {k + 1}/{cfg.members} (seed {mcfg.seed})")
@@ -253,7 +251,7 @@ def train_ensemble(folder, preset, cfg, force):
         "member_val_acc": [m["best_val_acc"] for m in members],
         "wall_time_s": sum(m["wall_time_s"] for m in members),
     })
-    print(f"runs/{folder.name}: {cfg.members} members trained; `make ensemble RUN={folder.name}` blends them")
+    print(f"runs/{folder.name}: {cfg.members} members trained; {console.next_step('blend', run=folder.name)}")
     return 0
 
 
@@ -369,12 +367,12 @@ def train_one(folder, preset, cfg, force, label=None):
                 if stop.signum:
                     bar.close()
                     print(f"\nstopped by signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step "
-                          f"{state['step']}; `make train RUN={run.root.name}` continues", file=sys.stderr)
+                          f"{state['step']}; {console.next_step('continue', run=run.root.name)}", file=sys.stderr)
                     return 128 + stop.signum
                 if out_of_time:
                     bar.close()
                     print(f"MAX_TIME reached: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
-                          f"`make train RUN={run.root.name}` continues", file=sys.stderr)
+                          f"{console.next_step('continue', run=run.root.name)}", file=sys.stderr)
                     return 3
             bar.close()
 
@@ -481,10 +479,12 @@ def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, la
     write_json(folder / "summary.json", {
         "arch": cfg.arch, "best_val_acc": val_acc, "best_val_loss": val_loss, "best_epoch": best_epoch,
         "epochs_done": len(history), "wall_time_s": state["wall_time_s"], "finished": True,
+        "select": cfg.select, "weight_average": bool(cfg.ema_decay),
         "data_fingerprint": runs.data_fingerprint(),
         "train_images_per_s": float(np.median([r["images_per_s"] for r in history])) if history else None,
     })
-    print(f"runs/{label}: best epoch {best_epoch}, val_acc {val_acc:.4f}, "
+    print(f"runs/{label}: {'last' if cfg.select == 'last' else 'best'} epoch {best_epoch}"
+          f"{' (weight average)' if cfg.ema_decay else ''}, val_acc {val_acc:.4f}, "
           f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{label}/model.npz")
 
 

@@ -286,8 +286,11 @@ class _Handler(BaseHTTPRequestHandler):
         owner = slug.split("/", 1)[0]
         if owner != self.server_fake.username:
             return self._error(403, f"Permission 'kernels.create' was denied for {owner}")
-        return self._send(200, {"ref": f"/code/{slug}", "url": f"https://www.kaggle.com/code/{slug}",
-                                "versionNumber": len(kernel.pushed)})
+        answer = {"ref": f"/code/{slug}", "url": f"https://www.kaggle.com/code/{slug}",
+                  "versionNumber": len(kernel.pushed)}
+        if slug in body.get("kernelDataSources", []) and len(kernel.pushed) == 1:
+            answer["invalidKernelSources"] = [slug]  # its own output, before it has ever run: there is none
+        return self._send(200, answer)
 
     def rpc_GetKernelSessionStatus(self, body, base):
         kernel = self.server_fake.kernel

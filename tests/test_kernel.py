@@ -1,7 +1,9 @@
-"""The Kaggle kernel: generated deterministically from pipeline/, committed without drift, runnable on a fake
-/kaggle tree, and pushed / watched / downloaded through the real client against the fake Kaggle server."""
+"""The Kaggle kernel: built deterministically from its template and pipeline/, within Kaggle's limits, runnable
+on a fake /kaggle tree, and pushed / watched / downloaded through the real client against the fake Kaggle server."""
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,20 @@ def tiny_competition(tmp_path_factory):
 
 # ---------------------------------------------------------------- generation
 
+def _cells(path, tag=None):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return nb.cells if tag is None else [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+
+
+def _settings_of(source):
+    """{NAME: value} that running the settings cell's `source` defines."""
+    namespace = {}
+    exec(source, namespace)
+    return {name: namespace[name] for name in kernel.SETTINGS}
+
+
 def test_generation_is_deterministic_and_complete(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert kernel.main(["--id", KERNEL_ID, "--out", str(a)]) == 0
@@ -50,8 +66,9 @@ def test_generation_is_deterministic_and_complete(tmp_path):
     meta = json.loads((a / kernel.METADATA).read_text())
     assert meta["id"] == KERNEL_ID and meta["code_file"] == kernel.NOTEBOOK
     assert (meta["language"], meta["kernel_type"]) == ("python", "notebook")
-    assert meta["competition_sources"] == ["digit-recognizer"]
-    assert meta["enable_gpu"] is True and meta["enable_internet"] is False and meta["is_private"] is True
+    assert meta["competition_sources"] == ["digit-recognizer"] and meta["kernel_sources"] == []
+    assert meta["enable_gpu"] is False and "machine_shape" not in meta  # a CPU session unless GPU=1
+    assert meta["enable_internet"] is False and meta["is_private"] is True
     from slugify import slugify  # what the kaggle client checks the title against
 
     assert slugify(meta["title"]) == kernel.DEFAULT_SLUG
@@ -61,20 +78,191 @@ def test_generation_is_deterministic_and_complete(tmp_path):
     nb = nbformat.read(a / kernel.NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     kinds = [c.cell_type for c in nb.cells]
-    assert kinds[:3] == ["markdown", "markdown", "code"] and kinds[3:] == ["markdown", "code"] * (len(kinds[3:]) // 2)
-    first_code = next(c for c in nb.cells if c.cell_type == "code")
-    assert first_code.metadata["_kg_hide-input"] is True
-    for module in ("pipeline/train.py", "pipeline/nn/conv.py", "pipeline/kaggle_env.py", "configs/standard.toml"):
-        assert repr(module) in first_code.source, module
-    assert "pipeline/kernel.py" not in first_code.source and "pipeline/mnist_source.py" not in first_code.source
+    assert kinds[:2] == ["markdown", "code"] and kinds[2:] == ["markdown", "code"] * (len(kinds[2:]) // 2)
+    assert "settings" in nb.cells[1].metadata["tags"]  # the first code cell: the settings
+    assert _settings_of(nb.cells[1].source) == kernel.template_settings() == {
+        "PRESET": "standard", "EPOCHS": None, "MAX_TIME": "10h", "DEVICE": "auto", "SEED": 0}
+    assert all("  # " in line for line in nb.cells[1].source.splitlines())  # a comment on every line
+    intro = nb.cells[0].source
+    assert "How long" in intro and "30 to 60 minutes" in intro
+    (bundle,) = _cells(a / kernel.NOTEBOOK, "bundle")
+    assert bundle.metadata["_kg_hide-input"] is True and bundle.source == kernel.bundle_cell(kernel.bundle_files())
+    for module in ("pipeline/train.py", "pipeline/nn/conv.py", "pipeline/kaggle_env.py", "pipeline/console.py",
+                   "configs/standard.toml"):
+        assert repr(module) in bundle.source, module
+    assert "pipeline/kernel.py" not in bundle.source and "pipeline/mnist_source.py" not in bundle.source
     # the bundle holds the sources byte for byte
     namespace = {}
-    exec(first_code.source.split("\nSRC = ")[0], namespace)
+    exec(bundle.source.split("\nSRC = ")[0], namespace)
     assert namespace["SOURCES"]["pipeline/train.py"] == (REPO / "pipeline" / "train.py").read_text()
     joined = "\n".join(c.source for c in nb.cells)
     for stage in ("find_competition_data", "prepare.main", "train.main", "predict.main", "submit.main",
-                  "write_report", "submission.csv", "confusion.png"):
+                  "write_report", "show_report", "submission.csv", "training_device"):
         assert stage in joined, stage
+    own = "\n".join(c.source for c in nb.cells if "bundle" not in c.metadata.get("tags", []))
+    assert "make " not in own.replace("`make kernel", "") and "DIGIT_" not in own  # the notebook's own terms
+
+
+def test_make_variables_are_written_into_the_settings_cell(tmp_path, capsys):
+    out = tmp_path / "k"
+    args = ["--id", KERNEL_ID, "--out", str(out)]
+    assert kernel.main([*args, "--preset", "quick", "--epochs", "2", "--max-time", "90m", "--device", "cpu",
+                        "--seed", "3"]) == 0
+    (cell,) = _cells(out / kernel.NOTEBOOK, "settings")
+    assert _settings_of(cell.source) == {"PRESET": "quick", "EPOCHS": 2, "MAX_TIME": "90m", "DEVICE": "cpu", "SEED": 3}
+    template = kernel.read_template()
+    columns = [line.index("  # ") for line in kernel._settings_cell(template).splitlines()]
+    assert [line.index("  # ") for line in cell.source.splitlines()] == columns  # comments stay in place
+    assert kernel.main([*args, "--seed", "12"]) == 0  # the others: the template's
+    (cell,) = _cells(out / kernel.NOTEBOOK, "settings")
+    assert _settings_of(cell.source) == {**kernel.template_settings(), "SEED": 12}
+    capsys.readouterr()
+    for bad, message in ((["--preset", "nope"], "unknown preset 'nope' (known: overnight, quick, standard)"),
+                         (["--epochs", "0"], "EPOCHS = 0: expected a whole number of at least 1"),
+                         (["--max-time", "soon"], "MAX_TIME: cannot read 'soon'"),
+                         (["--device", "tpu"], "argument --device: invalid choice"),
+                         (["--seed", "1; rm -rf /"], "argument --seed: invalid int value")):
+        assert kernel.main([*args, *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert _settings_of(_cells(out / kernel.NOTEBOOK, "settings")[0].source)["SEED"] == 12  # left as it was
+
+
+def test_make_kernel_passes_every_variable_through_the_environment(tmp_path):
+    """`make kernel` names the settings' shell variables, never their values; run as make would, they land."""
+    variables = {"PRESET": "quick", "EPOCHS": "4", "MAX_TIME": "2h", "DEVICE": "gpu", "SEED": "7", "GPU": "1",
+                 "CONTINUE": "1", "KAGGLE_KERNEL_ID": KERNEL_ID}
+    result = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", "-n", "-o", ".venv/.installed", "-o",
+                             ".venv/.dev-installed", "kernel", *(f"{k}={v}" for k, v in variables.items())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if "pipeline.kernel generate" in l)
+    for value in ("quick", "2h", KERNEL_ID):
+        assert value not in line, line
+    assert "--gpu" in line and "--continue" in line
+    command = line.split("-m pipeline.kernel", 1)[1]
+    env = {**os.environ, **variables, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(f"{sys.executable} -m pipeline.kernel {command} --out {tmp_path / 'k'}", shell=True,
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (cell,) = _cells(tmp_path / "k" / kernel.NOTEBOOK, "settings")
+    assert _settings_of(cell.source) == {"PRESET": "quick", "EPOCHS": 4, "MAX_TIME": "2h", "DEVICE": "gpu", "SEED": 7}
+    meta = json.loads((tmp_path / "k" / kernel.METADATA).read_text())
+    assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4"
+    assert meta["kernel_sources"] == [KERNEL_ID]
+
+
+def test_gpu_asks_for_a_t4_and_continue_attaches_the_kernels_own_output():
+    cpu = json.loads(kernel.metadata_text(KERNEL_ID))
+    gpu = json.loads(kernel.metadata_text(KERNEL_ID, gpu=True, continue_run=True))
+    assert (cpu["enable_gpu"], cpu.get("machine_shape"), cpu["kernel_sources"]) == (False, None, [])
+    assert (gpu["enable_gpu"], gpu["machine_shape"], gpu["kernel_sources"]) == (True, "NvidiaTeslaT4", [KERNEL_ID])
+    # the shape is one of those the client's own request type documents
+    from kagglesdk.kernels.types import kernels_api_service
+
+    assert "* NvidiaTeslaT4" in kernels_api_service.ApiSaveKernelRequest.__doc__
+
+
+def test_template_cells_are_read_as_written(tmp_path):
+    template = tmp_path / "t.md"
+    template.write_text("# Title\n\ntext\n\n```{code-cell} ipython3\n:tags: [settings, x]\nA = 1  # one\n```\n\n"
+                        "## Next\n```{code-cell} ipython3\nprint(A)\n\n\nprint(2)\n```\n")
+    assert kernel.read_template(template) == [
+        ("markdown", "# Title\n\ntext", ()), ("code", "A = 1  # one", ("settings", "x")),
+        ("markdown", "## Next", ()), ("code", "print(A)\n\n\nprint(2)", ())]
+    template.write_text("# Title\n```{code-cell} ipython3\nprint(1)\n")
+    with pytest.raises(UserError, match="no closing"):
+        kernel.read_template(template)
+    cell = kernel._settings_cell(kernel.read_template())
+    long_line = kernel.settings_source(cell, {"EPOCHS": 10 ** 20}).splitlines()[1]
+    assert long_line.startswith(f"EPOCHS = {10 ** 20}  # None: ")  # no room left: two spaces before the comment
+    with pytest.raises(UserError, match="one-line NAME = value"):
+        kernel._assignments("import os")
+
+
+def test_the_folder_holds_only_hand_written_files_and_the_build_is_ignored():
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "kernels"], capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert sorted(tracked.stdout.split()) == ["kernels/.gitkeep", "kernels/digit-recognizer/digit-recognizer.md",
+                                              "kernels/digit-recognizer/kernel-metadata.defaults.json"]
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q",
+                              f"build/kernel/{kernel.NOTEBOOK}"], capture_output=True)
+    assert ignored.returncode == 0, "build/ must be ignored by git"
+    assert kernel.BUILD_DIR == REPO / "build" / "kernel"
+
+
+# ---------------------------------------------------------------- Kaggle's limits
+
+KAGGLE_IMAGE = {"numpy", "pandas", "matplotlib", "tqdm", "IPython"}  # in every Kaggle Python image
+ONLY_WHERE_PRESENT = {"cupy", "threadpoolctl"}  # imported under try/except: CuPy on a GPU image
+SOURCE_LIMIT = 1_000_000      # Kaggle's limit on a kernel's source
+OUTPUT_LIMIT = 20 * 10 ** 9   # Kaggle keeps at most 20 GB of /kaggle/working
+
+
+def _third_party_imports(source):
+    """{(top-level module, optional)} imported by `source`; optional: inside a try that catches ImportError."""
+    tree = ast.parse(source)
+    optional_nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                h.type is None or (isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "Exception"))
+                for h in node.handlers):
+            optional_nodes.update(id(n) for part in node.body for n in ast.walk(part))
+    found = set()
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top != "pipeline":
+                found.add((top, id(node) in optional_nodes))
+    return found
+
+
+def test_the_notebook_needs_nothing_missing_from_kaggles_image():
+    modules = {name: text for name, text in kernel.bundle_files().items() if name.endswith(".py")}
+    cells = [source for kind, source, tags in kernel.read_template() if kind == "code"]
+    # The kaggle client is imported only to upload a submission, which the notebook turns off.
+    assert ("kaggle", False) in _third_party_imports(modules.pop("pipeline/kaggle_api.py"))
+    assert '"--upload", "0"' in "\n".join(cells)
+    assert not any("kaggle_api" in source for source in cells)
+    found = set().union(*(_third_party_imports(s) for s in [*modules.values(), *cells]))
+    assert {name for name, optional in found if not optional} <= KAGGLE_IMAGE, found
+    assert {name for name, optional in found if optional} <= KAGGLE_IMAGE | ONLY_WHERE_PRESENT, found
+    assert ("cupy", True) in found and ("cupy", False) not in found
+    assert not any(name in ("torch", "nbformat", "kaggle", "slugify") for name, _ in found)
+
+
+def test_the_pushed_notebook_stays_under_kaggles_source_limit():
+    text = kernel.notebook_text(settings={"PRESET": "overnight"})
+    assert len(text.encode()) < SOURCE_LIMIT and kernel.SOURCE_LIMIT == SOURCE_LIMIT
+    # what the client sends: outputs dropped, sources joined, json.dumps without indentation
+    assert len(json.dumps(json.loads(text)).encode()) < len(text.encode())
+    with pytest.raises(UserError, match="over Kaggle's limit"):
+        kernel.generate.__globals__["SOURCE_LIMIT"] = 1000
+        try:
+            kernel.generate(Path("/nonexistent/never-written"), KERNEL_ID)
+        finally:
+            kernel.generate.__globals__["SOURCE_LIMIT"] = SOURCE_LIMIT
+
+
+def output_bound(arch, members):
+    """Bytes a run of `members` nets of `arch` can leave in /kaggle/working: per net three checkpoints (latest,
+    previous, best: weights, two Adam moments, maybe a weight average) and model.npz are at most 16 times the
+    weights, plus 4 MB of predictions and figures; 16 MB for the rest (test probabilities, the bundle, CSV)."""
+    from pipeline.nn import build_model
+
+    weights = sum(a.nbytes for a in build_model(arch, seed=0, dtype=np.float32).state_dict().values())
+    return members * (16 * weights + 4 * 10 ** 6) + 16 * 10 ** 6
+
+
+def test_every_presets_output_stays_under_kaggles_output_limit():
+    from pipeline.config import build_config
+
+    for preset in ("quick", "standard", "overnight"):
+        cfg = build_config(preset)
+        assert output_bound(cfg.arch, cfg.members) < OUTPUT_LIMIT / 4, preset  # far below, not just below
 
 
 def test_the_bundle_falls_back_to_base64_where_a_raw_string_cannot_hold_the_text():
@@ -108,22 +296,6 @@ def test_kernel_id_sources(tmp_path, clean_env, monkeypatch, capsys):
     assert SECRET not in (out / kernel.METADATA).read_text() + (out / kernel.NOTEBOOK).read_text()
 
 
-def test_committed_kernel_matches_the_sources():
-    """Fails when pipeline/ (or configs/) changed but `make kernel` was not run, or the kernel is not committed."""
-    folder = kernel.KERNEL_DIR
-    assert (folder / kernel.METADATA).is_file(), "kernels/digit-recognizer is missing: run `make kernel`"
-    kernel_id = kernel.read_metadata(folder)["id"]
-    assert (folder / kernel.NOTEBOOK).read_text(encoding="utf-8") == kernel.notebook_text(), \
-        "kernels/digit-recognizer/ is stale: run `make kernel` and commit it"
-    assert (folder / kernel.METADATA).read_text() == kernel.metadata_text(kernel_id)
-    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "--error-unmatch", f"kernels/digit-recognizer/"
-                              f"{kernel.METADATA}", f"kernels/digit-recognizer/{kernel.NOTEBOOK}"],
-                             capture_output=True, text=True)
-    if "not a git repository" in tracked.stderr:
-        pytest.skip("not a git checkout")
-    assert tracked.returncode == 0, f"the generated kernel is not committed: {tracked.stderr.strip()}"
-
-
 # ---------------------------------------------------------------- runtime helpers
 
 def _competition_at(folder):
@@ -145,13 +317,72 @@ def test_find_competition_data_in_each_place(tmp_path):
         kaggle_env.find_competition_data(root)
 
 
-def test_settings_come_from_the_environment(monkeypatch):
-    s = kaggle_env.settings()
-    assert (s.preset, s.train_budget, s.overrides, s.run) == ("standard", "10h", (), "kaggle-standard")
-    monkeypatch.setenv("DIGIT_PRESET", "quick")
-    monkeypatch.setenv("DIGIT_OVERRIDES", "EPOCHS=1 DEVICE=cpu")
-    s = kaggle_env.settings()
-    assert (s.preset, s.overrides, s.run) == ("quick", ("EPOCHS=1", "DEVICE=cpu"), "kaggle-quick")
+def test_settings_are_checked_and_name_their_run():
+    s = kaggle_env.settings("quick", None, "90m", "auto", 0)
+    assert (s.preset, s.epochs, s.max_time, s.device, s.seed, s.run) == ("quick", None, "90m", "auto", 0, "kaggle-quick")
+    assert s.train_args("cpu") == ["--preset", "quick", "--run", "kaggle-quick", "MAX_TIME=90m", "SEED=0", "DEVICE=cpu"]
+    s = kaggle_env.settings("standard", 3, "1h30m", "gpu", 2)
+    assert s.run == "kaggle-standard-3ep-seed2" and s.train_args("gpu")[-2:] == ["DEVICE=gpu", "EPOCHS=3"]
+    for bad, message in ((("quik", None, "1h", "auto", 0), "unknown preset 'quik'"),
+                         ((None, None, "1h", "auto", 0), "PRESET = None: expected the name of a preset"),
+                         (("quick", 2.5, "1h", "auto", 0), "EPOCHS = 2.5: expected a whole number of at least 1"),
+                         (("quick", True, "1h", "auto", 0), "EPOCHS = True"),
+                         (("quick", None, 600, "auto", 0), "MAX_TIME = 600: expected a duration in quotes"),
+                         (("quick", None, "", "auto", 0), "MAX_TIME = '': expected a duration"),
+                         (("quick", None, "1h", "GPU", 0), "DEVICE = 'GPU': expected one of 'auto', 'cpu', 'gpu'"),
+                         (("quick", None, "1h", "auto", -1), "SEED = -1: expected a whole number of at least 0")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            kaggle_env.settings(*bad)
+
+
+def _fake_cupy(monkeypatch, devices=1, works=True):
+    """A `cupy` module in sys.modules: `devices` GPUs, whose first operation works or fails."""
+    import types
+
+    cupy = types.ModuleType("cupy")
+    cupy.float32 = np.float32
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
+
+    def arange(*args, **kwargs):
+        if not works:
+            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient\nfor CUDA runtime")
+        return np.arange(*args, **kwargs)
+
+    cupy.arange = arange
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+
+
+def test_training_device_tries_cupy_once_and_falls_back_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # not installed: import cupy raises ImportError
+    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="DEVICE = 'gpu' but CuPy is not installed"):
+        kaggle_env.training_device("gpu")
+    _fake_cupy(monkeypatch, devices=0)
+    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().out == ""
+    _fake_cupy(monkeypatch)
+    assert kaggle_env.training_device("auto") == "gpu" and kaggle_env.training_device("gpu") == "gpu"
+    assert kaggle_env.training_device("cpu") == "cpu"
+    _fake_cupy(monkeypatch, works=False)
+    assert kaggle_env.training_device("auto") == "cpu"
+    assert capsys.readouterr().out == ("CuPy fails here: RuntimeError: cudaErrorInsufficientDriver: CUDA driver "
+                                       "version is insufficient for CUDA runtime; training on the CPU with NumPy "
+                                       "instead\n")
+    with pytest.raises(UserError, match="DEVICE = 'gpu' but CuPy fails here"):
+        kaggle_env.training_device("gpu")
+
+
+def test_messages_and_progress_bars_follow_where_the_pipeline_runs(monkeypatch):
+    from pipeline import console
+
+    monkeypatch.setenv(console.NOTEBOOK_VARIABLE, "")  # recorded, so the switch below is undone after the test
+    assert console.next_step("continue", run="r") == "`make train RUN=r` continues"
+    assert type(console.progress_bar(3, "x", leave=False)).__module__ == "tqdm.std"
+    console.use_notebook()
+    assert console.in_notebook() and "Train cell" in console.next_step("continue", run="r")
+    assert "make " not in " ".join(console.next_step(action, run="r") for action in console.NEXT_STEPS)
+    import tqdm.auto
+
+    assert isinstance(console.progress_bar(3, "x", leave=False), tqdm.auto.tqdm)
 
 
 @pytest.mark.parametrize("overrides,shown", [("EPOCHS=1 DEVICE=cpu", "CPU (NumPy)"), ("EPOCHS=1", "GPU (CuPy)")])
@@ -210,43 +441,129 @@ def test_select_blends_an_ensemble_and_reports_its_best_member(tiny_competition,
     assert kaggle_env.report_folder(folder / "members" / "0") == folder / "members" / "0"
 
 
+def test_the_report_is_shown_as_markdown_html_tables_and_figures():
+    text = "# Run\n- **best**\n\n![curves](curves.png)\n\n| class | F1 |\n|---:|---:|\n| 0 | 0.9 <b> |\n\nend"
+    assert [kind for kind, _ in kaggle_env.report_blocks(text)] == ["text", "figure", "text", "table", "text"]
+    assert kaggle_env.report_blocks(text)[1] == ("figure", ["curves.png"])
+    table = kaggle_env.markdown_table_html(kaggle_env.report_blocks(text)[3][1])
+    assert table.startswith("<table>") and '<th style="text-align: right">class</th>' in table
+    assert "<td style=\"text-align: right\">0.9 &lt;b&gt;</td>" in table
+
+
 # ---------------------------------------------------------------- the notebook on a fake /kaggle
 
-def test_notebook_writes_a_valid_submission_on_a_fake_kaggle_tree(tiny_competition, tmp_path, monkeypatch):
+BROKEN_CUPY = REPO / "tests" / "broken_cupy"
+TINY = {"PRESET": "quick", "EPOCHS": 1, "DEVICE": "cpu"}  # a training of seconds
+USER_PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"  # a cell a user adds after
+
+
+@pytest.fixture
+def fake_kaggle_tree(tiny_competition, tmp_path, monkeypatch):
+    """/kaggle as a notebook sees it (input/competitions/digit-recognizer, an empty working/) under tmp_path."""
     import shutil
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    from pipeline.submit import validate_submission
 
     kaggle = tmp_path / "kaggle"
     shutil.copytree(tiny_competition, kaggle / "input" / "competitions" / "digit-recognizer")
     (kaggle / "working").mkdir()
     monkeypatch.setenv("KAGGLE_ROOT", str(kaggle))
-    monkeypatch.setenv("DIGIT_PRESET", "quick")
-    monkeypatch.setenv("DIGIT_OVERRIDES", "EPOCHS=1 DEVICE=cpu")
     monkeypatch.delenv("PIPELINE_ROOT")  # the notebook sets its own
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as on Kaggle
+    return kaggle
 
-    nb = nbformat.reads(kernel.notebook_text(), as_version=4)
-    NotebookClient(nb, timeout=180, kernel_name="python3",
+
+def _execute(text, kaggle, extra_cells=()):
+    """Run the notebook `text` (plus code cells `extra_cells`) in a fresh kernel in kaggle/working; returns it."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.reads(text, as_version=4)
+    nb.cells.extend(nbformat.v4.new_code_cell(source) for source in extra_cells)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(kaggle / "working")}}).execute()
+    return nb
 
-    working = kaggle / "working"
+
+def _outputs(cell):
+    return list(cell.get("outputs", []))
+
+
+def _text(nb, stream=None):
+    return "".join(o.get("text", "") for c in nb.cells for o in _outputs(c) if stream in (None, o.get("name")))
+
+
+def _check_submission(kaggle, tiny_competition):
+    from pipeline.submit import validate_submission
+
     n_test = len(pd.read_csv(tiny_competition / "test.csv"))
-    df = validate_submission(working / "submission.csv", n_test)
-    assert len(df) == n_test
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
+    assert len(validate_submission(kaggle / "working" / "submission.csv", n_test)) == n_test
+
+
+def _size(folder):
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, tiny_competition, tmp_path):
+    """The very text the client uploads, executed: the submission, progress, the report inline, later plots."""
+    kaggle = fake_kaggle_tree
+    folder = tmp_path / "build"
+    kernel.generate(folder, KERNEL_ID, TINY)
+    assert kernel.push(folder, poll_interval=0, max_polls=1) == 0
+    pushed = fake.bodies("SaveKernel")[0]["text"]
+    assert len(pushed.encode()) < SOURCE_LIMIT
+    nb = _execute(pushed, kaggle, [USER_PLOT])
+
+    _check_submission(kaggle, tiny_competition)
+    working = kaggle / "working"
+    text = _text(nb)
     assert f"pipeline imported from {working / 'pipeline-src' / 'pipeline'}" in text  # the bundle, not the repo
-    assert "device: CPU (NumPy)" in text and "epoch 1/1" in text
-    assert "kaggle-quick: epoch 1 of 1, the best by validation accuracy" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # curves and confusion matrix inline
+    assert "device: CPU (NumPy)" in text and "run: kaggle-quick-1ep" in text and "epoch 1/1" in text
+    assert "kaggle-quick-1ep: epoch 1 of 1, the best by validation accuracy" in text
+    assert "batch" in _text(nb, "stderr")  # the progress bar within the epoch (text here: no ipywidgets)
+    assert "make " not in text and "upload skipped" not in text and "CuPy" not in text  # the notebook's own terms
+    assert "submit it from the saved version's Output" in text
+    outputs = [o for c in nb.cells for o in _outputs(c)]
     assert not any(o.output_type == "error" for o in outputs)
-    run = working / "pipeline" / "runs" / "kaggle-quick"
+    (report_cell,) = [c for c in nb.cells if c.source.startswith("from pipeline import report")]
+    shown = [o.get("data", {}) for o in _outputs(report_cell)]
+    assert sum("image/png" in d for d in shown) == 6  # curves, LR, confusion, worst, per class, filters
+    assert any("<table>" in d.get("text/html", "") and "precision" in d["text/html"] for d in shown)
+    assert any("best validation accuracy" in d.get("text/markdown", "") for d in shown)
+    assert any("image/png" in o.get("data", {}) for o in _outputs(nb.cells[-1]))  # a user's own plot still shows
+    run = working / "pipeline" / "runs" / "kaggle-quick-1ep"
     assert (run / "checkpoints" / "latest.npz").is_file() and (run / "summary.json").is_file()
     assert not (working / "pipeline" / "data" / "processed").exists()  # tidied: the output keeps no arrays
+    assert _size(working) < output_bound("small_bn", 1)  # the bound the presets are checked against holds
+
+
+def test_an_edited_settings_cell_gets_what_was_typed(fake_kaggle_tree, tiny_competition):
+    import nbformat
+
+    kaggle = fake_kaggle_tree
+    nb = nbformat.reads(kernel.notebook_text(settings=TINY), as_version=4)
+    (cell,) = [c for c in nb.cells if "settings" in c.metadata.get("tags", [])]
+    cell.source = cell.source.replace("EPOCHS = 1 ", "EPOCHS = 2 ").replace("SEED = 0 ", "SEED = 5 ")
+    assert _settings_of(cell.source)["EPOCHS"] == 2 and _settings_of(cell.source)["SEED"] == 5
+    nb = _execute(nbformat.writes(nb), kaggle)
+
+    _check_submission(kaggle, tiny_competition)
+    text = _text(nb)
+    assert "run: kaggle-quick-2ep-seed5" in text and "epoch 2/2" in text
+    config = (kaggle / "working" / "pipeline" / "runs" / "kaggle-quick-2ep-seed5" / "config.toml").read_text()
+    assert "epochs = 2\n" in config and "seed = 5\n" in config and 'device = "cpu"' in config
+
+
+def test_a_cupy_that_fails_on_the_gpu_falls_back_to_numpy(fake_kaggle_tree, tiny_competition, monkeypatch):
+    kaggle = fake_kaggle_tree
+    monkeypatch.setenv("PYTHONPATH", str(BROKEN_CUPY))  # the kernel imports this cupy
+    nb = _execute(kernel.notebook_text(settings={"PRESET": "quick", "EPOCHS": 1}), kaggle)  # DEVICE = "auto"
+
+    _check_submission(kaggle, tiny_competition)
+    text = _text(nb)
+    lines = [line for line in text.splitlines() if "CuPy" in line]
+    assert lines == ["CuPy fails here: CUDARuntimeError: cudaErrorNoKernelImageForDevice: no kernel image is "
+                     "available for execution on the device; training on the CPU with NumPy instead"], lines
+    assert "device: CPU (NumPy)" in text
+    assert not any(o.output_type == "error" for c in nb.cells for o in _outputs(c))
 
 
 # ---------------------------------------------------------------- push, status, output against the fake server
@@ -284,8 +601,9 @@ def test_push_waits_until_the_run_completes(fake, kernel_folder, capsys):
     assert body["slug"] == KERNEL_ID and body["newTitle"] == kernel.DEFAULT_TITLE
     assert (body["language"], body["kernelType"]) == ("python", "notebook")
     assert body["competitionDataSources"] == ["digit-recognizer"]
-    assert body["enableGpu"] is True and body["enableInternet"] is False and body["isPrivate"] is True
-    assert json.loads(body["text"])["cells"][2]["source"].startswith("# Our pipeline package")
+    assert body["enableGpu"] is False and body["enableInternet"] is False and body["isPrivate"] is True
+    assert not body.get("machineShape")  # a CPU session
+    assert json.loads(body["text"])["cells"][3]["source"].startswith("# Our pipeline package")
     assert fake.bodies("GetKernelSessionStatus")[0] == {"userName": USER, "kernelSlug": kernel.DEFAULT_SLUG}
     assert all(r.auth == "basic" for r in fake.requests)
     assert "queued" in out.out and "running" in out.out and "complete" in out.out
@@ -306,11 +624,34 @@ def test_push_reports_a_failed_run_and_gives_up_after_max_polls(fake, kernel_fol
     assert "still running after 3 polls" in capsys.readouterr().err
 
 
+def test_push_takes_an_edited_settings_cell_and_asks_for_a_t4(fake, tmp_path):
+    folder = tmp_path / "gpu"
+    import nbformat
+
+    kernel.generate(folder, KERNEL_ID, gpu=True)
+    nb = nbformat.read(folder / kernel.NOTEBOOK, as_version=4)
+    nb.cells[1].source = nb.cells[1].source.replace('PRESET = "standard"', 'PRESET = "quick"   ')
+    nbformat.write(nb, folder / kernel.NOTEBOOK)
+    assert kernel.push(folder, poll_interval=0, max_polls=1) == 0
+    body = fake.bodies("SaveKernel")[0]
+    assert body["enableGpu"] is True and body["machineShape"] == "NvidiaTeslaT4"
+    assert 'PRESET = "quick"' in json.loads(body["text"])["cells"][1]["source"]
+
+
+def test_continue_before_a_first_version_is_one_line(fake, tmp_path):
+    folder = tmp_path / "continue"
+    kernel.generate(folder, KERNEL_ID, continue_run=True)
+    with pytest.raises(UserError, match=r"could not attach the output of .*push without CONTINUE=1 first"):
+        kernel.push(folder, poll_interval=0, max_polls=1)
+    assert kernel.push(folder, poll_interval=0, max_polls=1) == 0  # a second version has an output to attach
+    assert [body["kernelDataSources"] for body in fake.bodies("SaveKernel")] == [[KERNEL_ID]] * 2
+
+
 def test_push_refuses_a_stale_notebook_and_another_owner(fake, kernel_folder, capsys):
     notebook = kernel_folder / kernel.NOTEBOOK
     notebook.write_text(notebook.read_text().replace("Our pipeline package", "Edited by hand"))
     assert kernel.main(["push", "--folder", str(kernel_folder)]) == 2
-    assert "does not match the pipeline/ sources: regenerate it" in capsys.readouterr().err
+    assert "does not bundle the current pipeline/ sources: rebuild it (`make kernel`)" in capsys.readouterr().err
     kernel.generate(kernel_folder, f"someone-else/{kernel.DEFAULT_SLUG}")
     assert kernel.main(["push", "--folder", str(kernel_folder)]) == 2
     assert f"the credentials are {USER}'s" in capsys.readouterr().err

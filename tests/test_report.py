@@ -1,6 +1,9 @@
 """report: every file written for a fake run, report.md written last and linking them, and its helpers."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from pipeline.fileio import save_npz
 
 FIGURES = ["curves.png", "lr.png", "confusion.png", "worst.png", "per_class.png", "filters.png"]
 N_TRAIN = 40
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_fake_run(root, name="r1", epochs=3):
@@ -67,6 +71,20 @@ def test_report_writes_every_file_and_report_md_last(run, capsys):
     assert "| 1 | 1.0000 | 0.5000 | 0.6667 | 2 |" in md  # class 1: one of two found, never predicted wrongly
     assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["report.md"])  # no temp files
     assert "report.md" in capsys.readouterr().out
+
+
+def test_report_leaves_pyplot_and_its_backend_alone(run, tmp_path):
+    """A notebook that writes the report still plots inline in its later cells: no backend switch, no pyplot."""
+    code = ("import sys, matplotlib\n"
+            "matplotlib.rcParams['backend'] = 'module://matplotlib_inline.backend_inline'\n"
+            "from pipeline import report\n"
+            "report.main(['--run', 'r1'])\n"
+            "assert matplotlib.rcParams['backend'] == 'module://matplotlib_inline.backend_inline'\n"
+            "assert 'matplotlib.pyplot' not in sys.modules\n")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_report_missing_run_and_missing_inputs(run, capsys):
