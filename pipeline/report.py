@@ -268,8 +268,6 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
 
 def write_report(folder):
     """Write every figure of the run in `folder` into folder/report/, then report.md; returns its path."""
-    matplotlib.use("Agg")  # files only, no display; set here so importing this module changes nothing
-
     run = runs.run_of(folder)
     config = run.config()
     summary = run.summary()
