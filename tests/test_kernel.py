@@ -385,19 +385,14 @@ def test_messages_and_progress_bars_follow_where_the_pipeline_runs(monkeypatch):
     assert isinstance(console.progress_bar(3, "x", leave=False), tqdm.auto.tqdm)
 
 
-@pytest.mark.parametrize("overrides,shown", [("EPOCHS=1 DEVICE=cpu", "CPU (NumPy)"), ("EPOCHS=1", "GPU (CuPy)")])
-def test_the_settings_cell_shows_the_device_training_will_use(tmp_path, monkeypatch, capsys, overrides, shown):
-    """On a machine with a GPU (here fakecupy), DEVICE=cpu trains on the CPU, and the notebook says so."""
+@pytest.mark.parametrize("asked,used", [("cpu", "cpu"), ("auto", "gpu"), ("gpu", "gpu")])
+def test_the_notebook_trains_on_the_device_it_names(monkeypatch, asked, used):
+    """On a machine with a GPU (here the strict fakecupy), DEVICE = 'cpu' trains on the CPU: the device the
+    notebook prints and passes to every stage is the one training uses."""
     from tests import fakecupy
 
     fakecupy.install(monkeypatch)
-    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "kaggle"))
-    monkeypatch.setenv("DIGIT_PRESET", "quick")
-    monkeypatch.setenv("DIGIT_OVERRIDES", overrides)
-    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "root"))  # the cell points it elsewhere; restored after
-    cell = next(code for markdown, code in kernel.STAGES if markdown.startswith("## Settings"))
-    exec(compile(cell, "settings-cell", "exec"), {})
-    assert f"device: {shown}" in capsys.readouterr().out
+    assert kaggle_env.training_device(asked) == used
 
 
 def test_an_earlier_versions_run_is_restored(tmp_path, monkeypatch):
@@ -517,7 +512,7 @@ def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, 
     text = _text(nb)
     assert f"pipeline imported from {working / 'pipeline-src' / 'pipeline'}" in text  # the bundle, not the repo
     assert "device: CPU (NumPy)" in text and "run: kaggle-quick-1ep" in text and "epoch 1/1" in text
-    assert "kaggle-quick-1ep: epoch 1 of 1, the best by validation accuracy" in text
+    assert "kaggle-quick-1ep: the weights of epoch 1 of 1, the best by validation accuracy" in text
     assert "batch" in _text(nb, "stderr")  # the progress bar within the epoch (text here: no ipywidgets)
     assert "make " not in text and "upload skipped" not in text and "CuPy" not in text  # the notebook's own terms
     assert "submit it from the saved version's Output" in text
