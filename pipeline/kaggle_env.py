@@ -93,33 +93,19 @@ def training_device(asked):
     """'gpu' when CuPy works on a GPU here, else 'cpu'; `asked` is the DEVICE setting (auto, cpu or gpu).
 
     A CuPy that imports but fails on its first real operation (a driver or architecture mismatch) would stop
-    the session at the first training step: it is tried once here, on a small product. With 'auto' the
-    notebook then trains with NumPy and says so in one line; 'gpu' insists, so it is a UserError.
+    the session at the first training step: the engine's probe tries it once (pipeline.nn.backend), and with
+    'auto' the notebook then trains with NumPy after the probe's one line. 'gpu' insists: a UserError.
     """
     from pipeline.errors import UserError
+    from pipeline.nn import backend
 
     if asked == "cpu":
         return "cpu"
-    reason = None
-    try:
-        import cupy  # noqa: PLC0415  (only on a GPU machine)
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            reason = "CuPy sees no GPU"
-        else:
-            a = cupy.arange(12, dtype=cupy.float32).reshape(3, 4)
-            float((a @ a.T).sum())  # a kernel launch and a copy back, as the first training step makes
-    except ImportError:
-        reason = "CuPy is not installed"
-    except Exception as exc:  # CUDA runtime or driver errors: there is a CuPy, but it cannot run here
-        reason = "CuPy fails here: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-    if reason is None:
+    if backend.cupy_available():
         return "gpu"
     if asked == "gpu":
-        raise UserError(f"DEVICE = 'gpu' but {reason}; set DEVICE = 'auto' (or 'cpu') in the settings cell, or "
-                        f"choose a GPU accelerator for the notebook")
-    if reason.startswith("CuPy fails"):
-        print(f"{reason}; training on the CPU with NumPy instead", flush=True)
+        raise UserError(f"DEVICE = 'gpu' but {backend.cupy_unavailable_reason()}; set DEVICE = 'auto' (or 'cpu') "
+                        f"in the settings cell, or choose a GPU accelerator for the notebook")
     return "cpu"
 
 

@@ -335,54 +335,27 @@ def test_settings_are_checked_and_name_their_run():
             kaggle_env.settings(*bad)
 
 
-def _fake_cupy(monkeypatch, devices=1, works=True):
-    """A `cupy` module in sys.modules: `devices` GPUs, whose first operation works or fails."""
-    import types
-
-    cupy = types.ModuleType("cupy")
-    cupy.float32 = np.float32
-    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
-
-    def arange(*args, **kwargs):
-        if not works:
-            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient\nfor CUDA runtime")
-        return np.arange(*args, **kwargs)
-
-    cupy.arange = arange
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-
-
 def test_training_device_tries_cupy_once_and_falls_back_in_one_line(monkeypatch, capsys):
+    from pipeline.nn import backend
+    from tests import fakecupy
+
+    for name, value in (("_cupy", None), ("_cupy_tried", False), ("_cupy_usable", None)):
+        monkeypatch.setattr(backend, name, value)
     monkeypatch.setitem(sys.modules, "cupy", None)  # not installed: import cupy raises ImportError
-    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().out == ""
+    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().err == ""
     with pytest.raises(UserError, match="DEVICE = 'gpu' but CuPy is not installed"):
         kaggle_env.training_device("gpu")
-    _fake_cupy(monkeypatch, devices=0)
-    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().out == ""
-    _fake_cupy(monkeypatch)
+    fakecupy.install(monkeypatch, devices=0)
+    assert kaggle_env.training_device("auto") == "cpu" and capsys.readouterr().err == ""
+    fakecupy.install(monkeypatch)
     assert kaggle_env.training_device("auto") == "gpu" and kaggle_env.training_device("gpu") == "gpu"
     assert kaggle_env.training_device("cpu") == "cpu"
-    _fake_cupy(monkeypatch, works=False)
+    fakecupy.install(monkeypatch, broken="cublas")  # imports, sees a device, fails at its first product
     assert kaggle_env.training_device("auto") == "cpu"
-    assert capsys.readouterr().out == ("CuPy fails here: RuntimeError: cudaErrorInsufficientDriver: CUDA driver "
-                                       "version is insufficient for CUDA runtime; training on the CPU with NumPy "
-                                       "instead\n")
-    with pytest.raises(UserError, match="DEVICE = 'gpu' but CuPy fails here"):
+    err = capsys.readouterr().err
+    assert err.startswith("CuPy cannot run on this GPU (") and err.endswith("); using NumPy\n") and err.count("\n") == 1
+    with pytest.raises(UserError, match=r"DEVICE = 'gpu' but CuPy cannot run on the GPU \("):
         kaggle_env.training_device("gpu")
-
-
-def test_messages_and_progress_bars_follow_where_the_pipeline_runs(monkeypatch):
-    from pipeline import console
-
-    monkeypatch.setenv(console.NOTEBOOK_VARIABLE, "")  # recorded, so the switch below is undone after the test
-    assert console.next_step("continue", run="r") == "`make train RUN=r` continues"
-    assert type(console.progress_bar(3, "x", leave=False)).__module__ == "tqdm.std"
-    console.use_notebook()
-    assert console.in_notebook() and "Train cell" in console.next_step("continue", run="r")
-    assert "make " not in " ".join(console.next_step(action, run="r") for action in console.NEXT_STEPS)
-    import tqdm.auto
-
-    assert isinstance(console.progress_bar(3, "x", leave=False), tqdm.auto.tqdm)
 
 
 @pytest.mark.parametrize("asked,used", [("cpu", "cpu"), ("auto", "gpu"), ("gpu", "gpu")])
@@ -555,8 +528,8 @@ def test_a_cupy_that_fails_on_the_gpu_falls_back_to_numpy(fake_kaggle_tree, tiny
     _check_submission(kaggle, tiny_competition)
     text = _text(nb)
     lines = [line for line in text.splitlines() if "CuPy" in line]
-    assert lines == ["CuPy fails here: CUDARuntimeError: cudaErrorNoKernelImageForDevice: no kernel image is "
-                     "available for execution on the device; training on the CPU with NumPy instead"], lines
+    assert lines == ["CuPy cannot run on this GPU (CUDARuntimeError: cudaErrorNoKernelImageForDevice: no kernel image "
+                     "is available for execution on the device); using NumPy"], lines
     assert "device: CPU (NumPy)" in text
     assert not any(o.output_type == "error" for c in nb.cells for o in _outputs(c))
 

@@ -44,6 +44,15 @@ def cupy_available():
     return _cupy_usable
 
 
+def cupy_unavailable_reason():
+    """Why cupy_available() is False, in a few words ('' when it is True)."""
+    if cupy_available():
+        return ""
+    if _import_cupy() is None:
+        return "CuPy is not installed"
+    return f"CuPy cannot run on the GPU ({_cupy_failure})" if _cupy_failure else "no CUDA device is visible"
+
+
 def _probe_cupy(cp):
     """(usable, why not: '' when CuPy or a device is simply absent)."""
     if cp is None:
@@ -84,9 +93,7 @@ def select_device(name="auto"):
         return np
     if name == "gpu":
         if not cupy_available():
-            reason = ("cupy is not installed" if _import_cupy() is None else
-                      f"CuPy cannot run on the GPU ({_cupy_failure})" if _cupy_failure else "no CUDA device is visible")
-            raise UserError(f"device 'gpu' requested but {reason}; use DEVICE=cpu or DEVICE=auto")
+            raise UserError(f"device 'gpu' requested but {cupy_unavailable_reason()}; use DEVICE=cpu or DEVICE=auto")
         return _import_cupy()
     if name == "auto":
         return _import_cupy() if cupy_available() else np
