@@ -685,3 +685,13 @@ def test_push_and_output_from_the_command_line_through_a_proxy(tmp_path, kernel_
     assert (tmp_path / "root" / "submissions" / "kernel" / "submission.csv").read_bytes() == _submission(3)
     for path in (tmp_path / "root").rglob("*"):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_the_settings_cell_names_each_presets_epochs():
+    """The comment a Kaggle user reads beside EPOCHS follows configs/ (hand-written in the template)."""
+    from pipeline.config import build_config
+
+    template = (REPO / "kernels" / "digit-recognizer" / "digit-recognizer.md").read_text()
+    line = next(text for text in template.splitlines() if text.startswith("EPOCHS = "))
+    for preset in ("quick", "standard", "overnight"):
+        assert f"{preset} {build_config(preset).epochs}" in line, line
