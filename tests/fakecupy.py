@@ -367,6 +367,16 @@ def _method(name):
     return method
 
 
+
+def _synced(what, convert):
+    """A method that copies the array to the host (a sync, recorded) and converts it with convert(array, ...)."""
+    def method(self, *args):
+        _sync(what)
+        return convert(self._a, *args)
+
+    method.__name__ = what
+    return method
+
 class ndarray:
     """A device array: a NumPy array inside, reachable only the ways CuPy allows."""
 
@@ -402,33 +412,13 @@ class ndarray:
             raise TypeError("set() takes a NumPy array")
         self._a[...] = arr
 
-    def item(self):
-        _sync("item")
-        return self._a.item()
-
-    def tolist(self):
-        _sync("tolist")
-        return self._a.tolist()
-
-    def tobytes(self, order="C"):
-        _sync("tobytes")
-        return self._a.tobytes(order)
-
-    def __float__(self):
-        _sync("float")
-        return float(self._a)
-
-    def __int__(self):
-        _sync("int")
-        return int(self._a)
-
-    def __complex__(self):
-        _sync("complex")
-        return complex(self._a)
-
-    def __bool__(self):
-        _sync("bool")
-        return bool(self._a)
+    item = _synced("item", lambda a: a.item())
+    tolist = _synced("tolist", lambda a: a.tolist())
+    tobytes = _synced("tobytes", lambda a, order="C": a.tobytes(order))
+    __float__ = _synced("float", float)
+    __int__ = _synced("int", int)
+    __complex__ = _synced("complex", complex)
+    __bool__ = _synced("bool", bool)
 
     def __format__(self, spec):
         _sync("format")
