@@ -3,8 +3,10 @@
 An et al. 2020 (arXiv 2008.10400) evaluate every MNIST model through an EMA of its weights (decay 0.999).
 The average lives on the model's backend, is updated after every optimizer step and is saved in the
 checkpoint, so a resumed run averages exactly as one that never stopped. BatchNorm running statistics
-are not averaged: they belong to the live weights, so `averaged_state` recomputes them for the average.
+are not averaged: they belong to the live weights, so `applied` recomputes them for the average.
 """
+import contextlib
+
 import numpy as np
 
 from pipeline.nn import get_array_module, to_device, to_numpy
@@ -42,13 +44,20 @@ class WeightAverage:
             e[...] = to_device(np.asarray(state[name], dtype=e.dtype), get_array_module(e))
         self.updates = int(state["updates"])
 
-    def averaged_state(self, model, calibration_images):
-        """The model's state dict with the averaged weights and BatchNorm statistics recomputed for them on
-        `calibration_images`; the model itself is left exactly as it was."""
+    @contextlib.contextmanager
+    def applied(self, model, calibration_images):
+        """Within the block the model holds the averaged weights, with BatchNorm statistics recomputed for
+        them on `calibration_images`; it yields that state dict. Afterwards the model holds exactly its own
+        arrays again."""
         live = model.state_dict()
         model.load_state_dict({**live, **{k: to_numpy(v) for k, v in self.shadow.items()}})
-        model.recompute_batchnorm_statistics(calibration_images)
-        averaged = model.state_dict()
-        model.load_state_dict(live)
-        return averaged
+        try:
+            model.recompute_batchnorm_statistics(calibration_images)
+            yield model.state_dict()
+        finally:
+            model.load_state_dict(live)
 
+    def averaged_state(self, model, calibration_images):
+        """The state dict of applied(), the model left as it was."""
+        with self.applied(model, calibration_images) as state:
+            return state

@@ -383,8 +383,7 @@ def train_one(folder, preset, cfg, force, label=None):
             delivered = None
             if average:
                 live = {"live_val_loss": val_loss, "live_val_acc": val_acc}
-                delivered = average.averaged_state(model, calibration)
-                with swapped_state(model, delivered):
+                with average.applied(model, calibration) as delivered:
                     val_loss, val_acc, _ = evaluate(model, x_val, y_val)
             seen = max(sums["seen"], 1)
             lr = schedule(epoch * steps_per_epoch + steps_per_epoch - 1)
@@ -422,22 +421,6 @@ def train_one(folder, preset, cfg, force, label=None):
 
     finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights)
     return 0
-
-
-class swapped_state:
-    """`with swapped_state(model, state):` runs the block with another state dict loaded, then restores the
-    model's own arrays exactly."""
-
-    def __init__(self, model, state):
-        self.model, self.state = model, state
-
-    def __enter__(self):
-        self.own = self.model.state_dict()
-        self.model.load_state_dict(self.state)
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.load_state_dict(self.own)
 
 
 def check_member_config(folder, preset, cfg, force):
