@@ -200,6 +200,7 @@ def deliver_best_so_far(folder, device=None):
     import numpy as np
 
     from pipeline import checkpoint, runs, train
+    from pipeline.errors import UserError
     from pipeline.fileio import save_npz
     from pipeline.nn import build_model, select_device, to_numpy
 
@@ -207,19 +208,24 @@ def deliver_best_so_far(folder, device=None):
     ckpt_dir = folder / "checkpoints"
     if runs.run_of(folder).is_ensemble or not ckpt_dir.is_dir():
         return None
-    best = ckpt_dir / checkpoint.BEST
-    arrays = checkpoint.read(best) if best.is_file() else checkpoint.load_newest(ckpt_dir)
-    if arrays is None:
+    newest = checkpoint.load_newest(ckpt_dir)
+    if newest is None and not (ckpt_dir / checkpoint.BEST).is_file():
         return None
     cfg = runs.load_config(folder)
     xp = select_device(device or cfg.device)
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
-    model.load_state_dict(checkpoint.unpack(arrays)[0])
+    def newest_weights():
+        if newest is None:
+            raise UserError(f"{ckpt_dir} holds no readable checkpoint: run the Train cell again")
+        return checkpoint.unpack(newest)[0]
+
+    # what finish() would deliver: best.npz, or (damaged, foreign, or no epoch ended yet) the newest weights
+    epoch = train.load_delivered(model, ckpt_dir, cfg, newest_weights)
     _, _, x_val, y_val, val_idx = train.load_data(cfg, xp)
     _, val_acc, probs = train.evaluate(model, x_val, y_val)
     save_npz(folder / "val_predictions.npz", {"idx": val_idx, "y": to_numpy(y_val), "probs": probs.astype(np.float32)})
     save_npz(folder / "model.npz", model.state_dict())
-    print(f"{folder.name}: delivering the {'best' if best.is_file() else 'newest'} checkpoint so far "
+    print(f"{folder.name}: delivering the {f'epoch {epoch}' if epoch else 'newest'} checkpoint so far "
           f"(validation accuracy {val_acc:.4f}); running the Train cell again, or a later version with this "
           f"one's output attached, continues the training")
     return folder / "model.npz"

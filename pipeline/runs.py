@@ -92,7 +92,10 @@ def same_config(a, b):
 
 
 def config_changes(a, b):
-    """Keys whose values differ between two config dicts, RUN_CONTROL and `preset` aside."""
+    """Keys whose values differ between two config dicts, RUN_CONTROL and `preset` aside. A key one side
+    lacks counts as its default (a config recorded before the setting existed)."""
+    defaults = TrainConfig().to_dict()
+    a, b = {**defaults, **a}, {**defaults, **b}
     keys = [k for k in dict.fromkeys([*a, *b]) if k not in RUN_CONTROL and k != "preset"]
     return [k for k in keys if a.get(k) != b.get(k)]
 
@@ -326,8 +329,9 @@ class Run:
         try:
             model.load_state_dict(state)
         except ValueError as exc:
-            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it, "
-                            f"then `make train RUN={self.root.name}` rebuilds it") from None
+            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it "
+                            f"and {self.root.name}'s checkpoints/, then `make train RUN={self.root.name}` trains it "
+                            f"again") from None
         return model
 
     def ensemble_report(self):

@@ -294,11 +294,13 @@ def train_one(folder, preset, cfg, force, label=None):
             model.load_state_dict(model_state)
             opt.load_state_dict(opt_state)
             model.set_rng_state(rng_state)
-            if average:
+            if average and checkpoint.average_part(arrays):
                 average.load_state_dict(checkpoint.average_part(arrays))
+            elif average:  # EMA_DECAY switched on (FORCE=1) in a started run: the average starts here
+                average = WeightAverage(model, cfg.ema_decay)
         except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"the checkpoint in {ckpt_dir} does not fit {cfg.arch} ({exc}): it belongs to another "
-                            f"run; remove {ckpt_dir} to train runs/{label} afresh") from None
+            raise UserError(f"the checkpoint in {ckpt_dir} does not fit {cfg.arch} ({exc}); remove {ckpt_dir} "
+                            f"to train runs/{label} afresh") from None
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
     else:
         folder.mkdir(parents=True, exist_ok=True)
@@ -319,7 +321,7 @@ def train_one(folder, preset, cfg, force, label=None):
                 checkpoint.write_latest(ckpt_dir, packed)
         except OSError as exc:
             raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; the previous checkpoint is "
-                            f"kept: make room, then `make train RUN={run.root.name}` continues") from None
+                            f"kept: make room, then {console.next_step('continue', run=run.root.name)}") from None
 
     started = time.monotonic()
     wall_before = state["wall_time_s"]
@@ -393,11 +395,14 @@ def train_one(folder, preset, cfg, force, label=None):
                       "wall_time_s": wall_before + time.monotonic() - started}
             state["history"].append(record)
             score = val_acc if cfg.early_stop_metric == "val_acc" else -val_loss
-            improved = state["best_score"] is None or score > state["best_score"] or cfg.select == "last"
-            if improved:
-                state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
+            better = state["best_score"] is None or score > state["best_score"]
+            if better:
+                state["best_score"], state["bad_epochs"] = score, 0
             else:
                 state["bad_epochs"] += 1
+            improved = better or cfg.select == "last"  # this epoch's weights become the delivered ones
+            if improved:
+                state["best_epoch"] = epoch + 1
             if cfg.early_stop_patience and state["bad_epochs"] >= cfg.early_stop_patience:
                 state["done"] = True
             state["epoch"], state["step"] = epoch + 1, 0
@@ -434,25 +439,30 @@ def check_member_config(folder, preset, cfg, force):
         raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
 
 
-def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights=None):
+def load_delivered(model, ckpt_dir, cfg, last_weights):
+    """Load the weights a run delivers into `model`: best.npz (the best epoch, or the last with SELECT=last);
+    without one, or with a damaged or foreign one (reported in one line), last_weights() (the weight average
+    when the run keeps one). Returns best.npz's epoch, or None when last_weights() stood in."""
+    best_path = ckpt_dir / checkpoint.BEST
+    if best_path.exists():
+        try:
+            model_state, _, _, best_state = checkpoint.unpack(checkpoint.read(best_path))
+            if best_state.get("config") and not runs.same_config(best_state["config"], cfg):
+                raise checkpoint.CorruptCheckpoint(f"{best_path}: made with another config")
+            model.load_state_dict(model_state)
+            return best_state.get("best_epoch")
+        except (checkpoint.CorruptCheckpoint, ValueError, KeyError) as exc:
+            runs.warn(f"{exc}; delivering the last epoch's weights instead")
+    model.load_state_dict(last_weights())
+    return None
+
+
+def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights):
     """Deliver the best-by-validation weights: val predictions, model.npz, then summary.json (the Makefile's target).
 
     A damaged or foreign best.npz is reported in one line and the last epoch's weights are delivered instead.
     """
-    best_path = ckpt_dir / checkpoint.BEST
-    best_epoch = state["best_epoch"]
-    if best_path.exists():
-        try:
-            arrays = checkpoint.read(best_path)
-            model_state, _, _, best_state = checkpoint.unpack(arrays)
-            if best_state.get("config") and not runs.same_config(best_state["config"], cfg):
-                raise checkpoint.CorruptCheckpoint(f"{best_path}: made with another config")
-            model.load_state_dict(model_state)
-        except (checkpoint.CorruptCheckpoint, ValueError, KeyError) as exc:
-            runs.warn(f"{exc}; delivering the last epoch's weights instead")
-            if last_weights is not None:
-                model.load_state_dict(last_weights())
-            best_epoch = len(state["history"])
+    best_epoch = load_delivered(model, ckpt_dir, cfg, last_weights) or len(state["history"])
     val_loss, val_acc, probs = evaluate(model, x_val, y_val)
     history = state["history"]
     write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

@@ -396,6 +396,23 @@ def test_out_of_budget_run_delivers_its_checkpoint_and_still_resumes(tiny_compet
     assert json.loads((folder / "summary.json").read_text())["epochs_done"] == 1
 
 
+def test_a_damaged_best_checkpoint_after_the_budget_is_a_warning_not_a_traceback(tiny_competition, tmp_path,
+                                                                                capsys):
+    from pipeline import checkpoint, prepare
+
+    assert prepare.main(["--raw", str(tiny_competition)]) == 0
+    args = ["--preset", "quick", "--run", "budget", "EPOCHS=3", "DEVICE=cpu", "BATCH_SIZE=64"]
+    folder = tmp_path / "root" / "runs" / "budget"
+    best = folder / "checkpoints" / checkpoint.BEST
+    while not best.is_file():  # stop after an epoch has ended, so there is a best.npz
+        assert train.main([*args, "MAX_TIME=0.5s"]) in (0, 3)
+    best.write_bytes(b"not a checkpoint")
+    assert kaggle_env.deliver_best_so_far(folder) == folder / "model.npz"
+    shown = capsys.readouterr()
+    assert "delivering the last epoch's weights instead" in shown.err and "Traceback" not in shown.err
+    assert "delivering the newest checkpoint so far" in shown.out
+
+
 def test_select_blends_an_ensemble_and_reports_its_best_member(tiny_competition, tmp_path, capsys):
     from pipeline import prepare
 

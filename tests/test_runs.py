@@ -312,3 +312,8 @@ def test_the_run_knows_its_state(root):
     (night / "members" / "1" / "model.npz").unlink()
     assert not ens.finished and ens.finished_members()[1] == ["1"]
     assert runs.Run("base").made_from()["data"] == runs.data_fingerprint()
+
+
+def test_a_setting_missing_from_an_older_recorded_config_counts_as_its_default():
+    assert runs.config_changes({"lr": 1e-3}, {"lr": 1e-3, "ema_decay": 0.0}) == []
+    assert runs.config_changes({"lr": 1e-3}, {"lr": 1e-3, "ema_decay": 0.999}) == ["ema_decay"]

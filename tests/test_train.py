@@ -49,6 +49,26 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(tmp_path):
     assert json.loads((run / "summary.json").read_text())["best_epoch"] == 1
 
 
+def test_select_last_still_stops_early_and_delivers_the_last_epoch(tmp_path):
+    write_processed(tmp_path)
+    code, out, err = finish(run_train(tmp_path, "last", extra=["EPOCHS=5", "LR=0", "EARLY_STOP_PATIENCE=1",
+                                                              "SELECT=last"]))
+    assert code == 0, err
+    assert "early stop" in out
+    run = tmp_path / "runs" / "last"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 2
+
+
+def test_the_weight_average_can_be_switched_on_in_a_started_run(tmp_path):
+    write_processed(tmp_path)
+    code, _, err = finish(run_train(tmp_path, "late", extra=["MAX_TIME=0.3s"]))
+    assert code == 3, err
+    code, _, err = finish(run_train(tmp_path, "late", extra=["EMA_DECAY=0.9", "FORCE=1"]))
+    assert code == 0, err
+    assert json.loads((tmp_path / "runs" / "late" / "summary.json").read_text())["weight_average"] is True
+
+
 @pytest.mark.parametrize("n,batch,steps", [(100, 10, 10), (101, 10, 10), (102, 10, 11), (1, 10, 1), (9, 10, 1)])
 def test_no_batch_of_a_single_image(n, batch, steps):
     assert train.batches_per_epoch(n, batch) == steps
