@@ -249,7 +249,7 @@ def select(folder, device=None):
         line = f"{what} of epoch {summary.get('best_epoch')} of {summary.get('epochs_done')}, {how} " \
                f"(validation accuracy {summary.get('best_val_acc', 0.0):.4f})"
     else:
-        line = "the best checkpoint so far (training continues when the Train cell runs again)"
+        line = "the checkpoint delivered so far (training continues when the Train cell runs again)"
     print(f"{run.name}: {line}")
     return line
 

@@ -230,8 +230,10 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
         f"- architecture: `{summary.get('arch', config.arch)}`, optimizer `{config.optimizer}` "
         f"(lr {config.lr:g}, schedule `{config.schedule}`), batch {config.batch_size}, "
         f"augment {'on' if config.augment else 'off'}, seed {config.seed}",
-        f"- **best validation accuracy: {_percent(summary.get('best_val_acc'))}** "
-        f"(epoch {summary.get('best_epoch', '?')}, loss {_number(summary.get('best_val_loss'))})",
+        f"- **validation accuracy of the delivered model: {_percent(summary.get('best_val_acc'))}** "
+        f"({'the weight average of ' if summary.get('weight_average') else ''}epoch {summary.get('best_epoch', '?')}, "
+        f"{'the last' if summary.get('select') == 'last' else 'the best by validation'}; "
+        f"loss {_number(summary.get('best_val_loss'))})",
         f"- epochs: {summary.get('epochs_done', len(metrics))} of {config.epochs}"
         f"{'' if summary.get('finished', True) else ' (unfinished)'}",
         f"- wall time: {format_duration(summary.get('wall_time_s'))}",

@@ -512,7 +512,7 @@ def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, 
     shown = [o.get("data", {}) for o in _outputs(report_cell)]
     assert sum("image/png" in d for d in shown) == 6  # curves, LR, confusion, worst, per class, filters
     assert any("<table>" in d.get("text/html", "") and "precision" in d["text/html"] for d in shown)
-    assert any("best validation accuracy" in d.get("text/markdown", "") for d in shown)
+    assert any("validation accuracy of the delivered model" in d.get("text/markdown", "") for d in shown)
     assert any("image/png" in o.get("data", {}) for o in _outputs(nb.cells[-1]))  # a user's own plot still shows
     run = working / "pipeline" / "runs" / "kaggle-quick-1ep"
     assert (run / "checkpoints" / "latest.npz").is_file() and (run / "summary.json").is_file()
