@@ -38,26 +38,17 @@ def test_weight_average_resumes_bit_exactly_and_is_what_the_run_delivers(tmp_pat
     assert history(tmp_path / "runs" / "cut" / "metrics.jsonl") == history(whole / "metrics.jsonl")
 
 
-def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(tmp_path):
+@pytest.mark.parametrize("select,delivered_epoch", [("best", 1), ("last", 2)])
+def test_early_stopping_ends_the_run_and_delivers_the_selected_epoch(tmp_path, select, delivered_epoch):
     write_processed(tmp_path)
-    # LR=0: validation never improves after epoch 1, so patience 1 stops after epoch 2 of 5.
-    code, out, err = finish(run_train(tmp_path, "early", extra=["EPOCHS=5", "LR=0", "EARLY_STOP_PATIENCE=1"]))
+    # LR=0: validation never improves after epoch 1, so patience 1 stops after epoch 2 of 5, whatever SELECT says.
+    code, out, err = finish(run_train(tmp_path, "early", extra=["EPOCHS=5", "LR=0", "EARLY_STOP_PATIENCE=1",
+                                                               f"SELECT={select}"]))
     assert code == 0, err
     assert "early stop" in out
     run = tmp_path / "runs" / "early"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 1
-
-
-def test_select_last_still_stops_early_and_delivers_the_last_epoch(tmp_path):
-    write_processed(tmp_path)
-    code, out, err = finish(run_train(tmp_path, "last", extra=["EPOCHS=5", "LR=0", "EARLY_STOP_PATIENCE=1",
-                                                              "SELECT=last"]))
-    assert code == 0, err
-    assert "early stop" in out
-    run = tmp_path / "runs" / "last"
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 2
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == delivered_epoch
 
 
 def test_the_weight_average_can_be_switched_on_in_a_started_run(tmp_path):
