@@ -4,9 +4,11 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-# The newest python3.X >= 3.11 on PATH, unless PYTHON_BASE names one.
+# The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names
+# one. Each is run, not just looked up: a pyenv shim is on PATH for versions it cannot start.
 ifeq ($(origin PYTHON_BASE),undefined)
-PYTHON_BASE := $(shell for v in 19 18 17 16 15 14 13 12 11; do command -v python3.$$v >/dev/null && { echo python3.$$v; break; }; done)
+PYTHON_BASE := $(shell for p in python3 python3.11 python3.12 python3.13 python3.14 python3.15 python3.16; do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 endif
 VENV ?= .venv
 PY := $(VENV)/bin/python

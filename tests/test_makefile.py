@@ -185,31 +185,55 @@ def test_ensemble_creates_the_venv_first(tmp_path):
     assert "-m venv" in out and out.index("-m venv") < out.index("pipeline.ensemble")
 
 
-def fake_pythons(tmp_path, versions):
+def fake_pythons(tmp_path, versions, broken=(), python3_minor=10):
+    """python3.X stand-ins that log each call, and a plain python3 that is 3.`python3_minor` (it shadows the real
+    one in /usr/bin). A broken one exits 127 like a pyenv shim for a version pyenv cannot start."""
     folder = tmp_path / "bin"
-    folder.mkdir()
-    for v in versions:
-        exe = folder / f"python3.{v}"
-        exe.write_text(f"#!/bin/bash\necho python3.{v} \"$@\" >> {tmp_path}/python.log\n")
+    folder.mkdir(exist_ok=True)
+    for name, minor in [("python3", python3_minor)] + [(f"python3.{v}", v) for v in versions]:
+        check = "exit 127" if minor in broken else f"[ {minor} -ge 11 ] || exit 1"
+        exe = folder / name
+        exe.write_text(f"#!/bin/bash\necho {name} \"$@\" >> {tmp_path}/python.log\n"
+                       f"if [ \"$1\" = -c ]; then {check}; fi\n")
         exe.chmod(0o755)
     return folder
 
 
-def test_the_newest_python_is_picked(tmp_path):
+def venv_python(tmp_path):
+    """The python make created the venv with, from the fake pythons' log."""
+    lines = [line for line in (tmp_path / "python.log").read_text().splitlines() if "-m venv" in line]
+    assert len(lines) == 1, lines
+    return lines[0].split()[0]
+
+
+@pytest.mark.parametrize("versions, broken, python3_minor, expected", [
+    ([11, 13, 12], (), 10, "python3.11"),  # python3 is too old; 3.11 first, as the project pins it
+    ([11, 13], (), 12, "python3"),         # the user's own python3 when it is new enough
+    ([11, 12], (11,), 10, "python3.12"),   # a shim that cannot start is passed over (it failed CI once)
+])
+def test_the_first_working_python_is_picked(tmp_path, versions, broken, python3_minor, expected):
     box = sandbox(tmp_path, venv=False)
-    folder = fake_pythons(tmp_path, [11, 13, 12])
-    result = sandbox_make(box, "venv", env=dict(os.environ, PATH=f"{folder}:/usr/bin:/bin"))
-    log = (tmp_path / "python.log").read_text()
-    assert "python3.13 -m venv .venv" in log and "python3.12" not in log and "python3.11" not in log, log
-    del result  # the fake python makes no venv: what matters is which one was asked
+    folder = fake_pythons(tmp_path, versions, broken, python3_minor)
+    sandbox_make(box, "venv", env=dict(os.environ, PATH=f"{folder}:/usr/bin:/bin"))
+    assert venv_python(tmp_path) == expected  # the fake python makes no venv: what matters is which one was asked
 
 
 def test_python_base_names_the_python(tmp_path):
     box = sandbox(tmp_path, venv=False)
     folder = fake_pythons(tmp_path, [13, 14])
     sandbox_make(box, "venv", "PYTHON_BASE=python3.13", env=dict(os.environ, PATH=f"{folder}:/usr/bin:/bin"))
-    log = (tmp_path / "python.log").read_text()
-    assert "python3.13 -m venv .venv" in log and "python3.14" not in log
+    assert venv_python(tmp_path) == "python3.13"
+    assert "python3.14" not in (tmp_path / "python.log").read_text()
+
+
+def test_only_broken_pythons_is_one_line(tmp_path):
+    box = sandbox(tmp_path, venv=False)
+    folder = fake_pythons(tmp_path, [13], broken=(13,))
+    make_exe = shutil.which("make")
+    result = subprocess.run([make_exe, "-C", str(box), "--no-print-directory", "venv"], capture_output=True,
+                            text=True, timeout=60, env=dict(outside_make(os.environ), PATH=str(folder)))
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "no python3.11 or newer found" in result.stderr
 
 
 def test_no_python_is_one_line(tmp_path):
