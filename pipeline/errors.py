@@ -5,6 +5,8 @@ import functools
 import sys
 import warnings
 
+from pipeline.nn.errors import EngineError
+
 # Failures of the machine, not of our code: said in one line like a UserError.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
 
@@ -29,7 +31,7 @@ def cli_main(fn):
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
                 code = fn(argv)
-        except UserError as exc:
+        except (UserError, EngineError) as exc:  # the engine's refusals are said the same way
             msg = " ".join(str(exc).split())  # one line, whatever the message held
             print(f"error: {msg}", file=sys.stderr)
             return 2

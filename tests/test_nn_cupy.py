@@ -143,7 +143,7 @@ def test_a_cupy_that_imports_but_cannot_run_falls_back_to_numpy_in_one_line(monk
     assert err.count("\n") == 1 and "CuPy cannot run on this GPU" in err and "using NumPy" in err
     assert not backend.cupy_available()  # probed once: no second line
     assert capsys.readouterr().err == ""
-    with pytest.raises(backend.UserError, match="cannot run on the GPU"):
+    with pytest.raises(backend.EngineError, match="cannot run on the GPU"):
         select_device("gpu")
 
 
@@ -151,7 +151,7 @@ def test_no_device_is_no_gpu_without_a_message(monkeypatch, capsys):
     fakecupy.install(monkeypatch, devices=0)
     assert select_device("auto") is np
     assert capsys.readouterr().err == ""
-    with pytest.raises(backend.UserError, match="no CUDA device"):
+    with pytest.raises(backend.EngineError, match="no CUDA device"):
         select_device("gpu")
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.nn.errors import EngineError
 from pipeline.fileio import load_npz, save_npz
 from pipeline.nn import (ARCHITECTURES, build_model, conv, convpool, make_optimizer, make_schedule, norm, pool,
                          select_device, softmax, softmax_cross_entropy, to_numpy)
@@ -330,9 +330,9 @@ def test_regularization_applies_to_kernels_only():
 
 
 def test_optimizer_errors():
-    with pytest.raises(UserError):
+    with pytest.raises(EngineError):
         make_optimizer("rmsprop")
-    with pytest.raises(UserError):
+    with pytest.raises(EngineError):
         make_optimizer("adam", weight_decay=0.01)
 
 
@@ -378,7 +378,7 @@ def test_schedules():
     nowarm = make_schedule("cosine", 1.0, epochs=2, steps_per_epoch=2)
     assert [nowarm(s) for s in range(4)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
                                                            0.5 * (1 + math.cos(3 * math.pi / 4))])
-    with pytest.raises(UserError):
+    with pytest.raises(EngineError):
         make_schedule("linear", 0.1, 1, 1)
 
 
@@ -404,7 +404,7 @@ def test_architectures_build_with_expected_shapes():
 
 
 def test_build_model_rejects_bad_specs():
-    with pytest.raises(UserError):
+    with pytest.raises(EngineError):
         build_model("no_such_net")
     with pytest.raises(ValueError):
         build_model([{"type": "conv9d"}])
@@ -594,12 +594,12 @@ def test_backend_on_cpu():
     assert get_array_module(x) is np and get_array_module(x, None, 1.0) is np
     assert select_device("cpu") is np
     assert to_numpy(x) is x and to_device(x, np) is x
-    with pytest.raises(UserError):
+    with pytest.raises(EngineError):
         select_device("tpu")
     from pipeline.nn.backend import cupy_available
     if not cupy_available():
         assert select_device("auto") is np
-        with pytest.raises(UserError):
+        with pytest.raises(EngineError):
             select_device("gpu")
 
 
@@ -693,3 +693,16 @@ def test_eval_folds_batchnorm_into_the_convolution(relu):
         np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-14, err_msg=name)
     # training passes are never folded
     np.testing.assert_allclose(folded.forward(x, train=True), plain.forward(x, train=True), rtol=1e-12)
+
+
+def test_the_engine_imports_nothing_from_the_rest_of_the_pipeline():
+    import ast
+    from pathlib import Path
+    outside = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "pipeline" / "nn").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            outside += [f"{path.name}: {n}" for n in names if n.startswith("pipeline") and
+                        not (n == "pipeline.nn" or n.startswith("pipeline.nn."))]
+    assert outside == []

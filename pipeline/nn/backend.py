@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.nn.errors import EngineError
 
 _cupy = None
 _cupy_tried = False
@@ -93,11 +93,11 @@ def select_device(name="auto"):
         return np
     if name == "gpu":
         if not cupy_available():
-            raise UserError(f"device 'gpu' requested but {cupy_unavailable_reason()}; use DEVICE=cpu or DEVICE=auto")
+            raise EngineError(f"device 'gpu' requested but {cupy_unavailable_reason()}; use DEVICE=cpu or DEVICE=auto")
         return _import_cupy()
     if name == "auto":
         return _import_cupy() if cupy_available() else np
-    raise UserError(f"unknown device '{name}' (known: auto, cpu, gpu)")
+    raise EngineError(f"unknown device '{name}' (known: auto, cpu, gpu)")
 
 
 def to_numpy(a):
@@ -182,7 +182,7 @@ def num_threads():
         env = os.environ.get("PIPELINE_NN_THREADS", "").strip()
         if env:
             if not env.isdigit() or int(env) < 1:
-                raise UserError(f"PIPELINE_NN_THREADS must be a positive integer, got {env!r}")
+                raise EngineError(f"PIPELINE_NN_THREADS must be a positive integer, got {env!r}")
             _threads = int(env)
         else:
             try:

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.nn.errors import EngineError
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
 from pipeline.nn import convpool
@@ -244,7 +244,7 @@ def resolve_arch(arch, num_classes=10):
     """(spec list, name or None) for an architecture name or a list of layer-spec dicts."""
     if isinstance(arch, str):
         if arch not in ARCHITECTURES:
-            raise UserError(f"unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
+            raise EngineError(f"unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
         spec = copy.deepcopy(ARCHITECTURES[arch])
         head = max(i for i, s in enumerate(spec) if s["type"] == "dense")
         spec[head]["units"] = num_classes  # the named heads follow the class count

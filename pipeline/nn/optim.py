@@ -9,7 +9,7 @@ exp_avg_sq (adam, adamw); "<param>" is the model's name ("0.w").
 """
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.nn.errors import EngineError
 from pipeline.nn.backend import get_array_module, to_device, to_numpy
 
 
@@ -149,9 +149,9 @@ def make_optimizer(name, lr=1e-3, momentum=0.9, nesterov=False, betas=(0.9, 0.99
     """An optimizer by name: sgd | adam | adamw. lr is accepted for symmetry; step() takes the lr to use."""
     name = str(name).lower()
     if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
+        raise EngineError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
     if name == "adam" and weight_decay:
-        raise UserError("weight_decay is decoupled and applies to sgd and adamw; "
+        raise EngineError("weight_decay is decoupled and applies to sgd and adamw; "
                         "use optimizer=adamw, or l2 for a coupled penalty with adam")
     reg = dict(weight_decay=weight_decay, l1=l1, l2=l2)
     if name == "sgd":

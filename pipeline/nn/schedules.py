@@ -10,7 +10,7 @@ Steps past the end keep the last value.
 """
 import math
 
-from pipeline.errors import UserError
+from pipeline.nn.errors import EngineError
 
 SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle")
 
@@ -23,7 +23,7 @@ def make_schedule(name, base_lr, epochs, steps_per_epoch, lr_decay=0.95, step_ep
     """lr(global_step) for the schedule `name` (see the module docstring)."""
     name = str(name).lower()
     if name not in SCHEDULES:
-        raise UserError(f"unknown schedule '{name}' (known: {', '.join(SCHEDULES)})")
+        raise EngineError(f"unknown schedule '{name}' (known: {', '.join(SCHEDULES)})")
     base_lr, steps_per_epoch = float(base_lr), max(int(steps_per_epoch), 1)
     total = max(int(epochs) * steps_per_epoch, 1)
     warmup = int(round(float(warmup_epochs) * steps_per_epoch))
