@@ -3,9 +3,13 @@
     python -m pipeline.ensemble --run NAME [--device auto|cpu|gpu] [--tta]
 
 Every member holds out the same validation rows (the prepared split), so every candidate blend is judged
-like for like, on rows none of its members trained on. Candidates: the single best member, the mean of
-the top k, and greedy forward selection with replacement (Caruana et al. 2004), compared on one fixed half
-of those rows; the winner's accuracy on the other half is the estimate, which no choice has seen.
+like for like, on rows none of its members trained on. The blend is the mean of all members (Deotte's
+recipe) unless another candidate (the single best member, the mean of the top k, greedy forward selection
+with replacement after Caruana et al. 2004) beats it on one fixed half of those rows by more than chance
+allows (an exact one-sided McNemar test on the rows where the two disagree, Bonferroni over the candidates):
+with a few errors in two thousand rows, one or two rows of difference is noise, and a choice made on noise
+is a lucky pick that the hidden rows do not repeat. The same test decides test-time shifts. The chosen
+blend's accuracy on the other half is the estimate, which no choice has seen.
 runs/NAME/ gets ensemble.json (the blend, its estimate, every candidate), test_probs.npz (for `submit`)
 and val_predictions.npz.
 
@@ -14,6 +18,7 @@ the cache is used only when the test data and the member's model are the ones of
 """
 import functools
 import json
+import math
 import sys
 import warnings
 
@@ -27,6 +32,7 @@ TEST_CACHE = {False: "test_probs.npz", True: "test_probs_tta.npz"}
 
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
 MIN_SHARED_ROWS = 20  # fewer validation rows in common than this cannot rank blends
+ALPHA = 0.05  # the chance, at most, that noise on the choice half displaces the mean of all members
 
 
 def finished_members(folder):
@@ -117,7 +123,8 @@ def _key(est):
 
 
 def candidates(P, y, rounds=None):
-    """Every candidate blend judged on (P, y): [(name, weights, score)], best single member first."""
+    """Every candidate blend judged on (P, y): [(name, weights, score)], best single member first and the
+    mean of all members (the reference the others must beat) last but one, before greedy selection."""
     k = len(P)
     singles = [blend_score(np.eye(k)[i], P, y) for i in range(k)]
     order = sorted(range(k), key=lambda i: _key(singles[i]), reverse=True)
@@ -125,10 +132,25 @@ def candidates(P, y, rounds=None):
     for top in range(2, k + 1):
         w = np.zeros(k)
         w[order[:top]] = 1.0
-        out.append((f"mean of top {top}", w, blend_score(w, P, y)))
-    w, best = greedy_selection(P, y, order[0], rounds or 2 * k)
-    out.append(("greedy selection", w, best))
+        out.append(("mean of all" if top == k else f"mean of top {top}", w, blend_score(w, P, y)))
+    if k > 1:
+        w, best = greedy_selection(P, y, order[0], rounds or 2 * k)
+        out.append(("greedy selection", w, best))
     return out
+
+
+def correct_rows(weights, P, y):
+    """Which rows of y the weighted mean of P (K, n, 10) gets right: bool (n,)."""
+    w = np.asarray(weights, np.float64)
+    return np.tensordot(w / w.sum(), P, axes=1).argmax(1) == y
+
+
+def mcnemar_p(right, reference_right):
+    """One-sided exact McNemar test: the chance that a blend no better than the reference wins at least as
+    many of the rows where the two disagree (bool arrays, one entry per row)."""
+    wins = int(np.sum(right & ~reference_right))
+    n = wins + int(np.sum(~right & reference_right))
+    return math.fsum(math.comb(n, j) for j in range(wins, n + 1)) / 2 ** n
 
 
 def greedy_selection(P, y, start, rounds):
@@ -146,9 +168,17 @@ def greedy_selection(P, y, start, rounds):
 
 
 def choose(P, y):
-    """The candidate with the best score on (P, y) (ties go to the earlier, simpler one), and all candidates."""
+    """The mean of all members, unless a candidate beats it on (P, y) by more than chance allows: then the
+    candidate that beats it most surely. Returns the choice and every candidate, each score with its `p`
+    against the mean of all."""
     cands = candidates(P, y)
-    best = max(range(len(cands)), key=lambda i: (_key(cands[i][2]), -i))
+    ref = next(i for i, c in enumerate(cands) if c[0] == "mean of all") if len(P) > 1 else 0
+    ref_right = correct_rows(cands[ref][1], P, y)
+    for name, w, score in cands:
+        score["p"] = 1.0 if w is cands[ref][1] else mcnemar_p(correct_rows(w, P, y), ref_right)
+    alpha = ALPHA / max(1, len(cands) - 1)
+    better = [i for i, c in enumerate(cands) if c[2]["p"] < alpha and _key(c[2]) > _key(cands[ref][2])]
+    best = min(better, key=lambda i: (cands[i][2]["p"], i)) if better else ref
     return cands[best], cands
 
 
@@ -173,8 +203,16 @@ def build(folder, xp=np, tta=False):
         outs = [member_outputs(m, x_train, x_test, xp, use_tta) for m in members]
         rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
         results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
-    use_tta, name, weights, picked, estimate, cands, outs, rows, y, P = max(
-        results, key=lambda r: (_key(r[3]), not r[0]))  # TTA too is chosen on the choice half
+    chosen = results[0]
+    if tta:  # test-time shifts too must beat the plain blend on the choice half by more than chance allows
+        pick, _ = split_halves(len(results[0][-2]))
+        plain, shifted = results
+        p = mcnemar_p(correct_rows(shifted[2], shifted[-1][:, pick], shifted[-2][pick]),
+                      correct_rows(plain[2], plain[-1][:, pick], plain[-2][pick]))
+        shifted[3]["p_vs_plain"] = p
+        if p < ALPHA and _key(shifted[3]) > _key(plain[3]):
+            chosen = shifted
+    use_tta, name, weights, picked, estimate, cands, outs, rows, y, P = chosen
 
     test = np.tensordot(weights / weights.sum(), np.stack([o[3] for o in outs]), axes=1).astype(np.float32)
     val_blend = np.tensordot(weights / weights.sum(), P, axes=1)
@@ -186,7 +224,9 @@ def build(folder, xp=np, tta=False):
         "members": [m.name for m in members], "skipped": skipped,
         "candidates": [{"strategy": n, "tta": r[0], **e} for r in results for n, _, e in r[5]],
         "note": "candidates are compared on one half of the validation rows every member held out (choice_score); "
-                "estimate is the chosen blend on the other half, which took no part in any choice",
+                "the mean of all members is kept unless a candidate beats it there with p < "
+                f"{ALPHA} over the candidates (exact one-sided McNemar, `p`); estimate is the chosen blend on the "
+                "other half, which took no part in any choice",
     }
     write_json(folder / "ensemble.json", report)
     runs.run_of(folder).write_probs(test)  # after ensemble.json: the probabilities name the blend they come from
@@ -215,7 +255,7 @@ def main(argv=None):
     folder = run.folder
     for c in report["candidates"]:
         print(f"  {c['strategy']:<18} tta={int(c['tta'])}  acc {c['accuracy']:.5f}  "
-              f"log_loss {c['log_loss']:.4f}  on {c['rows']} rows (choice half)")
+              f"log_loss {c['log_loss']:.4f}  p {c['p']:.2g}  on {c['rows']} rows (choice half)")
     est = report["estimate"]
     print(f"chosen: {report['strategy']}{' + TTA' if report['tta'] else ''} of "
           f"{json.dumps(report['weights'])}: estimate {est['accuracy']:.5f} on the {est['rows']} validation rows "

@@ -44,13 +44,37 @@ def test_the_estimate_comes_from_the_half_that_took_no_part_in_the_choice():
     y = np.arange(n) % 10
     pick, rest = ensemble.split_halves(n)
     assert len(np.intersect1d(pick, rest)) == 0 and len(pick) + len(rest) == n
-    # Member 0 is perfect on the choice half and wrong on the other; member 1 is right on 90 % everywhere.
-    lucky = onehot(y)
+    # Member 0 is perfect on the choice half and wrong on the other; member 1 is confidently wrong on 30 % of
+    # the rows, so the mean of the two follows it there and member 0 alone wins the choice half by far.
+    lucky = onehot(y, conf=0.9)
     lucky[rest] = onehot((y[rest] + 1) % 10)
-    steady = onehot(np.where(np.arange(n) % 10 == 0, (y + 2) % 10, y), conf=0.6)
+    steady = onehot(np.where(np.arange(n) % 10 < 3, (y + 2) % 10, y), conf=0.99)
     name, weights, picked, estimate, _ = ensemble.select_blend(np.stack([lucky, steady]), y)
     assert name == "best single" and list(weights) == [1, 0] and picked["accuracy"] == 1.0
     assert estimate["accuracy"] == 0.0 and estimate["rows"] == len(rest)  # the honest figure
+
+
+def test_a_lead_of_a_few_rows_does_not_displace_the_mean_of_all():
+    # Five members with the same 20 errors in 2000 rows; member 0 alone also gets 3 of them right. On the
+    # choice rows it beats the mean by those rows at most: chance, not a better model.
+    n = 2000
+    y = np.arange(n) % 10
+    wrong = np.zeros(n, bool)
+    wrong[::100] = True
+    P = np.stack([onehot(np.where(wrong, (y + 1) % 10, y), conf=0.8) for _ in range(5)])
+    P[0, np.flatnonzero(wrong)[:3]] = onehot(y[np.flatnonzero(wrong)[:3]], conf=0.8)
+    (name, weights, score), cands = ensemble.choose(P, y)
+    best_single = next(c for c in cands if c[0] == "best single")
+    assert best_single[2]["accuracy"] > score["accuracy"] and best_single[2]["p"] > 0.05
+    assert name == "mean of all" and list(weights) == [1] * 5 and score["p"] == 1.0
+
+
+@pytest.mark.parametrize("wins, losses, p", [(0, 0, 1.0), (5, 0, 1 / 32), (0, 3, 1.0), (2, 1, 0.5), (3, 1, 5 / 16)])
+def test_mcnemar_p_counts_only_the_rows_where_the_two_disagree(wins, losses, p):
+    agree = 7  # rows both get right or both get wrong change nothing
+    right = np.array([True] * wins + [False] * losses + [True] * agree + [False] * agree)
+    reference = np.array([False] * wins + [True] * losses + [True] * agree + [False] * agree)
+    assert ensemble.mcnemar_p(right, reference) == pytest.approx(p)
 
 
 def test_best_single_topk_and_greedy_choices():
@@ -74,7 +98,7 @@ def test_best_single_topk_and_greedy_choices():
 
 
 def test_a_single_clearly_best_member_is_chosen_alone():
-    y = np.arange(50) % 10
+    y = np.arange(500) % 10
     P = np.stack([onehot(y, 0.99), onehot((y + 1) % 10, 0.99), onehot((y + 2) % 10, 0.99)])
     (name, weights, est), _ = ensemble.choose(P, y)
     assert name == "best single" and list(weights) == [1, 0, 0] and est["accuracy"] == 1.0
@@ -128,6 +152,30 @@ def test_build_blends_finished_members_and_skips_unfinished(tmp_path, monkeypatc
     assert probs.shape == (12, 10) and list(probs.argmax(1)) == list(test_labels)  # the caches were used
     blend = json.loads((run / "ensemble.json").read_text())
     assert blend["estimate"] == {"accuracy": 1.0, "log_loss": pytest.approx(-np.log(0.9)), "rows": 10}
+
+
+@pytest.mark.parametrize("fixes, kept", [(3, False), (12, True)])
+def test_test_time_shifts_are_kept_only_when_they_beat_the_plain_blend_beyond_chance(tmp_path, monkeypatch,
+                                                                                    fixes, kept):
+    run, _ = blend_project(tmp_path, monkeypatch, n=800)
+    held = np.arange(0, 800, 2)
+    y = held % 10
+    wrong = np.arange(len(held)) % 4 == 0  # the plain members miss a quarter of the rows
+    pick, _ = ensemble.split_halves(len(held))
+    fixed = np.zeros(len(held), bool)
+    fixed[pick[wrong[pick]][:fixes]] = True  # the shifts right `fixes` of them on the choice half, no more
+
+    def outputs(member, x_train, x_test, xp, tta):
+        miss = wrong & ~fixed if tta else wrong
+        return held, y, onehot(np.where(miss, (y + 1) % 10, y)), onehot(np.arange(12) % 10)
+
+    monkeypatch.setattr(ensemble, "member_outputs", outputs)
+    with pytest.warns(UserWarning):
+        report = ensemble.build(run, tta=True)
+    plain, shifted = (next(c for c in report["candidates"] if c["tta"] is t and c["strategy"] == "mean of all")
+                      for t in (False, True))
+    assert shifted["accuracy"] == pytest.approx(plain["accuracy"] + fixes / len(pick))  # ahead either way
+    assert report["tta"] is kept
 
 
 def test_member_caches_of_other_test_data_are_recomputed(tmp_path, monkeypatch):
