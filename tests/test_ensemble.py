@@ -251,3 +251,17 @@ def test_ensemble_preset_trains_members_with_their_own_seeds_then_predict_blends
     report = json.loads((tmp_path / "runs" / "ens" / "ensemble.json").read_text())
     assert report["members"] == ["0", "1"]
     assert np.load(tmp_path / "runs" / "ens" / "test_probs.npz")["probs"].shape == (20, 10)
+
+
+def test_the_lab_curve_blends_the_first_k_members_and_scores_them_on_the_key(tmp_path, monkeypatch):
+    from bench import ensemble_curve
+    run, test_labels = blend_project(tmp_path, monkeypatch)
+    key = tmp_path / "key.csv"
+    truth = test_labels.copy()
+    truth[:3] = (truth[:3] + 1) % 10  # the members are wrong on 3 of the 12 test rows
+    key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},{t},1\n" for i, t in enumerate(truth)))
+    with pytest.warns(UserWarning, match="unfinished members 2"):
+        rows, skipped = ensemble_curve.curve("ens", key)
+    assert skipped == ["2"] and [r["k"] for r in rows] == [1, 2]
+    assert {r["member_hidden"] for r in rows} == {r["chosen_hidden"] for r in rows} == {0.75}
+    assert [r["chosen"] for r in rows] == ["best single", "mean of all"]
