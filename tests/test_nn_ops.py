@@ -8,7 +8,7 @@ import pytest
 from pipeline.nn.errors import EngineError
 from pipeline.fileio import load_npz, save_npz
 from pipeline.nn import (ARCHITECTURES, build_model, conv, convpool, make_optimizer, make_schedule, norm, pool,
-                         select_device, softmax, softmax_cross_entropy, to_numpy)
+                         select_device, softmax, softmax_cross_entropy, to_numpy, tuning)
 from pipeline.nn.backend import get_array_module, to_device
 
 DTYPES = [np.float32, np.float64]
@@ -90,7 +90,7 @@ def test_im2col_and_col2im_are_adjoint():
 
 def test_threaded_passes_match_one_thread(monkeypatch):
     """Every row-split pass and GEMM (forced on tiny arrays, 3 threads) gives what one thread gives."""
-    from pipeline.nn import backend
+    from pipeline.nn import threads as engine_threads
 
     x = np.random.default_rng(7).random((5, 28, 28, 1)).astype(np.float64)
     y = np.array([0, 1, 2, 3, 4])
@@ -103,13 +103,13 @@ def test_threaded_passes_match_one_thread(monkeypatch):
 
     results = {}
     for threads in (1, 3):
-        monkeypatch.setattr(backend, "PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(backend, "GEMM_MIN_FLOPS", 0)
-        backend.set_num_threads(threads)
+        monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(tuning, "GEMM_MIN_FLOPS", 0)
+        engine_threads.configure(threads)  # BLAS held to one thread: GEMMs and whole layers split too
         try:
             results[threads] = {name: step(name) for name in ("deotte", "lenet5")}
         finally:
-            backend.set_num_threads(None)  # back to the default
+            engine_threads.set_num_threads(None)  # back to the default
     for name in ("deotte", "lenet5"):
         (l1, dx1, g1), (l3, dx3, g3) = results[1][name], results[3][name]
         assert l1 == pytest.approx(l3, rel=1e-12)
@@ -536,8 +536,8 @@ def test_conv_chunks_match_one_pass(monkeypatch, keep_bytes):
         return logits, {**grads, **{n: g.copy() for n, _, g in model.params()}}
 
     whole_logits, whole_grads = run()
-    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
-    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", keep_bytes)
+    monkeypatch.setattr(tuning, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
+    monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", keep_bytes)
     assert conv.column_chunk(24, 24, 289, 8) == 1 and conv.column_chunk(1, 1, 1025, 8) == 3
     logits, grads = run()
     np.testing.assert_allclose(logits, whole_logits, rtol=1e-12)
@@ -608,8 +608,8 @@ def test_backend_on_cpu():
                                                ((2, 8, 7, 17), (2, 3, 3), (1, 0, 2, 0))])
 def test_conv2d_backward_by_correlation_equals_naive(monkeypatch, x_shape, k, padding):
     """The path that takes dx and dw from one column matrix of the output gradient (columns not kept)."""
-    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", 0)
-    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 20_000)  # a few images per chunk
+    monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", 0)
+    monkeypatch.setattr(tuning, "COLUMN_CHUNK_BYTES", 20_000)  # a few images per chunk
     rng = np.random.default_rng(9)
     kh, kw, f = k
     x = rng.standard_normal(x_shape)

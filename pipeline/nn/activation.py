@@ -1,7 +1,8 @@
 """Element-wise activations: ReLU and leaky ReLU. Shapes: any; out has x's shape."""
 import numpy as np
 
-from pipeline.nn.backend import get_array_module, parallel_rows
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.threads import parallel_rows
 
 
 def relu_forward(x, out=None):

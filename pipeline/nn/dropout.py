@@ -5,7 +5,8 @@ same seed gives the same masks on CPU and GPU and the generator state serializes
 """
 import numpy as np
 
-from pipeline.nn.backend import get_array_module, parallel_rows, to_device
+from pipeline.nn.backend import get_array_module, to_device
+from pipeline.nn.threads import parallel_rows
 
 
 def dropout_mask(rng, shape, rate, dtype, xp=np):

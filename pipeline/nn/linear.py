@@ -1,5 +1,6 @@
 """Dense (fully connected) layer and flatten. Shapes: x (N, D), w (D, F), b (F,) or None, out (N, F)."""
-from pipeline.nn.backend import gemm, gemm_tn
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.threads import gemm, gemm_tn
 
 
 def dense_forward(x, w, b):
@@ -21,8 +22,6 @@ def dense_backward(dout, cache, need_dx=True):
 
 def dense_forward_naive(x, w, b):
     """Reference: one dot product per output unit."""
-    from pipeline.nn.backend import get_array_module
-
     xp = get_array_module(x)
     n, f = x.shape[0], w.shape[1]
     out = xp.zeros((n, f), dtype=x.dtype)
