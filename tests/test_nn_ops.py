@@ -88,6 +88,46 @@ def test_im2col_and_col2im_are_adjoint():
     assert np.sum(col * c) == pytest.approx(np.sum(x * conv.col2im(c, 2, pad, 7, 6)), rel=1e-12)
 
 
+@pytest.mark.parametrize("x_shape,kh,kw,stride,pad", [((2, 7, 6, 3), 3, 2, 2, (1, 2, 0, 1)),
+                                                      ((3, 9, 9, 1), 5, 5, 1, (2, 2, 2, 2)),  # channel-major
+                                                      ((2, 8, 8, 4), 2, 2, 2, 0)])
+@pytest.mark.parametrize("ones", [False, True])
+def test_fast_column_matrix_equals_the_reference_im2col(monkeypatch, x_shape, kh, kw, stride, pad, ones):
+    """The columns the convolutions use (threaded, row copies, lent memory, a column of ones) are im2col's."""
+    from pipeline.nn import im2col, threads
+
+    monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "BLOCK_BYTES", 256)
+    x = np.random.default_rng(12).standard_normal(x_shape)
+    ref = im2col.im2col(x, kh, kw, stride, pad)
+    ref = ref.reshape(-1, kh * kw * x_shape[3])
+    if ones:
+        ref = np.concatenate([ref, np.ones((len(ref), 1))], axis=1)
+    threads.set_num_threads(3)
+    try:
+        for min_channels in (2, 99):  # by kernel rows, and the kh*kw loop
+            monkeypatch.setattr(tuning, "FILL_ROWS_MIN_CHANNELS", min_channels)
+            np.testing.assert_array_equal(im2col.column_matrix(x, kh, kw, stride, pad, ones=ones), ref)
+    finally:
+        threads.set_num_threads(None)
+
+
+def test_names_moved_out_of_conv_and_backend_stay_importable():
+    from pipeline.nn import backend, conv_routes, im2col, threads
+
+    for name in ("parallel_rows", "parallel_batches", "parallel_gemm_rows", "gemm", "gemm_tn", "scratch",
+                 "num_threads", "set_num_threads"):
+        assert getattr(backend, name) is getattr(threads, name), name
+    for name in ("im2col", "col2im", "column_matrix", "column_chunk", "get_conv_outsize", "pad_nhwc"):
+        assert getattr(conv, name) is getattr(im2col, name), name
+    for name in ("conv2d_input_grad", "conv2d_input_grad_rows", "conv2d_input_grad_shifted"):
+        assert getattr(conv, name) is getattr(conv_routes, name), name
+    assert conv.conv2d_backward_correlation is conv_routes.backward_correlation
+    assert conv.sum_in_order is threads.sum_in_order
+    with pytest.raises(AttributeError):
+        backend.PARALLEL_MIN_BYTES  # thresholds moved to tuning.py: patching the old place must fail loudly
+
+
 def test_threaded_passes_match_one_thread(monkeypatch):
     """Every row-split pass and GEMM (forced on tiny arrays, 3 threads) gives what one thread gives."""
     from pipeline.nn import threads as engine_threads
@@ -706,3 +746,38 @@ def test_the_engine_imports_nothing_from_the_rest_of_the_pipeline():
             outside += [f"{path.name}: {n}" for n in names if n.startswith("pipeline") and
                         not (n == "pipeline.nn" or n.startswith("pipeline.nn."))]
     assert outside == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_ops_equal_their_naive_references(dtype):
+    """Dense, leaky ReLU, dropout and the loss against the loop references beside them."""
+    from pipeline.nn import activation, dropout, linear, loss
+
+    rng = np.random.default_rng(13)
+    x, w = rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal((7, 3)).astype(dtype)
+    for bias in (None, rng.standard_normal(3).astype(dtype)):
+        out, cache = linear.dense_forward(x, w, bias)
+        ref, ref_cache = linear.dense_forward_naive(x, w, bias)
+        np.testing.assert_allclose(out, ref, **tol(dtype))
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        for got, want in zip(linear.dense_backward(dout, cache), linear.dense_backward_naive(dout, ref_cache)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                np.testing.assert_allclose(got, want, **tol(dtype))
+    a = rng.standard_normal((3, 4, 5)).astype(dtype)
+    out, cache = activation.leaky_relu_forward(a, 0.2)
+    ref, ref_cache = activation.leaky_relu_forward_naive(a, 0.2)
+    np.testing.assert_allclose(out, ref, **tol(dtype))
+    np.testing.assert_allclose(activation.leaky_relu_backward(a, cache),
+                               activation.leaky_relu_backward_naive(a, ref_cache), **tol(dtype))
+    out, cache = dropout.dropout_forward(a, 0.3, True, rng=np.random.default_rng(1))
+    ref, ref_cache = dropout.dropout_forward_naive(a, 0.3, True, rng=np.random.default_rng(1))
+    np.testing.assert_allclose(out, ref, **tol(dtype))
+    np.testing.assert_allclose(dropout.dropout_backward(a, cache), dropout.dropout_backward_naive(a, ref_cache),
+                               **tol(dtype))
+    logits, y = rng.standard_normal((6, 10)).astype(dtype), rng.integers(0, 10, 6)
+    for smoothing in (0.0, 0.1):
+        got_loss, got_d = loss.softmax_cross_entropy(logits, y, smoothing)
+        want_loss, want_d = loss.softmax_cross_entropy_naive(logits, y, smoothing)
+        assert got_loss == pytest.approx(want_loss, rel=1e-5 if dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(got_d, want_d, **tol(dtype))

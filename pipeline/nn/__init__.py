@@ -16,7 +16,7 @@ from pipeline.nn.threads import configure as configure_threads
 from pipeline.nn.threads import num_threads, set_num_threads
 
 __all__ = [
-    "ARCHITECTURES", "Model", "build_model", "configure_threads", "get_array_module", "log_softmax", "make_optimizer",
-    "make_schedule", "num_threads", "profile_layers", "select_device", "set_num_threads", "softmax",
-    "softmax_cross_entropy", "to_device", "to_numpy",
+    "ARCHITECTURES", "Model", "build_model", "configure_threads", "get_array_module", "log_softmax",
+    "make_optimizer", "make_schedule", "num_threads", "profile_layers", "select_device", "set_num_threads",
+    "softmax", "softmax_cross_entropy", "to_device", "to_numpy",
 ]

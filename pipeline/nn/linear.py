@@ -31,6 +31,18 @@ def dense_forward_naive(x, w, b):
     return out, (x, w, b is not None)
 
 
+def dense_backward_naive(dout, cache):
+    """Reference gradients by the same loops: (dx (N, D), dw (D, F), db (F,) or None)."""
+    x, w, has_bias = cache
+    xp = get_array_module(x)
+    dx, dw = xp.zeros_like(x), xp.zeros_like(w)
+    for i in range(x.shape[0]):
+        for j in range(w.shape[1]):
+            dx[i] += dout[i, j] * w[:, j]
+            dw[:, j] += dout[i, j] * x[i]
+    return dx, dw, (dout.sum(axis=0) if has_bias else None)
+
+
 def flatten_forward(x):
     """(N, H, W, C) -> (N, H*W*C) in C order (H, W, C); cache the input shape."""
     return x.reshape(x.shape[0], -1), x.shape

@@ -158,7 +158,8 @@ def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, mom
         mean_t = tiled(mean, x)
 
         def centred_squares(rows):
-            xc = xp.subtract(xf[rows], mean_t, out=scratch("norm.centred", xf[rows].shape, x.dtype, xp)).reshape(x[rows].shape)
+            xc = xp.subtract(xf[rows], mean_t, out=scratch("norm.centred", xf[rows].shape, x.dtype, xp))
+            xc = xc.reshape(x[rows].shape)
             return channel_dot(xc, xc)
 
         var = sum(parallel_rows(centred_squares, n, x)) / dt(m)

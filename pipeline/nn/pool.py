@@ -125,6 +125,7 @@ def _pool_columns_shifted(colmax, from_bottom, out, from_right):
 
 
 def maxpool2x2_backward(dout, cache):
+    """dx (N, H, W, C) for maxpool2x2_forward: the masks route each gradient to its window's first maximum."""
     _, from_bottom, from_right, x_shape = cache
     xp = get_array_module(dout)
     n, ho, wo, c = dout.shape

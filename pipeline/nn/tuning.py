@@ -31,8 +31,8 @@ COLUMN_CHUNK_BYTES = 4 << 20
 # kept; whole step 24 vs 64 MiB: 143.4 -> 141.0 ms (change 5).
 KEEP_COLUMNS_BYTES = 64 << 20
 # From this many channels the columns are filled one kernel row at a time (runs of kw*C values, "3-5x
-# fewer inner loops" than the kh*kw loop); below, the kh*kw loop of strided slices: not recorded as a
-# timing; re-measure with make bench.
+# fewer inner loops" than the kh*kw loop); below, the kh*kw loop of strided slices. The timing is not
+# recorded; re-measure with make bench.
 FILL_ROWS_MIN_CHANNELS = 2
 
 # -- convolution backward (conv.py's dispatch) ---------------------------------------------------------
@@ -40,21 +40,23 @@ FILL_ROWS_MIN_CHANNELS = 2
 # (columns kept, no dx): (6 x 40k) @ (40k x 26) x5 took 2.3 ms alone, 4.7 ms on each of two threads;
 # (16 x 40k) @ (40k x 32) 3.2 vs 3.5 ms; lenet5 conv0 backward 1.59 -> 1.47 ms (change 4).
 SMALL_GEMM_SIDE = 16
-# Up to this many filters the weight gradient is computed as (dout.T @ col).T: "~10 % faster, 1 thread"
-# (a code comment of c86a9c2); no bench line recorded; re-measure with make bench.
+# Up to this many filters the weight gradient is computed as (dout.T @ col).T, "~10 % faster, 1 thread" by
+# a code comment of c86a9c2; the timing is not recorded; re-measure with make bench.
 DW_TRANSPOSED_MAX_FILTERS = 32
 # The 'correlation' backward (dx and dw from one column matrix of the padded output gradient) needs at
-# least this many input channels (fewer take the banded rows) ...
+# least this many input channels; fewer take the banded rows. Measured on deotte's 32-channel 3x3 layer:
+# 3.4 -> 3.1 ms per chunk of 6 images, 1 thread (change 8); narrower layers were not timed on this route.
 CORRELATION_MIN_CHANNELS = 16
 # ... and an input of at most this many times the output's pixels (the full correlation runs over the
 # input). Deotte's 3x3 layer at 26x26 (1.17x), 6 images, 1 thread: 3.4 -> 3.1 ms per chunk; step CPU time
 # 341 -> 334 ms (change 8).
 CORRELATION_MAX_INPUT_RATIO = 1.25
-# The banded-row input gradient ('rows') is taken below this many input channels ...
+# The banded-row input gradient ('rows') is taken below this many input channels: lenet5's 5x5 6->16 layer
+# at 14x14 4.45 -> 2.34 ms (64 images, 1 thread); lenet5 step 16.7 -> 14.6 ms A/B (change 7).
 ROWS_MAX_CHANNELS = 16
 # ... and for a padded width of at most this many kernel widths (its extra multiplies are the band's
 # zeros). lenet5's 5x5 6->16 layer at 14x14: 4.45 -> 2.34 ms; a 3x3 8->16 layer at width 16 (5.3 kernels):
-# 2.59 -> 3.84 ms; lenet5 step 16.7 -> 14.6 ms A/B (change 7).
+# 2.59 -> 3.84 ms (change 7).
 ROWS_MAX_WIDTH_KERNELS = 3
 
 # -- pooling (pool.py) ---------------------------------------------------------------------------------
