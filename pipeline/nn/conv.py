@@ -15,22 +15,15 @@ import numpy as np
 from pipeline.nn import tuning
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.conv_routes import (backward_columns, backward_correlation, conv2d_input_grad,
-                                     conv2d_input_grad_rows, conv2d_input_grad_rows_route,
-                                     conv2d_input_grad_shifted)
-from pipeline.nn.im2col import (chunks, col2im, column_chunk, column_matrix, get_conv_outsize, im2col, keep_store,
-                                pad4, pad_nhwc)
-from pipeline.nn.threads import parallel_batches, sum_in_order
+                                     conv2d_input_grad_rows_route, conv2d_input_grad_shifted)
+from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, pad4, pad_nhwc
+from pipeline.nn.threads import parallel_batches
 
-# Names of this module before the split, importable from here as before (their code is in im2col.py,
-# conv_routes.py and threads.py).
-__all__ = [
-    "col2im", "column_chunk", "column_matrix", "conv2d_backward", "conv2d_backward_correlation",
-    "conv2d_backward_naive", "conv2d_forward", "conv2d_forward_naive", "conv2d_input_grad",
-    "conv2d_input_grad_rows", "conv2d_input_grad_shifted", "conv_padding", "correlation_backward_pays",
-    "get_conv_outsize", "im2col", "input_grad_function", "pad_nhwc", "rows_input_grad_pays", "same_padding",
-    "sum_in_order",
-]
-conv2d_backward_correlation = backward_correlation
+# Names of this module from before im2col.py and conv_routes.py were split out, importable from here as before.
+from pipeline.nn.conv_routes import backward_correlation as conv2d_backward_correlation  # noqa: E402, F401
+from pipeline.nn.conv_routes import conv2d_input_grad_rows  # noqa: E402, F401
+from pipeline.nn.im2col import col2im, im2col  # noqa: E402, F401
+from pipeline.nn.threads import sum_in_order  # noqa: E402, F401
 
 
 def conv_padding(padding, in_hw, kernel_hw, stride):
