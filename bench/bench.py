@@ -4,7 +4,10 @@
 
 Both engines run in this one process on the same cores, timed alternately (ours, torch, ours, torch, ...)
 so that load from other processes hits both alike; each figure is the median of the timed repeats after a
-warm-up. PyTorch gets as many intra-op threads as the BLAS behind NumPy reports (threadpoolctl).
+warm-up. PyTorch gets as many intra-op threads as the BLAS behind NumPy reports (threadpoolctl), and both
+run with OMP_WAIT_POLICY=PASSIVE. So that this cannot flatter us, PyTorch is also timed alone in a child
+process with its own defaults (its thread count, no OMP_WAIT_POLICY), printed as "torch defaults" with our
+ratio against it, just above the last line.
 Peak RSS is measured in child processes, one per (engine, arch, mode), each importing only its own engine,
 so the figures do not include the other engine's libraries.
 
@@ -346,6 +349,9 @@ def _rss_child(engine, arch, mode, size, threads):
         make = torch_steps
     else:
         make = ours_steps
+        from pipeline.nn import configure_threads
+
+        configure_threads()  # as the parent does for its timing
     import pipeline.nn  # noqa: F401  (imports counted in the baseline)
     baseline = peak_rss_mib()
     train_step, infer_step = make(arch, size, size)
@@ -383,6 +389,46 @@ def peak_rss_child(engine, arch, mode, size, threads=1):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# PyTorch with its own defaults: alone in a child process, its default thread count, no OMP_WAIT_POLICY.
+
+def _torch_defaults_child(batch, infer_batch, repeats, batches, warmup):
+    """Body of the child: images/s of the PyTorch twins alone, printed as JSON {arch: {mode: ips}, "threads": n}."""
+    import torch
+
+    result = {"threads": torch.get_num_threads()}
+    for arch in ARCHS:
+        train_step, infer_step = torch_steps(arch, batch, infer_batch)
+        result[arch] = {}
+        for mode, size, step, n in (("train", batch, train_step, batches),
+                                    ("infer", infer_batch, infer_step, max(1, batches // 2))):
+            times = time_alternating({"torch": step}, repeats, n, warmup)["torch"]
+            result[arch][mode] = size / statistics.median(times)
+    print(json.dumps(result))
+
+
+def torch_defaults(batch, infer_batch, repeats, batches, warmup):
+    """{arch: {mode: images/s}, "threads": n} of PyTorch alone in a fresh process with its default settings."""
+    cmd = [sys.executable, "-m", "bench.bench", "--torch-defaults-child",
+           f"{batch},{infer_batch},{repeats},{batches},{warmup}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"torch defaults child failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def torch_defaults_line(results, defaults):
+    """One line: PyTorch's images/s with its defaults, and ours / that."""
+    ips = " | ".join(f"{arch} train {defaults[arch]['train']:.0f} infer {defaults[arch]['infer']:.0f}"
+                     for arch in ARCHS)
+    ratios = " | ".join(f"{arch} train x{results[arch]['train']['ours'] / defaults[arch]['train']:.2f} "
+                        f"infer x{results[arch]['infer']['ours'] / defaults[arch]['infer']:.2f}" for arch in ARCHS)
+    return (f"torch defaults: {ips} img/s (alone in its own process, {defaults['threads']} threads, "
+            f"no OMP_WAIT_POLICY); ours / that: {ratios}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def print_layer_table(arch, batch, repeats):
     from pipeline.nn import build_model
@@ -404,6 +450,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--infer-batch", type=int, default=1000, help="inference batch size (default 1000)")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
+    p.add_argument("--torch-defaults-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -415,6 +462,10 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    if args.torch_defaults_child:  # before the OMP_WAIT_POLICY below: this child measures PyTorch's defaults
+        batch, infer_batch, repeats, batches, warmup = (int(v) for v in args.torch_defaults_child.split(","))
+        _torch_defaults_child(batch, infer_batch, repeats, batches, warmup)
+        return 0
     # PyTorch's OpenMP threads spin after each op by default and steal the core our next step needs when
     # both engines share a process; passive waiting leaves PyTorch's own speed as it was (docs/PERFORMANCE.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -437,6 +488,9 @@ def main(argv=None):
                 for engine in ("ours", "torch"):
                     memory[arch, mode, engine] = peak_rss_child(engine, arch, mode, size, threads)
 
+    from pipeline.nn import configure_threads
+
+    configure_threads()                # as training does: NumPy's BLAS held to one thread, the engine's own
     import torch
 
     torch.set_num_threads(threads)
@@ -481,6 +535,9 @@ def main(argv=None):
 
     if args.layers:
         print_layer_table("deotte", args.batch, max(3, args.repeats // 2))
+    print("timing torch alone with its defaults ...", file=sys.stderr, flush=True)
+    defaults = torch_defaults(args.batch, args.infer_batch, args.repeats, batches, warmup)
+    print(torch_defaults_line(results, defaults))
     print(summary_line(results))
     return 0
 

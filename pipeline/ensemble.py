@@ -244,7 +244,9 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    from pipeline.nn import select_device
+    from pipeline.nn import configure_threads, select_device
+
+    configure_threads()  # as training ran: the engine's threads, NumPy's BLAS held to one
 
     run = runs.Run.existing(args.run)
     if not run.is_ensemble:

@@ -202,7 +202,7 @@ def deliver_best_so_far(folder, device=None):
     from pipeline import checkpoint, runs, train
     from pipeline.errors import UserError
     from pipeline.fileio import save_npz
-    from pipeline.nn import build_model, select_device, to_numpy
+    from pipeline.nn import build_model, configure_threads, select_device, to_numpy
 
     folder = Path(folder)
     ckpt_dir = folder / "checkpoints"
@@ -213,6 +213,7 @@ def deliver_best_so_far(folder, device=None):
         return None
     cfg = runs.load_config(folder)
     xp = select_device(device or cfg.device)
+    configure_threads()  # as training ran: its evaluation is repeated here
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
     def newest_weights():
         if newest is None:

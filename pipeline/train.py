@@ -23,8 +23,8 @@ from pipeline.averaging import WeightAverage
 from pipeline.config import TrainConfig, apply_values, build_config, load_toml, make_overrides, to_toml
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
-from pipeline.nn import (build_model, get_array_module, make_optimizer, make_schedule, select_device, softmax,
-                         softmax_cross_entropy, to_numpy)
+from pipeline.nn import (build_model, configure_threads, get_array_module, make_optimizer, make_schedule,
+                         select_device, softmax, softmax_cross_entropy, to_numpy)
 
 DEFAULT_PRESET = "standard"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
@@ -271,6 +271,7 @@ def train_one(folder, preset, cfg, force, label=None):
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise UserError(f"EMA_DECAY: expected a value in [0, 1), got {cfg.ema_decay}")
     xp = select_device(cfg.device)
+    configure_threads()  # the engine's threads, NumPy's BLAS held to one: before the first GEMM
     x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
     n_train = len(y_tr)
     steps_per_epoch = batches_per_epoch(n_train, cfg.batch_size)

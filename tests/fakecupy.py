@@ -115,7 +115,8 @@ def _caller():
     """'file:line' of the first frame outside this file, NumPy and the backend's pass-through helpers."""
     frame = sys._getframe(2)
     while frame is not None and (frame.f_code.co_filename == __file__ or "/numpy/" in frame.f_code.co_filename
-                                 or frame.f_code.co_filename.endswith("pipeline/nn/backend.py")):
+                                 or frame.f_code.co_filename.endswith(("pipeline/nn/backend.py",
+                                                                        "pipeline/nn/threads.py"))):
         frame = frame.f_back
     if frame is None:
         return "?"
@@ -526,7 +527,7 @@ del _name
 def install(monkeypatch, broken=None, devices=1):
     """Make the backend find a fresh fake as `cupy` (its import, the device check and the probe all run
     as they would against CuPy); monkeypatch undoes it. Returns the fake module."""
-    from pipeline.nn import backend
+    from pipeline.nn import backend, threads
 
     fake = make(broken=broken, devices=devices)
     monkeypatch.setitem(sys.modules, "cupy", fake)
@@ -535,5 +536,5 @@ def install(monkeypatch, broken=None, devices=1):
             monkeypatch.setattr(backend, name, value)
     # the engine's per-thread scratch buffers would outlive the fake holding its arrays, which NumPy code
     # could then be lent (once the fake is gone, the backend takes them for NumPy's): its own while it lasts
-    monkeypatch.setattr(backend._local, "scratch", {}, raising=False)
+    monkeypatch.setattr(threads._local, "scratch", {}, raising=False)
     return fake

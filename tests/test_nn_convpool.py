@@ -3,7 +3,7 @@ gradients, and the model's plan that uses it."""
 import numpy as np
 import pytest
 
-from pipeline.nn import backend, build_model, conv, convpool, pool, softmax_cross_entropy
+from pipeline.nn import build_model, conv, convpool, pool, softmax_cross_entropy, threads, tuning
 from tests.test_nn_gradcheck import check_layer
 
 CASES = [
@@ -98,15 +98,15 @@ def test_fused_chunks_and_threads_change_nothing(monkeypatch, keep_bytes):
         return (out,) + convpool.conv2d_maxpool_backward(dout, cache)
 
     whole = run()
-    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", keep_bytes)
+    monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", keep_bytes)
     monkeypatch.setattr(convpool, "column_chunk", lambda *args: 2)
-    monkeypatch.setattr(backend, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(backend, "GEMM_MIN_FLOPS", 0)
-    backend.set_num_threads(3)
+    monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "GEMM_MIN_FLOPS", 0)
+    threads.configure(3)  # BLAS held to one thread: the batch is split among the threads
     try:
         parts = run()
     finally:
-        backend.set_num_threads(None)
+        threads.set_num_threads(None)
     for got, want in zip(parts, whole):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 

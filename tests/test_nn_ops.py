@@ -8,7 +8,7 @@ import pytest
 from pipeline.nn.errors import EngineError
 from pipeline.fileio import load_npz, save_npz
 from pipeline.nn import (ARCHITECTURES, build_model, conv, convpool, make_optimizer, make_schedule, norm, pool,
-                         select_device, softmax, softmax_cross_entropy, to_numpy)
+                         select_device, softmax, softmax_cross_entropy, to_numpy, tuning)
 from pipeline.nn.backend import get_array_module, to_device
 
 DTYPES = [np.float32, np.float64]
@@ -88,9 +88,49 @@ def test_im2col_and_col2im_are_adjoint():
     assert np.sum(col * c) == pytest.approx(np.sum(x * conv.col2im(c, 2, pad, 7, 6)), rel=1e-12)
 
 
+@pytest.mark.parametrize("x_shape,kh,kw,stride,pad", [((2, 7, 6, 3), 3, 2, 2, (1, 2, 0, 1)),
+                                                      ((3, 9, 9, 1), 5, 5, 1, (2, 2, 2, 2)),  # channel-major
+                                                      ((2, 8, 8, 4), 2, 2, 2, 0)])
+@pytest.mark.parametrize("ones", [False, True])
+def test_fast_column_matrix_equals_the_reference_im2col(monkeypatch, x_shape, kh, kw, stride, pad, ones):
+    """The columns the convolutions use (threaded, row copies, lent memory, a column of ones) are im2col's."""
+    from pipeline.nn import im2col, threads
+
+    monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "BLOCK_BYTES", 256)
+    x = np.random.default_rng(12).standard_normal(x_shape)
+    ref = im2col.im2col(x, kh, kw, stride, pad)
+    ref = ref.reshape(-1, kh * kw * x_shape[3])
+    if ones:
+        ref = np.concatenate([ref, np.ones((len(ref), 1))], axis=1)
+    threads.set_num_threads(3)
+    try:
+        for min_channels in (2, 99):  # by kernel rows, and the kh*kw loop
+            monkeypatch.setattr(tuning, "FILL_ROWS_MIN_CHANNELS", min_channels)
+            np.testing.assert_array_equal(im2col.column_matrix(x, kh, kw, stride, pad, ones=ones), ref)
+    finally:
+        threads.set_num_threads(None)
+
+
+def test_names_moved_out_of_conv_and_backend_stay_importable():
+    from pipeline.nn import backend, conv_routes, im2col, threads
+
+    for name in ("parallel_rows", "parallel_batches", "parallel_gemm_rows", "gemm", "gemm_tn", "scratch",
+                 "num_threads", "set_num_threads"):
+        assert getattr(backend, name) is getattr(threads, name), name
+    for name in ("im2col", "col2im", "column_matrix", "column_chunk", "get_conv_outsize", "pad_nhwc"):
+        assert getattr(conv, name) is getattr(im2col, name), name
+    for name in ("conv2d_input_grad", "conv2d_input_grad_rows", "conv2d_input_grad_shifted"):
+        assert getattr(conv, name) is getattr(conv_routes, name), name
+    assert conv.conv2d_backward_correlation is conv_routes.backward_correlation
+    assert conv.sum_in_order is threads.sum_in_order
+    with pytest.raises(AttributeError):
+        backend.PARALLEL_MIN_BYTES  # thresholds moved to tuning.py: patching the old place must fail loudly
+
+
 def test_threaded_passes_match_one_thread(monkeypatch):
     """Every row-split pass and GEMM (forced on tiny arrays, 3 threads) gives what one thread gives."""
-    from pipeline.nn import backend
+    from pipeline.nn import threads as engine_threads
 
     x = np.random.default_rng(7).random((5, 28, 28, 1)).astype(np.float64)
     y = np.array([0, 1, 2, 3, 4])
@@ -103,13 +143,13 @@ def test_threaded_passes_match_one_thread(monkeypatch):
 
     results = {}
     for threads in (1, 3):
-        monkeypatch.setattr(backend, "PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(backend, "GEMM_MIN_FLOPS", 0)
-        backend.set_num_threads(threads)
+        monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(tuning, "GEMM_MIN_FLOPS", 0)
+        engine_threads.configure(threads)  # BLAS held to one thread: GEMMs and whole layers split too
         try:
             results[threads] = {name: step(name) for name in ("deotte", "lenet5")}
         finally:
-            backend.set_num_threads(None)  # back to the default
+            engine_threads.set_num_threads(None)  # back to the default
     for name in ("deotte", "lenet5"):
         (l1, dx1, g1), (l3, dx3, g3) = results[1][name], results[3][name]
         assert l1 == pytest.approx(l3, rel=1e-12)
@@ -536,8 +576,8 @@ def test_conv_chunks_match_one_pass(monkeypatch, keep_bytes):
         return logits, {**grads, **{n: g.copy() for n, _, g in model.params()}}
 
     whole_logits, whole_grads = run()
-    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
-    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", keep_bytes)
+    monkeypatch.setattr(tuning, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
+    monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", keep_bytes)
     assert conv.column_chunk(24, 24, 289, 8) == 1 and conv.column_chunk(1, 1, 1025, 8) == 3
     logits, grads = run()
     np.testing.assert_allclose(logits, whole_logits, rtol=1e-12)
@@ -608,8 +648,8 @@ def test_backend_on_cpu():
                                                ((2, 8, 7, 17), (2, 3, 3), (1, 0, 2, 0))])
 def test_conv2d_backward_by_correlation_equals_naive(monkeypatch, x_shape, k, padding):
     """The path that takes dx and dw from one column matrix of the output gradient (columns not kept)."""
-    monkeypatch.setattr(conv, "KEEP_COLUMNS_BYTES", 0)
-    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 20_000)  # a few images per chunk
+    monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", 0)
+    monkeypatch.setattr(tuning, "COLUMN_CHUNK_BYTES", 20_000)  # a few images per chunk
     rng = np.random.default_rng(9)
     kh, kw, f = k
     x = rng.standard_normal(x_shape)
@@ -706,3 +746,38 @@ def test_the_engine_imports_nothing_from_the_rest_of_the_pipeline():
             outside += [f"{path.name}: {n}" for n in names if n.startswith("pipeline") and
                         not (n == "pipeline.nn" or n.startswith("pipeline.nn."))]
     assert outside == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_ops_equal_their_naive_references(dtype):
+    """Dense, leaky ReLU, dropout and the loss against the loop references beside them."""
+    from pipeline.nn import activation, dropout, linear, loss
+
+    rng = np.random.default_rng(13)
+    x, w = rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal((7, 3)).astype(dtype)
+    for bias in (None, rng.standard_normal(3).astype(dtype)):
+        out, cache = linear.dense_forward(x, w, bias)
+        ref, ref_cache = linear.dense_forward_naive(x, w, bias)
+        np.testing.assert_allclose(out, ref, **tol(dtype))
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        for got, want in zip(linear.dense_backward(dout, cache), linear.dense_backward_naive(dout, ref_cache)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                np.testing.assert_allclose(got, want, **tol(dtype))
+    a = rng.standard_normal((3, 4, 5)).astype(dtype)
+    out, cache = activation.leaky_relu_forward(a, 0.2)
+    ref, ref_cache = activation.leaky_relu_forward_naive(a, 0.2)
+    np.testing.assert_allclose(out, ref, **tol(dtype))
+    np.testing.assert_allclose(activation.leaky_relu_backward(a, cache),
+                               activation.leaky_relu_backward_naive(a, ref_cache), **tol(dtype))
+    out, cache = dropout.dropout_forward(a, 0.3, True, rng=np.random.default_rng(1))
+    ref, ref_cache = dropout.dropout_forward_naive(a, 0.3, True, rng=np.random.default_rng(1))
+    np.testing.assert_allclose(out, ref, **tol(dtype))
+    np.testing.assert_allclose(dropout.dropout_backward(a, cache), dropout.dropout_backward_naive(a, ref_cache),
+                               **tol(dtype))
+    logits, y = rng.standard_normal((6, 10)).astype(dtype), rng.integers(0, 10, 6)
+    for smoothing in (0.0, 0.1):
+        got_loss, got_d = loss.softmax_cross_entropy(logits, y, smoothing)
+        want_loss, want_d = loss.softmax_cross_entropy_naive(logits, y, smoothing)
+        assert got_loss == pytest.approx(want_loss, rel=1e-5 if dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(got_d, want_d, **tol(dtype))

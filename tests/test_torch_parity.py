@@ -305,4 +305,5 @@ def test_bench_main_quick_last_line(capsys):
     assert bench.main(["--quick", "--repeats", "1", "--batch", "8", "--infer-batch", "8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert SUMMARY.match(lines[-1]), lines[-1]
+    assert lines[-2].startswith("torch defaults: deotte train ") and "no OMP_WAIT_POLICY" in lines[-2], lines[-2]
     assert any("blas" in line for line in lines)

@@ -1,7 +1,8 @@
 """Element-wise activations: ReLU and leaky ReLU. Shapes: any; out has x's shape."""
 import numpy as np
 
-from pipeline.nn.backend import get_array_module, parallel_rows
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.threads import parallel_rows
 
 
 def relu_forward(x, out=None):
@@ -38,6 +39,7 @@ def leaky_relu_forward(x, alpha=0.01):
 
 
 def leaky_relu_backward(dout, cache):
+    """dout where the input was positive, else alpha * dout."""
     xp = get_array_module(dout)
     positive, alpha = cache
     return xp.where(positive, dout, dout * dout.dtype.type(alpha))
@@ -49,3 +51,18 @@ def relu_forward_naive(x):
 
 def relu_backward_naive(dout, cache):
     return dout * (cache > 0)
+
+
+def leaky_relu_forward_naive(x, alpha=0.01):
+    """Reference: the definition, element by element over the flattened array."""
+    xp = get_array_module(x)
+    flat = x.reshape(-1)
+    out = xp.empty_like(flat)
+    for i in range(flat.size):
+        out[i] = flat[i] if flat[i] > 0 else alpha * flat[i]
+    return out.reshape(x.shape), (x, alpha)
+
+
+def leaky_relu_backward_naive(dout, cache):
+    x, alpha = cache
+    return dout * ((x > 0) + alpha * (x <= 0))

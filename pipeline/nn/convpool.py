@@ -18,9 +18,10 @@ agree to rounding, not bit for bit (tested against the unfused layers).
 """
 import numpy as np
 
-from pipeline.nn.backend import get_array_module, parallel_batches, scratch
-from pipeline.nn.conv import (_chunks, _keep_store, _kept_columns, column_chunk, column_matrix, get_conv_outsize,
-                              input_grad_function, sum_in_order)
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.conv import input_grad_function
+from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, kept_columns
+from pipeline.nn.threads import parallel_batches, scratch, sum_in_order
 
 # Turn the fusion off (tests compare against the unfused layers; the model reads it when it plans)
 ENABLED = True
@@ -89,7 +90,7 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, 
 
     The batch is split among the engine's threads and walked a few images at a time, as in
     conv.conv2d_forward; in training the chunks' columns are kept for backward when they fit in
-    conv.KEEP_COLUMNS_BYTES, and the routing masks (4 or 3, F, N*Ho/2*Wo/2) are stored. Eval stores neither.
+    tuning.KEEP_COLUMNS_BYTES, and the routing masks (4 or 3, F, N*Ho/2*Wo/2) are stored. Eval stores neither.
     out: optional C-contiguous (N, Ho/2, Wo/2, F) array to write the result into.
     """
     xp = get_array_module(x)
@@ -107,15 +108,15 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, 
         out = xp.empty((n, hp, wp, f), dtype=x.dtype)
     masks = xp.empty((4 if relu else 3, f, n * per), dtype=bool) if train else None
     chunk = column_chunk(hp, wp, kb, x.itemsize) if xp is np else n
-    kept, keep_flat = _keep_store(train, n * per * kb, x.dtype, workspace, xp)
+    kept, keep_flat = keep_store(train, n * per * kb, x.dtype, workspace, xp)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
-        for r in _chunks(rows, chunk):
+        for r in chunks(rows, chunk):
             region = None if kept is None else keep_flat[r.start * per * kb:]
             col = column_matrix(x[r], kh + 1, kw + 1, 2, pad, ones=b is not None, workspace=ws, buffer=region)
             m = col.shape[0]
-            o = scratch((4, f, m), x.dtype, 0, xp)
+            o = scratch("convpool.blocks", (4, f, m), x.dtype, xp)
             xp.matmul(wbt, col.T, out=o.reshape(4 * f, m))
             block = None if masks is None else masks[:, :, r.start * per:r.stop * per]
             best = _pool_block(o, block, relu)
@@ -153,14 +154,14 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None
         total = None
-        for r in _chunks(rows, chunk):
+        for r in chunks(rows, chunk):
             nc = r.stop - r.start
             m = nc * per
-            col = _kept_columns(kept, r, per)
+            col = kept_columns(kept, r, per)
             if col is None:
                 col = column_matrix(x[r], kh + 1, kw + 1, 2, pad, ones=has_bias, workspace=ws)
             block = masks[:, :, r.start * per:r.stop * per]
-            d = scratch((4, f, m), dout.dtype, 1, xp)
+            d = scratch("convpool.dblocks", (4, f, m), dout.dtype, xp)
             g = dout[r].reshape(m, f).T
             if relu:
                 xp.multiply(g, block[3], out=d[0])
@@ -176,7 +177,7 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
             part = d.reshape(4 * f, m) @ col
             total = part if total is None else total + part
             if need_dx:  # columns are dead now: the input gradient may reuse the workspace
-                dconv = scratch((nc, 2 * hp, 2 * wp, f), dout.dtype, 2, xp)
+                dconv = scratch("convpool.dconv", (nc, 2 * hp, 2 * wp, f), dout.dtype, xp)
                 dconv.reshape(nc, hp, 2, wp, 2, f)[...] = d.reshape(2, 2, f, nc, hp, wp).transpose(3, 4, 0, 5, 1, 2)
                 input_grad(dconv, w, 1, pad, x[r].shape, ws, out=dx[r])
         return total

@@ -5,7 +5,8 @@ same seed gives the same masks on CPU and GPU and the generator state serializes
 """
 import numpy as np
 
-from pipeline.nn.backend import get_array_module, parallel_rows, to_device
+from pipeline.nn.backend import get_array_module, to_device
+from pipeline.nn.threads import parallel_rows
 
 
 def dropout_mask(rng, shape, rate, dtype, xp=np):
@@ -41,6 +42,7 @@ def dropout_forward(x, rate, train, rng=None, mask=None):
 
 
 def dropout_backward(dout, cache):
+    """dx with dout's shape: dout times the forward's multiplier (dout itself after an eval pass)."""
     if cache is None:
         return dout
     if not isinstance(cache, tuple):
@@ -55,3 +57,18 @@ def dropout_backward(dout, cache):
 
     parallel_rows(apply, dout.shape[0], dout)
     return dx
+
+
+def dropout_forward_naive(x, rate, train, rng=None):
+    """Reference: the same float32 uniforms, each unit kept when its uniform is at least `rate` and then
+    scaled by 1/(1-rate). cache: the multiplier."""
+    if not train or rate == 0.0:
+        return x, None
+    xp = get_array_module(x)
+    u = to_device(rng.random(x.shape, dtype=np.float32), xp)
+    mult = xp.where(u >= np.float32(rate), x.dtype.type(1.0 / (1.0 - rate)), x.dtype.type(0.0))
+    return x * mult, mult
+
+
+def dropout_backward_naive(dout, cache):
+    return dout if cache is None else dout * cache

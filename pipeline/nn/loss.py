@@ -70,3 +70,18 @@ def check_labels(y, n, k):
     low, high = (int(v) for v in to_numpy(xp.stack([y.min(), y.max()])))
     if low < 0 or high >= k:
         raise ValueError(f"labels must lie in [0, {k}) for {k} classes; got labels from {low} to {high}")
+
+
+def softmax_cross_entropy_naive(logits, y, label_smoothing=0.0):
+    """Reference: row by row from the textbook softmax and the smoothed one-hot target; (loss, dlogits)."""
+    xp = get_array_module(logits)
+    n, k = logits.shape
+    loss, dlogits = 0.0, xp.zeros_like(logits)
+    for i in range(n):
+        e = xp.exp(logits[i] - logits[i].max())
+        p = e / e.sum()
+        target = xp.full(k, label_smoothing / k, dtype=logits.dtype)
+        target[int(y[i])] += 1.0 - label_smoothing
+        loss -= float((target * xp.log(p)).sum())
+        dlogits[i] = (p - target) / n
+    return loss / n, dlogits

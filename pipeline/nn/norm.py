@@ -4,7 +4,8 @@ PyTorch conventions: batch statistics in training (biased variance to normalize,
 the running estimate), running statistics in eval, running = (1 - momentum) * running + momentum * batch.
 Shapes: x (..., C), gamma/beta/running_mean/running_var (C,).
 """
-from pipeline.nn.backend import get_array_module, parallel_rows, scratch
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.threads import parallel_rows, scratch
 
 
 def update_running_stats(running_mean, running_var, mean, var, momentum, m):
@@ -157,7 +158,8 @@ def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, mom
         mean_t = tiled(mean, x)
 
         def centred_squares(rows):
-            xc = xp.subtract(xf[rows], mean_t, out=scratch(xf[rows].shape, x.dtype, 0, xp)).reshape(x[rows].shape)
+            xc = xp.subtract(xf[rows], mean_t, out=scratch("norm.centred", xf[rows].shape, x.dtype, xp))
+            xc = xc.reshape(x[rows].shape)
             return channel_dot(xc, xc)
 
         var = sum(parallel_rows(centred_squares, n, x)) / dt(m)
@@ -197,8 +199,8 @@ def batchnorm_relu_backward(dout, cache):
 
     def sums(rows):  # g = dout * (out > 0) goes into dx, finished by grad()
         g = gf[rows]
-        xp.multiply(df[rows], xp.greater(of[rows], 0, out=scratch(g.shape, bool, 1, xp)), out=g)
-        xc = xp.subtract(xf[rows], mean_t, out=scratch(g.shape, dx.dtype, 0, xp))
+        xp.multiply(df[rows], xp.greater(of[rows], 0, out=scratch("norm.relu_mask", g.shape, bool, xp)), out=g)
+        xc = xp.subtract(xf[rows], mean_t, out=scratch("norm.centred", g.shape, dx.dtype, xp))
         g, xc = g.reshape(dx[rows].shape), xc.reshape(dx[rows].shape)
         return channel_sum(g), channel_dot(g, xc)
 
@@ -215,7 +217,7 @@ def batchnorm_relu_backward(dout, cache):
         g = gf[rows]
         g *= scale_t
         if train:
-            g -= xp.multiply(xf[rows], k_xc_t, out=scratch(g.shape, dx.dtype, 0, xp))
+            g -= xp.multiply(xf[rows], k_xc_t, out=scratch("norm.scaled_x", g.shape, dx.dtype, xp))
             g += offset_t
 
     parallel_rows(grad, n, dout)

@@ -4,7 +4,9 @@ Shapes: x (N, H, W, C) -> out (N, Ho, Wo, C) with Ho = (H - size) // stride + 1 
 PyTorch and Keras 'valid'); global pooling gives (N, C).
 Max pooling routes the gradient to the first maximum of each window in row-major order (PyTorch's rule).
 """
-from pipeline.nn.backend import get_array_module, parallel_rows, scratch
+from pipeline.nn import tuning
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.threads import parallel_rows, scratch
 
 
 def pool_outsize(size, k, stride):
@@ -81,9 +83,9 @@ def maxpool2x2_forward(x):
 
     def pool_rows(r):
         top, bottom = pairs[r, :, 0], pairs[r, :, 1]
-        colmax = xp.maximum(top, bottom, out=scratch(top.shape, x.dtype, 3, xp))
+        colmax = xp.maximum(top, bottom, out=scratch("pool.colmax", top.shape, x.dtype, xp))
         xp.greater(bottom, top, out=from_bottom[r])
-        if c < NARROW_CHANNELS:
+        if c < tuning.NARROW_CHANNELS:
             _pool_columns_shifted(colmax, from_bottom[r], out[r], from_right[r])
             return
         colmax = colmax.reshape(-1, ho, wo, 2, c)
@@ -99,11 +101,6 @@ def maxpool2x2_forward(x):
     return out, ("2x2", from_bottom, from_right, x.shape)
 
 
-# Below this many channels the column stage compares whole rows against themselves shifted by one pixel:
-# C-long inner loops cost more than the doubled work (lenet's 6 channels: 3.1 -> 1.9 ms forward, 1 thread).
-NARROW_CHANNELS = 16
-
-
 def _pool_columns_shifted(colmax, from_bottom, out, from_right):
     """The column stage of maxpool2x2_forward on (rows, Ho, 2*Wo, C) maxima of row pairs.
 
@@ -115,11 +112,11 @@ def _pool_columns_shifted(colmax, from_bottom, out, from_right):
     flat = colmax.reshape(nr * ho, w2 * c)
     bottom = from_bottom.reshape(nr * ho, w2 * c)
     left, right = flat[:, :-c], flat[:, c:]
-    best = scratch(flat.shape, flat.dtype, 0, xp)
-    take_right = scratch(flat.shape, bool, 1, xp)
+    best = scratch("pool.best", flat.shape, flat.dtype, xp)
+    take_right = scratch("pool.take_right", flat.shape, bool, xp)
     xp.maximum(left, right, out=best[:, :-c])
     xp.greater(right, left, out=take_right[:, :-c])
-    tie_up = xp.equal(right, left, out=scratch(left.shape, bool, 2, xp))
+    tie_up = xp.equal(right, left, out=scratch("pool.tie", left.shape, bool, xp))
     tie_up &= bottom[:, :-c]
     tie_up &= ~bottom[:, c:]  # left max in the bottom row, right's on top: the right one comes first
     take_right[:, :-c] |= tie_up
@@ -128,6 +125,7 @@ def _pool_columns_shifted(colmax, from_bottom, out, from_right):
 
 
 def maxpool2x2_backward(dout, cache):
+    """dx (N, H, W, C) for maxpool2x2_forward: the masks route each gradient to its window's first maximum."""
     _, from_bottom, from_right, x_shape = cache
     xp = get_array_module(dout)
     n, ho, wo, c = dout.shape
@@ -135,7 +133,7 @@ def maxpool2x2_backward(dout, cache):
     pairs = dx.reshape(n, ho, 2, 2 * wo, c)
 
     def route(r):
-        dcol = scratch((dout[r].shape[0], ho, wo, 2, c), dout.dtype, 0, xp)
+        dcol = scratch("pool.dcol", (dout[r].shape[0], ho, wo, 2, c), dout.dtype, xp)
         xp.multiply(dout[r], from_right[r], out=dcol[:, :, :, 1])
         xp.subtract(dout[r], dcol[:, :, :, 1], out=dcol[:, :, :, 0])
         dcol = dcol.reshape(-1, ho, 2 * wo, c)
