@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument("--run", required=True)
     p.add_argument("--key", default=None)
     args = p.parse_args(argv)
+    from pipeline.nn import configure_threads
+    configure_threads()  # member predictions as `make ensemble` makes them
     rows, skipped = curve(args.run, args.key)
     print("| k | member | member val | member hidden | mean of k hidden | chosen | estimate | chosen hidden "
           "| member wall | total wall |")
