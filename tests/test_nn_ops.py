@@ -388,7 +388,7 @@ def test_same_seed_same_weights_and_float32_throughout():
     h = x.astype(np.float32)
     for layer in a.layers:
         h = layer.forward(h, True)
-        assert h.dtype == np.float32, layer.name
+        assert h.dtype == np.float32, layer
     _, d = softmax_cross_entropy(h, np.arange(4))
     assert a.backward(d).dtype == np.float32
     assert all(g.dtype == np.float32 for _, _, g in a.params())

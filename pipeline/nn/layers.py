@@ -288,8 +288,9 @@ class LeakyReLU(Layer):
         return activation.leaky_relu_backward(dout, self.cache)
 
 
-class MaxPool2D(Layer):
-    kind = "maxpool"
+class _Pool2D(Layer):
+    """Base of the window poolings: size x size windows at `stride` (default: size), no padding."""
+
     fresh_output = fresh_grad = True
 
     def __init__(self, size=2, stride=None):
@@ -300,6 +301,13 @@ class MaxPool2D(Layer):
     def output_shape(self, input_shape):
         h, w, c = input_shape
         return (pool.pool_outsize(h, self.size, self.stride), pool.pool_outsize(w, self.size, self.stride), c)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.size}, stride {self.stride})"
+
+
+class MaxPool2D(_Pool2D):
+    kind = "maxpool"
 
     def forward(self, x, train):
         out, self.cache = pool.maxpool_forward(x, self.size, self.stride)
@@ -308,22 +316,9 @@ class MaxPool2D(Layer):
     def backward(self, dout, need_dx=True):
         return pool.maxpool_backward(dout, self.cache)
 
-    def __repr__(self):
-        return f"MaxPool2D({self.size}, stride {self.stride})"
 
-
-class AvgPool2D(Layer):
+class AvgPool2D(_Pool2D):
     kind = "avgpool"
-    fresh_output = fresh_grad = True
-
-    def __init__(self, size=2, stride=None):
-        super().__init__()
-        self.size = int(size)
-        self.stride = int(stride) if stride else self.size
-
-    def output_shape(self, input_shape):
-        h, w, c = input_shape
-        return (pool.pool_outsize(h, self.size, self.stride), pool.pool_outsize(w, self.size, self.stride), c)
 
     def forward(self, x, train):
         out, self.cache = pool.avgpool_forward(x, self.size, self.stride)
@@ -331,9 +326,6 @@ class AvgPool2D(Layer):
 
     def backward(self, dout, need_dx=True):
         return pool.avgpool_backward(dout, self.cache)
-
-    def __repr__(self):
-        return f"AvgPool2D({self.size}, stride {self.stride})"
 
 
 class GlobalAvgPool(Layer):
