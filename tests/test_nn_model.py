@@ -270,3 +270,28 @@ def test_summary_lists_what_runs():
     text = build_model("lenet5").summary()
     assert "0-2.conv2d+relu+maxpool" in text and "ConvReLUMaxPool2x2" in text and "total parameters: 61706" in text
     assert "1-2.batchnorm+relu" in repr(build_model("deotte"))
+
+
+def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
+    """The newcomer's path: an op pair, a layer class, a LAYER_TYPES entry; the plan and the model need
+    nothing (patterns match exact types, so the new layer is never fused by accident)."""
+    from pipeline.nn import layers
+
+    class Square(layers.Layer):  # its op pair, inline here: out = x * x, dx = 2 x dout
+        kind = "square"
+
+        def forward(self, x, train):
+            self.cache = x
+            return x * x
+
+        def backward(self, dout, need_dx=True):
+            return 2 * self.cache * dout
+
+    monkeypatch.setitem(layers.LAYER_TYPES, "square", Square)
+    spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "square"}, {"type": "maxpool", "size": 2},
+            {"type": "flatten"}, {"type": "dense"}]
+    model = build_model(spec, dtype=np.float64, input_shape=(6, 6, 1), num_classes=3)
+    assert [type(layer) for layer in model.layers] == [Conv2D, Square, MaxPool2D, Flatten, Dense]
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 1))
+    assert model.backward(softmax_cross_entropy(model.forward(x), np.array([0, 2]))[1]).shape == x.shape
+    assert model.names[1] == "1.square" and list(model.state_dict()) == ["0.w", "0.b", "4.w", "4.b"]
