@@ -42,7 +42,8 @@ def test_the_plan_picks_the_fused_classes(arch, fake_cupy):
     assert [type(layer) for layer in model.layers] == ON_CUPY.get(arch, EXPECTED[arch])
     # every spec entry is one part, in order, whatever the plan
     assert [part.kind for part in model.parts] == [layer_from_spec(s).kind for s in spec]
-    assert [type(layer) for layer in plan(spec, np, fuse=())] == [type(layer_from_spec(s)) for s in spec]
+    assert [type(layer) for layer in plan(spec, np, fuse=False)] == [type(layer_from_spec(s)) for s in spec]
+    assert [type(layer) for layer in plan(spec, np, fuse=True)] == EXPECTED[arch]
 
 
 def test_memory_options_are_the_plans_choice(fake_cupy):

@@ -55,8 +55,8 @@ PASS_THROUGH = (Flatten, Dropout, ReLU)
 def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSIONS)):
     """The layers (not built) that compute the list of layer-spec dicts `spec` on backend xp for inputs of
     shape input_shape (H, W, C). dropout_rng: the numpy Generator every dropout layer draws from.
-    fuse: the names of FUSIONS to apply (() or False: every layer plain)."""
-    fuse = set(fuse or ())
+    fuse: the names of FUSIONS to apply (True: all; () or False: every layer plain)."""
+    fuse = set(FUSIONS) if fuse is True else set(fuse or ())
     if fuse - set(FUSIONS):
         raise ValueError(f"unknown fusions {sorted(fuse - set(FUSIONS))} (known: {', '.join(FUSIONS)})")
     if xp is not np:  # convpool works around OpenBLAS and NumPy costs of few-filter layers (see its docstring)
