@@ -262,8 +262,10 @@ def ours_steps(arch, batch, infer_batch, seed=0):
         model.backward(dlogits, input_grad=False)   # as training does; torch skips it too
         opt.step(model.params(), 1e-3)
 
+    inference = model.for_inference()  # as predict and validation run: BatchNorms folded
+
     def infer_step():
-        model.forward(xi, train=False)
+        inference.forward(xi, train=False)
 
     return train_step, infer_step
 

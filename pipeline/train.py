@@ -140,12 +140,13 @@ def load_data(cfg, xp):
 def evaluate(model, x, y, batch_size=1000):
     """Mean loss, accuracy and probabilities (numpy) in eval mode."""
     probs, total = [], 0.0
+    inference = model.for_inference()  # BatchNorms folded into their convolutions, with today's statistics
     for i in range(0, len(x), batch_size):
-        logits = model.forward(x[i:i + batch_size], train=False)
+        logits = inference.forward(x[i:i + batch_size], train=False)
         loss, _ = softmax_cross_entropy(logits, y[i:i + batch_size])
         total += float(loss) * len(logits)
         probs.append(to_numpy(softmax(logits)))
-    model.forget_activations()  # the last batch's, on the device until the next step otherwise
+    inference.forget_activations()  # the last batch's, on the device until the next step otherwise
     probs = np.concatenate(probs) if probs else np.zeros((0, 10), np.float32)
     n = max(len(x), 1)
     return total / n, float((probs.argmax(1) == to_numpy(y)).mean()) if len(x) else 0.0, probs

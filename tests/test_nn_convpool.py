@@ -1,5 +1,5 @@
 """The fused convolution + ReLU + 2x2 max pool (pipeline.nn.convpool) against the unfused naive ops, numerical
-gradients, and the model's plan that uses it."""
+gradients (the plan that picks it: tests/test_nn_model.py)."""
 import numpy as np
 import pytest
 
@@ -109,46 +109,3 @@ def test_fused_chunks_and_threads_change_nothing(monkeypatch, keep_bytes):
         threads.set_num_threads(None)
     for got, want in zip(parts, whole):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_model_plans_the_fusion():
-    lenet = build_model("lenet5", seed=0)
-    convs = [layer for layer in lenet.layers if layer.kind == "conv2d"]
-    assert all(c.fuse_pool and c.fuse_relu for c in convs)
-    assert all(layer.fused_into_conv for layer in lenet.layers if layer.kind == "maxpool")
-    assert not any(layer.fuse_pool for layer in build_model("deotte", seed=0).layers if layer.kind == "conv2d")
-    # no ReLU between: the pool is still fused; an odd convolution output is not
-    spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "maxpool", "size": 2},
-            {"type": "flatten"}, {"type": "dense"}]
-    even = build_model(spec, input_shape=(8, 8, 1), num_classes=3)
-    assert even.layers[0].fuse_pool and not even.layers[0].fuse_relu
-    odd = build_model(spec, input_shape=(9, 9, 1), num_classes=3)
-    assert not odd.layers[0].fuse_pool and not odd.layers[1].fused_into_conv
-    assert odd.forward(np.ones((2, 9, 9, 1)), train=True).shape == (2, 3)
-
-
-@pytest.mark.parametrize("name", ["lenet5", "seed_small"])
-def test_fused_model_equals_unfused(monkeypatch, name):
-    """Logits, input gradient and every parameter gradient, after a training pass and after an eval pass."""
-    rng = np.random.default_rng(6)
-    x = np.maximum(rng.standard_normal((3, 28, 28, 1)), -0.2)
-    x[0, :6, :6] = 0.5
-    y = np.array([1, 2, 3])
-
-    def run(enabled):
-        monkeypatch.setattr(convpool, "ENABLED", enabled)
-        model = build_model(name, seed=4, dtype=np.float64)
-        assert model.layers[0].fuse_pool == enabled
-        results = []
-        for train in (True, False):
-            logits = model.forward(x, train=train)
-            dx = model.backward(softmax_cross_entropy(logits, y)[1])
-            results.append((logits, dx, {n: g.copy() for n, _, g in model.params()}))
-        return results
-
-    for (logits, dx, grads), (ref_logits, ref_dx, ref_grads) in zip(run(True), run(False)):
-        np.testing.assert_allclose(logits, ref_logits, rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(dx, ref_dx, rtol=1e-12, atol=1e-15)
-        for k in grads:
-            np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-12, atol=1e-15, err_msg=k)
-

@@ -231,44 +231,6 @@ def test_batchnorm_relu_fast_equals_naive(dtype, shape, train):
         np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-4)
 
 
-def test_model_fuses_relu_into_the_batchnorm_before_it():
-    model = build_model("deotte", seed=0)
-    kinds = [type(layer).__name__ for layer in model.layers]
-    for i, layer in enumerate(model.layers):
-        if kinds[i] == "ReLU":
-            assert layer.fused == (kinds[i - 1] == "BatchNorm") and model.layers[i - 1].fuse_relu == layer.fused
-
-
-def test_model_moves_relu_after_an_unfused_max_pool(monkeypatch):
-    monkeypatch.setattr(convpool, "ENABLED", False)  # else the convolution computes ReLU and pool itself
-    lenet = build_model("lenet5", seed=0)
-    pools = [i for i, layer in enumerate(lenet.layers) if type(layer).__name__ == "MaxPool2D"]
-    assert pools and all(lenet.layers[i].relu_after and lenet.layers[i - 1].fused for i in pools)
-
-
-@pytest.mark.parametrize("name", ["lenet5", "seed_small"])
-def test_relu_moved_after_max_pool_changes_nothing(monkeypatch, name):
-    """ReLU then max pool == max pool then ReLU, values and gradients, ties at 0 included."""
-    x = np.maximum(np.random.default_rng(13).standard_normal((3, 28, 28, 1)), -0.2)
-    x[0, :6, :6] = 0.5  # plateaus: equal maxima in whole windows
-    y = np.array([1, 2, 3])
-
-    monkeypatch.setattr(convpool, "ENABLED", False)  # the max pool layer itself, not conv + pool fused
-
-    def run(fuse):
-        model = build_model(name, seed=4, dtype=np.float64)
-        if not fuse:
-            for layer in model.layers:
-                layer.fused = layer.relu_after = False
-        _, d = softmax_cross_entropy(model.forward(x), y)
-        return model.backward(d), {n: g.copy() for n, _, g in model.params()}
-
-    (dx, grads), (dx_ref, grads_ref) = run(True), run(False)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-15)
-    for k in grads:
-        np.testing.assert_allclose(grads[k], grads_ref[k], rtol=1e-12, atol=1e-15, err_msg=k)
-
-
 def test_batchnorm_running_statistics_pytorch_convention():
     x = np.arange(12, dtype=np.float64).reshape(2, 2, 1, 3)
     rm, rv = np.zeros(3), np.ones(3)
@@ -466,7 +428,7 @@ def test_same_seed_same_weights_and_float32_throughout():
     h = x.astype(np.float32)
     for layer in a.layers:
         h = layer.forward(h, True)
-        assert h.dtype == np.float32, layer.name
+        assert h.dtype == np.float32, layer
     _, d = softmax_cross_entropy(h, np.arange(4))
     assert a.backward(d).dtype == np.float32
     assert all(g.dtype == np.float32 for _, _, g in a.params())
@@ -593,7 +555,8 @@ def test_profile_layers_rows():
     x = np.random.default_rng(9).random((4, 28, 28, 1)).astype(np.float32)
     before = model.get_rng_state()
     rows = profile_layers(model, x, np.arange(4), repeats=2)
-    assert [r["layer"] for r in rows] == [layer.name for layer in model.layers] + ["loss"]
+    assert [r["layer"] for r in rows] == model.names + ["loss"]
+    assert rows[0]["layer"] == "0-2.conv2d+relu+maxpool"  # a fused layer is one row
     assert all(r["forward_ms"] >= 0 and r["backward_ms"] >= 0 for r in rows)
     assert model.get_rng_state()["dropout_rng"] == before["dropout_rng"]
     assert "total" in format_profile(rows)
@@ -670,69 +633,6 @@ def test_correlation_backward_is_chosen_where_it_pays():
     assert not conv.correlation_backward_pays((3, 3, 8, 8), (128, 26, 26, 8), 1, (0, 0, 0, 0))     # narrow
     assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 2, (1, 1, 1, 1))  # stride
     assert not conv.correlation_backward_pays((3, 3, 32, 32), (128, 26, 26, 32), 1, (3, 3, 3, 3))  # pad > k-1
-
-
-def test_eval_passes_reuse_buffers_but_never_the_callers_output():
-    rng = np.random.default_rng(11)
-    x1, x2 = rng.standard_normal((2, 5, 28, 28, 1))
-    model = build_model("deotte", seed=3)
-    fresh = build_model("deotte", seed=3)
-    for layer in fresh.layers:
-        layer.reuse_eval_output = False
-    assert model.layers[0].reuse_eval_output and not model.layers[-1].reuse_eval_output
-    first = model.forward(x1, train=False)
-    kept = first.copy()
-    second = model.forward(x2, train=False)
-    np.testing.assert_array_equal(first, kept)  # the second pass left the first result alone
-    np.testing.assert_array_equal(second, fresh.forward(x2, train=False))
-    np.testing.assert_array_equal(model.forward(x1[:2], train=False), fresh.forward(x1[:2], train=False))
-    # a net ending in conv -> flatten returns a view of the conv's output: that conv must not reuse
-    spec = [{"type": "conv2d", "filters": 4, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"},
-            {"type": "conv2d", "filters": 3, "kernel": 4}, {"type": "flatten"}]
-    small = build_model(spec, input_shape=(6, 6, 1), num_classes=3)
-    assert [layer.reuse_eval_output for layer in small.layers] == [True, True, False, False, False]
-    a = small.forward(x1[:2, :6, :6], train=False)
-    a_copy = a.copy()
-    small.forward(x2[:2, :6, :6], train=False)
-    np.testing.assert_array_equal(a, a_copy)
-
-
-@pytest.mark.parametrize("relu", [True, False])
-def test_eval_folds_batchnorm_into_the_convolution(relu):
-    """Eval logits with each BatchNorm folded into the convolution before it equal the unfolded ones, and a
-    backward after a folded pass gives the gradients of the unfolded eval pass."""
-    spec = [{"type": "conv2d", "filters": 4, "kernel": 3, "bias": False}, {"type": "batchnorm"},
-            *([{"type": "relu"}] if relu else []),
-            {"type": "conv2d", "filters": 5, "kernel": 3, "stride": 2}, {"type": "batchnorm"}, {"type": "relu"},
-            {"type": "flatten"}, {"type": "dense"}]
-    rng = np.random.default_rng(12)
-    x = rng.standard_normal((3, 9, 9, 2))
-    y = np.array([0, 1, 2])
-
-    def make(fold):
-        model = build_model(spec, seed=5, dtype=np.float64, input_shape=(9, 9, 2), num_classes=3)
-        for layer in model.layers:
-            if layer.kind == "batchnorm":
-                c = layer.params["gamma"].shape[0]
-                layer.params["gamma"][...] = np.linspace(0.5, 1.5, c)
-                layer.params["beta"][...] = np.linspace(-0.2, 0.3, c)
-                layer.buffers["running_mean"][...] = np.linspace(-0.1, 0.2, c)
-                layer.buffers["running_var"][...] = np.linspace(0.6, 1.4, c)
-        if not fold:
-            model._bn_folds = []
-        return model
-
-    folded, plain = make(True), make(False)
-    assert len(folded._bn_folds) == 2
-    logits = folded.forward(x, train=False)
-    assert folded.layers[0].cache is None  # a layer-level backward now would fail loudly
-    np.testing.assert_allclose(logits, plain.forward(x, train=False), rtol=1e-12, atol=1e-13)
-    d = softmax_cross_entropy(logits, y)[1]
-    np.testing.assert_allclose(folded.backward(d), plain.backward(d), rtol=1e-12, atol=1e-14)
-    for (name, _, g), (_, _, ref) in zip(folded.params(), plain.params()):
-        np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-14, err_msg=name)
-    # training passes are never folded
-    np.testing.assert_allclose(folded.forward(x, train=True), plain.forward(x, train=True), rtol=1e-12)
 
 
 def test_the_engine_imports_nothing_from_the_rest_of_the_pipeline():

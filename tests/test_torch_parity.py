@@ -86,33 +86,36 @@ def nhwc_mask_to_torch(mask, like):
 def shared_masks(model, net, relus, seed=7):
     """While active, our dropout layers use masks drawn here and the twin applies the same ones; with
     relus=True the twin's ReLUs apply the masks (pre-activation > 0) our ReLUs computed, except where our
-    convolution computes ReLU and max pool itself (convpool)."""
+    layer applies the ReLU after a max pool (ConvReLUMaxPool2x2, ReLUMaxPool)."""
     rng = np.random.default_rng(seed)
-    masks, replaced = {}, {}
+    masks, replaced, wrapped = {}, {}, []
 
     def apply_mask(k):
         return lambda module, inputs, out: out * nhwc_mask_to_torch(masks[k], out)
 
-    for k, layer in enumerate(model.layers):
-        if layer.kind == "dropout":
-            if not hasattr(layer, "fixed_mask"):
+    end = 0
+    for layer in model.layers:  # what runs: a ReLU may be the last part of a fused layer (BatchNormReLU)
+        end += len(layer.parts)
+        k, last = end - 1, layer.parts[-1]
+        if last.kind == "dropout":
+            if not hasattr(last, "fixed_mask"):
                 pytest.skip("our Dropout layer has no fixed_mask to pin its masks")
 
-            def dropout_forward(x, train, layer=layer, k=k, original=layer.forward):
+            def dropout_forward(x, train, layer=last, k=k, original=layer.forward):
                 keep = rng.random(x.shape) >= layer.rate
                 masks[k] = (keep / (1.0 - layer.rate)).astype(x.dtype)
                 layer.fixed_mask = masks[k]
                 return original(x, train)
             layer.forward = dropout_forward
-        elif layer.kind == "relu" and relus and not getattr(model.layers[k - 1], "fuse_pool", False):
-            # (a ReLU that a convolution applies after its fused max pool sees only the pooled maxima:
-            # the twin keeps its own ReLU there)
+        elif last.kind == "relu" and relus:
             def relu_forward(x, train, k=k, original=layer.forward):
-                masks[k] = to_numpy(x) > 0     # before the call: our ReLU may overwrite x in place
-                return original(x, train)
+                out = original(x, train)
+                masks[k] = to_numpy(out) > 0  # the ReLU's output is positive where its input was
+                return out
             layer.forward = relu_forward
         else:
             continue
+        wrapped.append(layer)
         replaced[k] = net[k]
         net[k] = torch.nn.Identity()
         net[k].register_forward_hook(apply_mask(k))
@@ -121,9 +124,10 @@ def shared_masks(model, net, relus, seed=7):
     finally:
         for k, module in replaced.items():
             net[k] = module
-            del model.layers[k].forward
-            if model.layers[k].kind == "dropout":
-                model.layers[k].fixed_mask = None
+        for layer in wrapped:
+            del layer.forward
+            if layer.kind == "dropout":
+                layer.fixed_mask = None
 
 
 def batch(n, dtype, seed=1):

@@ -1,7 +1,8 @@
 """A sequential model built from plain data, and its state (parameters, BN statistics, dropout RNG).
 
-Names: layer i of type t is "i.t" (e.g. "0.conv2d"); its arrays are "i.w", "i.b", "i.gamma", "i.beta",
-"i.running_mean", "i.running_var". Layout NHWC: x (N, H, W, C) -> logits (N, num_classes).
+Names: spec entry i of type t is "i.t" (e.g. "0.conv2d"); its arrays are "i.w", "i.b", "i.gamma", "i.beta",
+"i.running_mean", "i.running_var", whether the plan (pipeline/nn/plan.py) runs it alone or fused with its
+neighbours ("0-2.conv2d+relu+maxpool"). Layout NHWC: x (N, H, W, C) -> logits (N, num_classes).
 """
 import copy
 import json
@@ -11,108 +12,80 @@ import numpy as np
 from pipeline.nn.errors import EngineError
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
-from pipeline.nn import convpool
-from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, layer_from_spec
+from pipeline.nn.layers import BatchNorm, Conv2D, Dropout
+from pipeline.nn.plan import FUSIONS, inference_layers, plan
 from pipeline.nn.loss import softmax
 
 RNG_STATE_KEY = "dropout_rng"
 
 
 class Model:
-    """Layers in sequence; one numpy Generator (PCG64) draws every dropout mask."""
+    """Layers in sequence (`layers`: what runs, as the plan chose them, some fused); `parts`: one plain
+    layer per spec entry, holding that entry's arrays. One numpy Generator (PCG64), `rng`, draws every
+    dropout mask.
 
-    def __init__(self, layers, input_shape, num_classes, xp, dtype, seed, spec=None, output_shapes=None):
-        self.layers = layers
-        self.output_shapes = output_shapes or []
+    inference=True: a copy made by for_inference, for eval passes only."""
+
+    def __init__(self, layers, input_shape, num_classes, xp, dtype, seed, rng, spec=None, sizes=None,
+                 inference=False):
+        self.layers = list(layers)
+        self.parts = [part for layer in self.layers for part in layer.parts]
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.xp, self.dtype = xp, np.dtype(dtype)
         self.seed = seed
         self.spec = spec
-        self.rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
-        for layer in layers:
-            if isinstance(layer, Dropout):
-                layer.rng = self.rng
-        self._plan_inplace()
+        self.rng = rng
+        self.inference = inference
+        sizes = sizes or [len(layer.parts) for layer in self.layers]
+        starts = np.cumsum([0] + list(sizes))
+        self.names = [f"{a}.{layer.kind}" if b - a == 1 else f"{a}-{b - 1}.{layer.kind}"
+                      for layer, a, b in zip(self.layers, starts, starts[1:])]
+        self.output_shapes, shape = [], self.input_shape  # after each part (spec entry)
+        for part in self.parts:
+            shape = tuple(part.output_shape(shape))
+            self.output_shapes.append(shape)
 
-    def _plan_inplace(self):
-        """Fuse a 2x2 max pool (and a ReLU between) into the stride-1 convolution before it (NumPy only);
-        fuse each other ReLU into the BatchNorm before it, else into the max pool after it; let the
-        remaining ReLUs overwrite their input / incoming gradient where nothing else holds that memory;
-        let convolutions and BatchNorms whose output does not reach the caller reuse their eval output;
-        pair each convolution with the BatchNorm right after it for folded eval passes."""
-        for i, layer in enumerate(self.layers):
-            if type(layer) is not Conv2D or self.xp is not np or not convpool.fusable(layer.stride, layer.out_hw):
-                continue
-            relu = i + 1 < len(self.layers) and type(self.layers[i + 1]) is ReLU
-            j = i + 1 + int(relu)
-            if j < len(self.layers) and type(self.layers[j]) is MaxPool2D and self.layers[j].size == 2 \
-                    and self.layers[j].stride == 2:
-                layer.fuse_pool, layer.fuse_relu = True, relu
-                self.layers[j].fused_into_conv = True
-                if relu:
-                    self.layers[i + 1].fused = True
-        # the output the caller gets, and every layer whose memory reaches it through views (flatten,
-        # dropout and ReLU may return their input), must be fresh; the rest may reuse eval buffers
-        last = len(self.layers) - 1
-        while last > 0 and (isinstance(self.layers[last], (Flatten, Dropout, ReLU))
-                            or getattr(self.layers[last], "fused_into_conv", False)):
-            last -= 1
-        for layer in self.layers[:last]:
-            layer.reuse_eval_output = self.xp is np and isinstance(layer, (Conv2D, BatchNorm))
-        # (conv, BatchNorm) pairs that eval passes fold into one (NumPy only, like the fusions above)
-        self._bn_folds = [(conv, bn) for conv, bn in zip(self.layers, self.layers[1:])
-                          if self.xp is np and type(conv) is Conv2D and not conv.fuse_pool and type(bn) is BatchNorm]
-        self._folded_input = None
-        for i, layer in enumerate(self.layers):
-            if getattr(layer, "fused", False) or getattr(layer, "fused_into_conv", False):
-                continue
-            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if isinstance(layer, ReLU) and i > 0 and isinstance(self.layers[i - 1], BatchNorm):
-                self.layers[i - 1].fuse_relu = layer.fused = True
-            elif isinstance(layer, ReLU) and type(following) is MaxPool2D:
-                following.relu_after = layer.fused = True
-            elif isinstance(layer, ReLU):
-                layer.inplace_forward = i > 0 and self.layers[i - 1].fresh_output
-                layer.inplace_backward = any(later.fresh_grad for later in self.layers[i + 1:])
+    def for_inference(self):
+        """A model for eval passes that computes what forward(x, train=False) does, faster: each BatchNorm
+        right after a convolution is folded into a new convolution (its running statistics are constants
+        in eval). New layer objects; this model's arrays are shared where not folded, and left as they are.
+        The folded kernels are computed now: make a new copy after the weights or statistics change (it is
+        cheap), e.g. once per evaluation."""
+        if self.inference:
+            return self
+        layers, sizes = inference_layers(self.layers)
+        return Model(layers, self.input_shape, self.num_classes, self.xp, self.dtype, self.seed, self.rng,
+                     spec=self.spec, sizes=sizes, inference=True)
+
+    def _trainable(self, what):
+        if self.inference:
+            raise RuntimeError(f"{what}: this is an inference copy (for_inference), for eval passes only; "
+                               f"use the model it came from")
 
     # -- computation -------------------------------------------------------------------------------
     def forward(self, x, train=True):
-        """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout.
-
-        In eval, each BatchNorm right after a convolution is folded into that convolution's kernel and bias
-        (running statistics are constants there): the BatchNorm passes reduce to its ReLU. A backward after
-        such a pass first repeats it unfolded (the folded caches hold no BatchNorm input)."""
+        """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout."""
+        if train:
+            self._trainable("forward(train=True)")
         x = to_device(x, self.xp).astype(self.dtype, copy=False)
-        fold = not train and bool(self._bn_folds)
-        for conv, bn in self._bn_folds:
-            conv.folded_bn = bn if fold else None
-            bn.folded = fold
-        self._folded_input = x if fold else None
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
 
     def backward(self, dlogits, input_grad=True):
-        """Fill every layer's grads from dlogits (N, num_classes); returns dx (N, H, W, C).
+        """Fill every layer's grads from dlogits (N, num_classes) after a forward; returns dx (N, H, W, C).
 
         input_grad=False skips the gradient with respect to the input (training never needs it) and
         returns None.
         """
-        if self._folded_input is not None:  # the last pass was a folded eval pass: repeat it unfolded
-            x, self._folded_input = self._folded_input, None
-            for conv, bn in self._bn_folds:
-                conv.folded_bn, bn.folded = None, False
-            for layer in self.layers:
-                x = layer.forward(x, False)
+        self._trainable("backward")
         first = 0
         if not input_grad:
-            first = next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
-        for i, layer in enumerate(self.layers):
-            layer.need_dx = input_grad or i > first
+            first = next((i for i, layer in enumerate(self.layers) if _has_params(layer)), len(self.layers))
         d = dlogits.astype(self.dtype, copy=False)
-        for layer in reversed(self.layers[first:]):
-            d = layer.backward(d)
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            d = self.layers[i].backward(d, need_dx=input_grad or i > first)
         return d if input_grad else None
 
     def recompute_batchnorm_statistics(self, x, batch_size=500):
@@ -120,19 +93,21 @@ class Model:
         (N, H, W, C), passed batch by batch through the current weights as in training, but without
         dropout: after the weights were averaged, the statistics gathered during training describe
         other weights. Draws no random numbers."""
-        for conv, bn in self._bn_folds:
-            conv.folded_bn, bn.folded = None, False
-        self._folded_input = None
-        norms = [layer for layer in self.layers if isinstance(layer, BatchNorm)]
+        self._trainable("recompute_batchnorm_statistics")
+        # a BatchNorm is the first part of its layer (plain, or BatchNormReLU): its input is the layer's
+        first_bn = [layer.parts[0] if isinstance(layer.parts[0], BatchNorm) else None for layer in self.layers]
+        norms = [bn for bn in first_bn if bn is not None]
+        if len(norms) != sum(isinstance(p, BatchNorm) for p in self.parts):
+            raise RuntimeError("a fused layer holds a BatchNorm after another part: its input is not seen here")
         sums = {id(bn): [0.0, 0.0, 0] for bn in norms}
         for start in range(0, len(x), batch_size):
             h = to_device(x[start:start + batch_size], self.xp).astype(self.dtype, copy=False)
-            for layer in self.layers:
+            for layer, bn in zip(self.layers, first_bn):
                 if isinstance(layer, Dropout):
                     continue
-                if isinstance(layer, BatchNorm):
+                if bn is not None:
                     flat = h.reshape(-1, h.shape[-1]).astype(np.float64)
-                    acc = sums[id(layer)]
+                    acc = sums[id(bn)]
                     acc[0] = acc[0] + flat.sum(axis=0)
                     acc[1] = acc[1] + (flat * flat).sum(axis=0)
                     acc[2] += len(flat)
@@ -147,26 +122,27 @@ class Model:
             bn.buffers["running_var"][...] = self.xp.maximum(var, 0).astype(self.dtype)
 
     def predict_proba(self, x, batch_size=1000):
-        """Class probabilities, numpy float32 (N, num_classes), in eval mode, batch by batch."""
+        """Class probabilities, numpy float32 (N, num_classes), in eval mode, batch by batch (through an
+        inference copy: BatchNorms folded)."""
+        model = self.for_inference()
         out = np.empty((len(x), self.num_classes), dtype=np.float32)
         for start in range(0, len(x), batch_size):
-            logits = self.forward(x[start:start + batch_size], train=False)
+            logits = model.forward(x[start:start + batch_size], train=False)
             out[start:start + batch_size] = to_numpy(softmax(logits))
-        self.forget_activations()
+        model.forget_activations()
         return out
 
     def forget_activations(self):
         """Drop what the last pass kept for a backward (each layer's cache): after inference nothing needs it,
         and on a GPU it is device memory (deotte at batch 1000: about 450 MB)."""
         for layer in self.layers:
-            layer.cache = None
-        self._folded_input = None
+            layer.forget()
 
     # -- parameters and regularization ------------------------------------------------------------
     def params(self):
         """[(name, param, grad)] in layer order: "0.w", "0.b", "1.gamma", ..."""
-        return [(f"{i}.{k}", p, layer.grads[k])
-                for i, layer in enumerate(self.layers) for k, p in layer.params.items()]
+        self._trainable("params")
+        return [(f"{i}.{k}", p, part.grads[k]) for i, part in enumerate(self.parts) for k, p in part.params.items()]
 
     def penalty(self, l1=0.0, l2=0.0):
         """l1 * sum|w| + l2/2 * sum w^2 over the kernels ("*.w"), as a float (the loss term; the
@@ -185,10 +161,11 @@ class Model:
 
     # -- state ------------------------------------------------------------------------------------
     def _arrays(self):
-        for i, layer in enumerate(self.layers):
-            for k, a in layer.params.items():
+        self._trainable("state")
+        for i, part in enumerate(self.parts):
+            for k, a in part.params.items():
                 yield f"{i}.{k}", a
-            for k, a in layer.buffers.items():
+            for k, a in part.buffers.items():
                 yield f"{i}.{k}", a
 
     def state_dict(self):
@@ -213,7 +190,7 @@ class Model:
     def _dropped_bias_hint(self, unexpected):
         """A hint when the unexpected names are biases of convolutions that feed a BatchNorm and are built
         without one: state saved before those biases were dropped from the named architectures."""
-        layers = dict(enumerate(self.layers))
+        layers = dict(enumerate(self.parts))
         dropped = [name for name in unexpected if name.endswith(".b") and name[:-2].isdigit()
                    and type(layers.get(int(name[:-2]))) is Conv2D and not layers[int(name[:-2])].bias
                    and type(layers.get(int(name[:-2]) + 1)) is BatchNorm]
@@ -232,12 +209,18 @@ class Model:
         self.rng.bit_generator.state = json.loads(str(np.asarray(state[RNG_STATE_KEY])[()]))
 
     def summary(self):
-        """One line per layer: name, output shape, parameter count."""
-        lines = [f"{'input':<18} {str(self.input_shape):<16}"]
-        for layer, out_shape in zip(self.layers, self.output_shapes):
-            n = sum(int(np.prod(p.shape)) for p in layer.params.values())
-            lines.append(f"{layer.name:<18} {str(out_shape):<16} {n}")
-        return "\n".join(lines + [f"total parameters: {self.num_params()}"])
+        """One line per layer that runs: spec indices and type, output shape, parameter count, the object."""
+        lines, out_shape = [f"{'input':<28} {str(self.input_shape):<14}"], self.input_shape
+        for name, layer in zip(self.names, self.layers):
+            out_shape = tuple(layer.output_shape(out_shape))
+            n = sum(int(np.prod(p.shape)) for part in layer.parts for p in part.params.values())
+            lines.append(f"{name:<28} {str(out_shape):<14} {n:>8}  {layer!r}")
+        total = sum(int(np.prod(p.shape)) for layer in self.layers for part in layer.parts
+                    for p in part.params.values())
+        return "\n".join(lines + [f"total parameters: {total}"])
+
+    def __repr__(self):
+        return f"Model({'inference copy, ' if self.inference else ''}{len(self.layers)} layers:\n{self.summary()})"
 
 
 def resolve_arch(arch, num_classes=10):
@@ -258,25 +241,30 @@ def resolve_arch(arch, num_classes=10):
     return spec, None
 
 
-def build_model(arch, seed=0, dtype=np.float32, xp=np, input_shape=(28, 28, 1), num_classes=10):
+def build_model(arch, seed=0, dtype=np.float32, xp=np, input_shape=(28, 28, 1), num_classes=10,
+                fuse=tuple(FUSIONS)):
     """A Model from an architecture name (ARCHITECTURES) or a list of layer-spec dicts.
 
-    Shapes are inferred layer by layer from input_shape (H, W, C). `seed` drives the initial weights
-    (drawn in float64 on the CPU, so every backend and dtype starts from the same values) and, through an
-    independent stream, the dropout masks.
+    plan() picks the layer objects (fuse: which FUSIONS it may apply); then each is built in turn, shapes
+    inferred from input_shape (H, W, C). `seed` drives the initial weights (drawn in float64 on the CPU, in
+    spec order, so every backend, dtype and plan starts from the same values) and, through an independent
+    stream, the dropout masks.
     """
     spec, _ = resolve_arch(arch, num_classes)
-    init_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
-    layers, shapes, shape = [], [], tuple(int(s) for s in input_shape)
-    for i, s in enumerate(spec):
-        layer = layer_from_spec(s)
-        layer.name = f"{i}.{layer.kind}"
+    init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
+    init_rng, dropout_rng = np.random.default_rng(init_seed), np.random.default_rng(dropout_seed)
+    layers = plan(spec, xp, input_shape, dropout_rng, fuse)
+    shape, first = tuple(int(s) for s in input_shape), 0
+    for layer in layers:
         try:
             shape = tuple(layer.build(shape, init_rng, xp, np.dtype(dtype)))
         except ValueError as exc:
-            raise ValueError(f"layer {layer.name}: {exc}") from None
-        layers.append(layer)
-        shapes.append(shape)
+            raise ValueError(f"layer {first}.{layer.kind}: {exc}") from None
+        first += len(layer.parts)
     if shape != (num_classes,):
         raise ValueError(f"the model's output shape is {shape}, expected ({num_classes},)")
-    return Model(layers, input_shape, num_classes, xp, dtype, seed, spec=spec, output_shapes=shapes)
+    return Model(layers, input_shape, num_classes, xp, dtype, seed, dropout_rng, spec=spec)
+
+
+def _has_params(layer):
+    return any(part.params for part in layer.parts)

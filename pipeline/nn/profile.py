@@ -13,7 +13,8 @@ def _synchronize(xp):
 
 
 def profile_layers(model, x, y, repeats=5, warmup=1, clock=time.perf_counter):
-    """[{layer, forward_ms, backward_ms}] per layer, plus a final {"layer": "loss", ...} row.
+    """[{layer, forward_ms, backward_ms}] per layer that runs (model.names: a fused layer is one row), plus a
+    final {"layer": "loss", ...} row.
 
     Times are the median over `repeats` training steps (forward train=True, loss, backward without the
     input gradient, as training does) after `warmup` untimed steps. x, y on the model's backend.
@@ -40,31 +41,28 @@ def profile_layers(model, x, y, repeats=5, warmup=1, clock=time.perf_counter):
         _synchronize(xp)
         if r >= 0:
             loss_ms[r] = clock() - t0
-        first = next((i for i, layer in enumerate(model.layers) if layer.params), n_layers)
+        first = next((i for i, layer in enumerate(model.layers) if any(p.params for p in layer.parts)), n_layers)
         for i in range(n_layers - 1, first - 1, -1):
             layer = model.layers[i]
-            layer.need_dx = i > first
             _synchronize(xp)
             t0 = clock()
-            d = layer.backward(d)
+            d = layer.backward(d, need_dx=i > first)
             _synchronize(xp)
             if r >= 0:
                 bwd[r, i] = clock() - t0
-    for layer in model.layers:
-        layer.need_dx = True
     model.set_rng_state(rng_state)  # profiling must not shift the dropout stream of a run
-    rows = [{"layer": layer.name, "forward_ms": 1e3 * float(np.median(fwd[:, i])),
-             "backward_ms": 1e3 * float(np.median(bwd[:, i]))} for i, layer in enumerate(model.layers)]
+    rows = [{"layer": name, "forward_ms": 1e3 * float(np.median(fwd[:, i])),
+             "backward_ms": 1e3 * float(np.median(bwd[:, i]))} for i, name in enumerate(model.names)]
     rows.append({"layer": "loss", "forward_ms": 1e3 * float(np.median(loss_ms)), "backward_ms": 0.0})
     return rows
 
 
 def format_profile(rows):
     """A plain-text table of profile_layers' rows with totals."""
-    lines = [f"{'layer':<18}{'forward ms':>12}{'backward ms':>13}"]
+    lines = [f"{'layer':<26}{'forward ms':>12}{'backward ms':>13}"]
     for row in rows:
-        lines.append(f"{row['layer']:<18}{row['forward_ms']:>12.2f}{row['backward_ms']:>13.2f}")
+        lines.append(f"{row['layer']:<26}{row['forward_ms']:>12.2f}{row['backward_ms']:>13.2f}")
     f = sum(r["forward_ms"] for r in rows)
     b = sum(r["backward_ms"] for r in rows)
-    lines.append(f"{'total':<18}{f:>12.2f}{b:>13.2f}")
+    lines.append(f"{'total':<26}{f:>12.2f}{b:>13.2f}")
     return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Fused layers: two or three consecutive spec layers computed as one, chosen by the plan (pipeline/nn/plan.py).
+
+A fused layer holds the plain layers it replaces (`parts`, built as usual, in spec order): they keep the
+parameters, gradients and statistics under their spec indices, so checkpoints and optimizer state do not
+see the fusion. Only the fused layer's forward and backward run; each is the same function as its parts
+run one after the other (tested against them).
+"""
+from pipeline.nn import activation, convpool, norm, pool
+from pipeline.nn.backend import Workspace
+from pipeline.nn.layers import Layer
+
+
+class _Fused(Layer):
+    """Base: the parts' shapes and arrays; no arrays of its own."""
+
+    def __init__(self, *parts):
+        super().__init__()
+        self._parts = tuple(p for p in parts if p is not None)
+
+    @property
+    def parts(self):
+        return self._parts
+
+    @property
+    def kind(self):
+        return "+".join(p.kind for p in self._parts)
+
+    def output_shape(self, input_shape):
+        for p in self._parts:
+            input_shape = p.output_shape(input_shape)
+        return input_shape
+
+    def build(self, input_shape, rng, xp, dtype):
+        for p in self._parts:  # in spec order: the same initial weights as the unfused layers
+            input_shape = p.build(input_shape, rng, xp, dtype)
+        return input_shape
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(map(repr, self._parts))})"
+
+
+class ConvReLUMaxPool2x2(_Fused):
+    """Conv2D (stride 1, even output) [-> ReLU] -> MaxPool2D(2) in one pass: convpool.conv2d_maxpool_*.
+
+    relu may be None (a convolution straight into the pool)."""
+
+    fresh_output = fresh_grad = True
+
+    def __init__(self, conv, relu, pool2x2, *, reuse_eval_output=False):
+        super().__init__(conv, relu, pool2x2)
+        self.conv, self.apply_relu = conv, relu is not None
+        self.reuse_eval_output = bool(reuse_eval_output)
+
+    def _new_scratch(self):
+        super()._new_scratch()
+        self.workspace, self.eval_workspace = Workspace(), Workspace()  # as Conv2D's
+
+    def forward(self, x, train):
+        n, (ho, wo), f = x.shape[0], self.conv.out_hw, self.conv.filters
+        out, self.cache = convpool.conv2d_maxpool_forward(
+            x, self.conv.params["w"], self.conv.params.get("b"), self.conv.pad, self.apply_relu, train,
+            workspace=self.workspace if train else self.eval_workspace,
+            out=self.eval_output(train, (n, ho // 2, wo // 2, f), x))
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if self.cache is None:
+            raise RuntimeError(f"{self!r}: backward needs a forward first")
+        dx, dw, db = convpool.conv2d_maxpool_backward(dout, self.cache, need_dx=need_dx)
+        self.conv.grads["w"][...] = dw
+        if db is not None:
+            self.conv.grads["b"][...] = db
+        return dx
+
+
+class BatchNormReLU(_Fused):
+    """BatchNorm -> ReLU: norm.batchnorm_relu_*, three reads of x and one write."""
+
+    fresh_grad = True  # (its output is not fresh: the cache keeps it for the ReLU mask)
+
+    def __init__(self, bn, relu, *, reuse_eval_output=False):
+        super().__init__(bn, relu)
+        self.bn = bn
+        self.reuse_eval_output = bool(reuse_eval_output)
+
+    def forward(self, x, train):
+        bn = self.bn
+        out, self.cache = norm.batchnorm_relu_forward(x, bn.params["gamma"], bn.params["beta"],
+                                                      bn.buffers["running_mean"], bn.buffers["running_var"], train,
+                                                      bn.momentum, bn.eps, out=self.eval_output(train, x.shape, x))
+        return out
+
+    def backward(self, dout, need_dx=True):
+        dx, dgamma, dbeta = norm.batchnorm_relu_backward(dout, self.cache)
+        self.bn.grads["gamma"][...] = dgamma
+        self.bn.grads["beta"][...] = dbeta
+        return dx
+
+
+class ReLUMaxPool(_Fused):
+    """ReLU -> MaxPool2D, computed as max pool then ReLU on its output, a quarter of the size: max and ReLU
+    commute (values and gradients, the first maximum included)."""
+
+    fresh_grad = True  # (its output is not fresh: the ReLU's cache is that output)
+
+    def __init__(self, relu, max_pool):
+        super().__init__(relu, max_pool)
+        self.size, self.stride = max_pool.size, max_pool.stride
+
+    def forward(self, x, train):
+        out, pool_cache = pool.maxpool_forward(x, self.size, self.stride)
+        out, relu_cache = activation.relu_forward(out, out=out)
+        self.cache = (pool_cache, relu_cache)
+        return out
+
+    def backward(self, dout, need_dx=True):
+        pool_cache, relu_cache = self.cache
+        return pool.maxpool_backward(activation.relu_backward(dout, relu_cache), pool_cache)

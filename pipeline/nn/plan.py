@@ -1,0 +1,127 @@
+"""The plan: which layer objects compute a spec, fused or plain, decided once before anything is built.
+
+plan(spec, xp, input_shape) walks the spec left to right; at each position the first pattern of FUSIONS
+that matches (by exact layer type, so a new layer type is never fused by accident) gives one fused layer
+(pipeline/nn/fused.py) for its spec entries, else the entry's plain layer is taken. Then each layer gets
+its memory options as constructor arguments: which ReLUs may overwrite their input or incoming gradient,
+which eval outputs may reuse a buffer kept between calls. Nothing is set on a layer afterwards.
+
+inference_layers(layers) makes the eval-only layers of Model.for_inference: each BatchNorm right after a
+convolution folded into a new convolution.
+"""
+import numpy as np
+
+from pipeline.nn import convpool
+from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
+from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, layer_from_spec
+
+
+def _type_at(probes, i):
+    return type(probes[i]) if i < len(probes) else None
+
+
+def _conv_relu_maxpool2x2(probes, out_shapes, i):
+    """Conv2D [-> ReLU] -> MaxPool2D(2, stride 2), the convolution of stride 1 with an even output."""
+    conv = probes[i]
+    if type(conv) is not Conv2D or not convpool.fusable(conv.stride, out_shapes[i][:2]):
+        return None
+    relu = i + 1 if _type_at(probes, i + 1) is ReLU else None
+    j = i + 1 + (relu is not None)
+    if _type_at(probes, j) is MaxPool2D and probes[j].size == probes[j].stride == 2:
+        return (i, relu, j)
+    return None
+
+
+def _batchnorm_relu(probes, out_shapes, i):
+    return (i, i + 1) if type(probes[i]) is BatchNorm and _type_at(probes, i + 1) is ReLU else None
+
+
+def _relu_maxpool(probes, out_shapes, i):
+    return (i, i + 1) if type(probes[i]) is ReLU and _type_at(probes, i + 1) is MaxPool2D else None
+
+
+# name: (fused class, matcher(probes, output shapes, i) -> the spec indices it takes (None: a part left
+# out) or None). Tried in this order at each position.
+FUSIONS = {
+    "conv_relu_maxpool2x2": (ConvReLUMaxPool2x2, _conv_relu_maxpool2x2),
+    "batchnorm_relu": (BatchNormReLU, _batchnorm_relu),
+    "relu_maxpool": (ReLUMaxPool, _relu_maxpool),
+}
+# layers that take reuse_eval_output; Flatten, Dropout and ReLU may return (a view of) their input
+REUSES_EVAL_OUTPUT = (Conv2D, BatchNorm, ConvReLUMaxPool2x2, BatchNormReLU)
+PASS_THROUGH = (Flatten, Dropout, ReLU)
+
+
+def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSIONS)):
+    """The layers (not built) that compute the list of layer-spec dicts `spec` on backend xp for inputs of
+    shape input_shape (H, W, C). dropout_rng: the numpy Generator every dropout layer draws from.
+    fuse: the names of FUSIONS to apply (True: all; () or False: every layer plain)."""
+    fuse = set(FUSIONS) if fuse is True else set(fuse or ())
+    if fuse - set(FUSIONS):
+        raise ValueError(f"unknown fusions {sorted(fuse - set(FUSIONS))} (known: {', '.join(FUSIONS)})")
+    if xp is not np:  # convpool works around OpenBLAS and NumPy costs of few-filter layers (see its docstring)
+        fuse.discard("conv_relu_maxpool2x2")  # that a GPU does not have: there the plain layers are faster
+    probes, out_shapes, shape = [], [], tuple(int(s) for s in input_shape)
+    for i, s in enumerate(spec):
+        probe = layer_from_spec(s)
+        try:
+            shape = tuple(probe.output_shape(shape))
+        except ValueError as exc:
+            raise ValueError(f"layer {i}.{probe.kind}: {exc}") from None
+        probes.append(probe)
+        out_shapes.append(shape)
+
+    groups, i = [], 0  # (class, spec indices)
+    while i < len(probes):
+        for name, (cls, matcher) in FUSIONS.items():
+            taken = matcher(probes, out_shapes, i) if name in fuse else None
+            if taken:
+                break
+        else:
+            cls, taken = type(probes[i]), (i,)
+        groups.append((cls, taken))
+        i = max(t for t in taken if t is not None) + 1
+
+    classes = [cls for cls, _ in groups]
+    # the caller's output, and every layer whose memory reaches it through views, must be fresh; the rest
+    # may reuse eval buffers (NumPy: CuPy's memory pool already makes fresh device arrays cheap)
+    last = max((k for k, cls in enumerate(classes) if cls not in PASS_THROUGH), default=0)
+    layers = []
+    for k, (cls, taken) in enumerate(groups):
+        options = {}
+        if cls in REUSES_EVAL_OUTPUT:
+            options["reuse_eval_output"] = xp is np and k < last
+        if cls is ReLU:  # in place where nothing else holds that memory
+            options["inplace_forward"] = k > 0 and classes[k - 1].fresh_output
+            options["inplace_backward"] = any(later.fresh_grad for later in classes[k + 1:])
+        if cls is Dropout:
+            options["rng"] = dropout_rng
+        if len(taken) == 1:
+            layers.append(layer_from_spec(spec[taken[0]], **options))
+        else:
+            layers.append(cls(*(None if t is None else layer_from_spec(spec[t]) for t in taken), **options))
+    return layers
+
+
+def inference_layers(layers):
+    """(new layers, spec entries each stands for): `layers` (built) for eval passes only, with each BatchNorm
+    right after a convolution folded into a new convolution (Conv2D.fold_batchnorm), its ReLU (if fused
+    with it) an in-place ReLU. Every other layer is an inference_copy: arrays shared, own caches and buffers.
+    """
+    out, sizes, k = [], [], 0
+    while k < len(layers):
+        layer, after = layers[k], layers[k + 1] if k + 1 < len(layers) else None
+        if type(layer) is Conv2D and type(after) in (BatchNorm, BatchNormReLU):
+            bn = after if type(after) is BatchNorm else after.bn
+            # the pair's output is the BatchNorm's: it may reuse a buffer where the BatchNorm's did
+            out.append(layer.fold_batchnorm(bn, reuse_eval_output=after.reuse_eval_output))
+            sizes.append(2)
+            if type(after) is BatchNormReLU:
+                out.append(ReLU(inplace_forward=True))
+                sizes.append(1)
+            k += 2
+        else:
+            out.append(layer.inference_copy())
+            sizes.append(len(layer.parts))
+            k += 1
+    return out, sizes
