@@ -95,5 +95,12 @@ def load_newest(folder):
         try:
             return read(path)
         except CorruptCheckpoint as exc:
-            warnings.warn(f"{exc}; trying an older checkpoint", stacklevel=2)
+            stat = path.stat()
+            seen = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+            if seen not in _REPORTED:  # a stage reads the newest checkpoint more than once: say it once
+                _REPORTED.add(seen)
+                warnings.warn(f"{exc}; trying an older checkpoint", stacklevel=2)
     return None
+
+
+_REPORTED = set()  # damaged checkpoint files already reported in this process

@@ -1,11 +1,11 @@
 """User-facing failures: one line on stderr, exit code 2, no traceback."""
 import argparse
+import contextlib
 import errno
 import functools
 import sys
 import warnings
 
-from pipeline.nn.errors import EngineError
 
 # Failures of the machine, not of our code: said in one line like a UserError.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
@@ -22,22 +22,27 @@ class StageArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+def said_in_one_line(exc):
+    """A UserError, or the engine's EngineError (the engine keeps its own; it is looked up only once the
+    engine was imported, so that stages without it do not load it)."""
+    engine = sys.modules.get("pipeline.nn.errors")
+    return isinstance(exc, UserError) or (engine is not None and isinstance(exc, engine.EngineError))
+
+
 def cli_main(fn):
-    """Wrap a stage's main(): UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
+    """Wrap a stage's main(): UserError or EngineError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
 
     @functools.wraps(fn)
     def wrapper(argv=None):
         try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _one_line_warning
+            with one_line_warnings():
                 code = fn(argv)
-        except (UserError, EngineError) as exc:  # the engine's refusals are said the same way
-            msg = " ".join(str(exc).split())  # one line, whatever the message held
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
         except MemoryError:
             print("error: out of memory (is an input far larger than the competition's?)", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours (before OSError, its base)
+            sys.stderr.close()
+            return 0
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:
                 raise
@@ -47,12 +52,23 @@ def cli_main(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-        except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
-            sys.stderr.close()
-            return 0
+        except Exception as exc:  # noqa: BLE001 (re-raised unless it is meant for the user)
+            if not said_in_one_line(exc):
+                raise
+            msg = " ".join(str(exc).split())  # one line, whatever the message held
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
         return 0 if code is None else code
 
     return wrapper
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Within it (or a function it decorates), warnings are shown as 'warning: ...' lines on stderr."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        yield
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

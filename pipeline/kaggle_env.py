@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipeline.errors import one_line_warnings
+
 COMPETITION = "digit-recognizer"
 COMPETITION_FILES = ("train.csv", "test.csv")
 DEVICES = ("auto", "cpu", "gpu")
@@ -189,6 +191,7 @@ def run_stage(main, argv, ok=(0,)):
     return code
 
 
+@one_line_warnings()  # called from the notebook, not through a stage's cli_main
 def deliver_best_so_far(folder, device=None):
     """After training stopped at its time budget: model.npz and val_predictions.npz from the best checkpoint.
 

@@ -12,24 +12,9 @@ import time
 import numpy as np
 
 from pipeline import dataset, runs
-from pipeline.dataset import load_test_images  # noqa: F401 (part of this stage's interface)
+from pipeline.dataset import load_test_images
 from pipeline.errors import StageArgumentParser, cli_main
-from pipeline.runs import TEST_PROBS, check_probs  # noqa: F401
-
-
-def predict_probs(folder, x, xp=np, batch_size=1000):
-    """Probabilities of the run in `folder` on images x (N, 28, 28, 1) float32 in [0, 1]: numpy float32 (N, 10)."""
-    return runs.run_of(folder).predict_probs(x, xp, batch_size)
-
-
-def write_test_probs(folder, probs):
-    """Write folder/test_probs.npz: probs float32 (M, 10) and what they were made from, atomically."""
-    return runs.run_of(folder).write_probs(probs)
-
-
-def load_test_probs(folder):
-    """probs float32 (M, 10) written by predict, made from the data and model of now; UserError otherwise."""
-    return runs.run_of(folder).test_probs(dataset.load_meta().get("test_rows"))
+from pipeline.runs import TEST_PROBS
 
 
 def parse_args(argv):

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -414,11 +413,6 @@ class Run:
         return probs
 
 
-def existing_run(name):
-    """The folder of a run that exists; a UserError telling how to make it otherwise."""
-    return Run.existing(name).folder
-
-
 def run_of(folder):
     """The Run of a folder: runs/NAME or runs/NAME/members/K by name; any other folder as it is."""
     rel = os.path.relpath(os.path.abspath(folder), os.path.abspath(paths.runs())).replace(os.sep, "/")
@@ -433,13 +427,3 @@ def load_config(folder) -> TrainConfig:
 
 def load_summary(folder):
     return run_of(folder).summary()
-
-
-def load_model(folder, xp=None):
-    """Build the run's architecture and load model.npz into it."""
-    return run_of(folder).load_model(xp)
-
-
-def warn(message):
-    """A warning as one line on stderr (no Python warning machinery, no source line)."""
-    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def recorded_config(folder, force):
         on_file = load_toml(saved_path) if saved_path.is_file() else None
     except UserError as exc:
         on_file = None
-        runs.warn(f"{exc}; restoring it from the checkpoint")
+        warnings.warn(f"{exc}; restoring it from the checkpoint", stacklevel=2)
     if on_file is None:
         write_text(saved_path, to_toml(recorded))
         return dict(recorded)
@@ -454,7 +455,7 @@ def load_delivered(model, ckpt_dir, cfg, last_weights):
             model.load_state_dict(model_state)
             return best_state.get("best_epoch")
         except (checkpoint.CorruptCheckpoint, ValueError, KeyError) as exc:
-            runs.warn(f"{exc}; delivering the last epoch's weights instead")
+            warnings.warn(f"{exc}; delivering the last epoch's weights instead", stacklevel=2)
     model.load_state_dict(last_weights())
     return None
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import predict
+from pipeline import predict, runs
 from pipeline.config import TrainConfig, to_toml
 from pipeline.errors import UserError
 from pipeline.fileio import load_npz, save_npz
@@ -39,7 +39,7 @@ def test_predict_writes_probs_of_the_saved_weights(project, capsys):
     # config seed is 0, the weights come from seed 3: equality proves model.npz was loaded
     np.testing.assert_allclose(probs, model.predict_proba(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert np.array_equal(predict.load_test_probs(run), probs)
+    assert np.array_equal(runs.Run("r1").test_probs(N_TEST), probs)
     assert "12 test images" in capsys.readouterr().out
 
 
@@ -60,18 +60,18 @@ def test_predict_refuses_weights_of_another_architecture(project):
     _, run, x, _ = project
     save_npz(run / "model.npz", {"0.w": np.zeros((3, 3, 1, 2), np.float32)})
     with pytest.raises(UserError, match="does not fit"):
-        predict.predict_probs(run, x)
+        runs.Run("r1").predict_probs(x)
 
 
 def test_check_probs():
     good = np.full((2, 10), 0.1, np.float32)
-    predict.check_probs(good, 2)
+    runs.check_probs(good, 2)
     with pytest.raises(UserError, match="shape"):
-        predict.check_probs(good, 3)
+        runs.check_probs(good, 3)
     with pytest.raises(UserError, match="NaN"):
-        predict.check_probs(np.where(np.eye(2, 10) > 0, np.nan, 0.1), 2)
+        runs.check_probs(np.where(np.eye(2, 10) > 0, np.nan, 0.1), 2)
     with pytest.raises(UserError, match="probability"):
-        predict.check_probs(np.full((2, 10), 0.2), 2)
+        runs.check_probs(np.full((2, 10), 0.2), 2)
 
 
 def test_a_run_saved_with_conv_biases_before_batchnorm_is_told_apart_in_one_line(project, capsys):
