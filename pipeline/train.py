@@ -26,6 +26,7 @@ from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
 from pipeline.nn import (build_model, configure_threads, get_array_module, make_optimizer, make_schedule,
                          select_device, softmax, softmax_cross_entropy, to_numpy)
+from pipeline.nn.threads import num_threads
 
 DEFAULT_PRESET = "standard"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
@@ -257,6 +258,22 @@ def train_ensemble(folder, preset, cfg, force):
     return 0
 
 
+def resume_threads(label, threads):
+    """Resume with the engine threads the run started with: how the engine splits a batch or a sum over its
+    threads decides the last bits of the weights, so only the same count ends with the very weights of an
+    uninterrupted run (on a machine with other CPUs, e.g. a Kaggle kernel continuing a local run).
+    PIPELINE_NN_THREADS set to another count wins, with a warning."""
+    if not threads or threads == num_threads():
+        return
+    if os.environ.get("PIPELINE_NN_THREADS", "").strip():
+        warnings.warn(f"runs/{label} started with {threads} engine threads and PIPELINE_NN_THREADS asks for "
+                      f"{num_threads()}: it continues, but its weights will differ in their last bits from those "
+                      f"of an uninterrupted run", stacklevel=2)
+        return
+    configure_threads(threads)
+    print(f"using the {threads} engine threads runs/{label} started with, so that it ends with the same weights")
+
+
 def train_one(folder, preset, cfg, force, label=None):
     """Train (or resume) one net into `folder`; returns the process exit code."""
     label = label or folder.name
@@ -305,6 +322,8 @@ def train_one(folder, preset, cfg, force, label=None):
             raise UserError(f"the checkpoint in {ckpt_dir} does not fit {cfg.arch} ({exc}); remove {ckpt_dir} "
                             f"to train runs/{label} afresh") from None
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+        if xp is np:
+            resume_threads(label, state.get("threads"))
     else:
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
@@ -313,6 +332,8 @@ def train_one(folder, preset, cfg, force, label=None):
     if force:
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
     state["config"] = {"preset": preset, **cfg.to_dict()}  # the checkpoint carries the config it was made with
+    if xp is np:
+        state.setdefault("threads", num_threads())  # the engine's split of the work, which its last bits follow
 
     def save(kind="latest", delivered=None):
         packed = checkpoint.pack(delivered or model.state_dict(), opt.state_dict(), model.get_rng_state(), state,

@@ -39,10 +39,14 @@ def env_for(root):
     return env
 
 
-def train(root, run, extra=(), wrapper=None):
+def train(root, run, extra=(), wrapper=None, threads=None):
     code = wrapper or "import sys; from pipeline.train import main; sys.exit(main())"
+    env = env_for(root)
+    env.pop("PIPELINE_NN_THREADS", None)
+    if threads:
+        env["PIPELINE_NN_THREADS"] = str(threads)
     return subprocess.Popen([sys.executable, "-c", code, "--preset", "quick", "--run", run, *SETTINGS, *extra],
-                            env=env_for(root), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, timeout=120):
@@ -164,3 +168,35 @@ def test_changed_config_on_resume_is_refused_unless_forced(reference, tmp_path):
     assert code == 2 and "FORCE=1" in err and err.count("\n") == 1 and "Traceback" not in err
     code, _, err = finish(train(tmp_path, "cfg", extra=["LR=0.5", "FORCE=1"]))
     assert code == 0, err
+
+
+def default_threads():
+    code = "import os; os.environ.pop('PIPELINE_NN_THREADS', None); from pipeline.nn import threads; " \
+           "print(threads.num_threads())"
+    return int(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout)
+
+
+def test_a_run_resumes_with_the_threads_it_started_with(tmp_path):
+    # The thread count decides the last bits (how a batch and its sums are split), so a run started with
+    # another count, e.g. on another machine, is continued with that count and ends with the same weights.
+    started = 1 if default_threads() != 1 else 2
+    ref = tmp_path / "ref"
+    write_processed(ref)
+    assert finish(train(ref, "whole", threads=started))[0] == 0
+    write_processed(tmp_path)
+    code, _, err = finish(train(tmp_path, "moved", extra=["MAX_TIME=0.5s"], threads=started))
+    assert code == 3, err
+    code, out, err = finish(train(tmp_path, "moved"))  # no PIPELINE_NN_THREADS: this machine's default
+    assert code == 0, err
+    assert f"using the {started} engine threads" in out
+    assert_same_weights(load_npz(tmp_path / "runs" / "moved" / "model.npz"),
+                        load_npz(ref / "runs" / "whole" / "model.npz"))
+
+
+def test_threads_asked_for_explicitly_win_with_a_warning(tmp_path):
+    write_processed(tmp_path)
+    code, _, err = finish(train(tmp_path, "asked", extra=["MAX_TIME=0.5s"], threads=1))
+    assert code == 3, err
+    code, out, err = finish(train(tmp_path, "asked", threads=3))
+    assert code == 0, err
+    assert err.count("\n") == 1 and "started with 1 engine threads and PIPELINE_NN_THREADS asks for 3" in err
