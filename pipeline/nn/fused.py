@@ -6,7 +6,7 @@ see the fusion. Only the fused layer's forward and backward run; each is the sam
 run one after the other (tested against them).
 """
 from pipeline.nn import activation, convpool, norm, pool
-from pipeline.nn.backend import Workspace
+from pipeline.nn.memory import Workspace
 from pipeline.nn.layers import Layer
 
 

@@ -14,7 +14,8 @@ import copy
 import numpy as np
 
 from pipeline.nn import activation, conv, dropout, linear, norm, pool
-from pipeline.nn.backend import Workspace, get_array_module
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.memory import Workspace
 from pipeline.nn.init import initialize
 
 
