@@ -64,8 +64,8 @@ def test_conv2d_input_grad_three_paths_agree(x_shape, k, stride, padding):
     wo = conv.get_conv_outsize(x_shape[2], kw, 1, pad[2], pad[3])
     dout = rng.standard_normal((x_shape[0], ho, wo, f))
     shifted = conv_routes.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape)
-    np.testing.assert_allclose(conv_routes.conv2d_input_grad_phases(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(conv_routes.conv2d_input_grad_rows(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
+    for route in (conv_routes.conv2d_input_grad_phases, conv_routes.conv2d_input_grad_rows):
+        np.testing.assert_allclose(route(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
     out = np.full(x_shape, np.nan)  # every entry written, whatever was there
     conv_routes.conv2d_input_grad_rows(dout, w, 1, pad, x_shape, out=out)
     np.testing.assert_allclose(out, shifted, rtol=1e-10, atol=1e-12)

@@ -64,7 +64,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None, keep_colu
     multiplies the columns of a few images at a time (tuning.COLUMN_CHUNK_BYTES), so nothing big is stored:
     backward rebuilds the columns the same way, unless the whole matrix is at most tuning.KEEP_COLUMNS_BYTES
     and keep_columns is true (False suits a pass with no backward): then the chunks' columns are kept.
-    workspace: optional backend.Workspace for the columns (one per thread through for_thread).
+    workspace: optional memory.Workspace for the columns (one per thread through for_thread).
     out: optional (N, Ho, Wo, F) C-contiguous array to write the result into.
     cache: (x, w, has_bias, stride, pad, workspace, kept columns by first image or None) for
     conv2d_backward; x must stay unchanged until then.

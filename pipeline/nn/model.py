@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 
-from pipeline.nn.errors import EngineError
+from pipeline.nn.errors import EngineError, with_context
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
 from pipeline.nn.layers import BatchNorm, Conv2D
 from pipeline.nn.parameterless import Dropout
-from pipeline.nn.plan import FUSIONS, _same_kind, inference_layers, plan
+from pipeline.nn.plan import FUSIONS, inference_layers, plan
 from pipeline.nn.loss import softmax
 
 RNG_STATE_KEY = "dropout_rng"
@@ -264,7 +264,7 @@ def build_model(arch, seed=0, dtype=np.float32, xp=np, input_shape=(28, 28, 1), 
         try:
             shape = tuple(layer.build(shape, init_rng, xp, np.dtype(dtype)))
         except ValueError as exc:
-            raise _same_kind(exc)(f"layer {first}.{layer.kind}: {exc}") from None
+            raise with_context(exc, f"layer {first}.{layer.kind}") from None
         first += len(layer.parts)
     if shape != (num_classes,):
         raise ValueError(f"the model's output shape is {shape}, expected ({num_classes},)")

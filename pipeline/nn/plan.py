@@ -19,16 +19,10 @@ import numpy as np
 
 from pipeline.nn import convpool
 from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
-from pipeline.nn.errors import EngineError
+from pipeline.nn.errors import with_context
 from pipeline.nn.layers import BatchNorm, Conv2D
 from pipeline.nn.parameterless import Dropout, MaxPool2D, ReLU
 from pipeline.nn.spec import layer_from_spec
-
-
-def _same_kind(exc):
-    """The class to re-raise a ValueError as with more context: an EngineError stays one (a stage shows
-    it as one line), any other is a ValueError."""
-    return EngineError if isinstance(exc, EngineError) else ValueError
 
 
 def _type_at(probes, i):
@@ -81,7 +75,7 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
         try:
             shape = tuple(probe.output_shape(shape))
         except ValueError as exc:
-            raise _same_kind(exc)(f"layer {i}.{probe.kind}: {exc}") from None
+            raise with_context(exc, f"layer {i}.{probe.kind}") from None
         probes.append(probe)
         out_shapes.append(shape)
 
