@@ -25,8 +25,8 @@ class Layer:
     """Base: no parameters, identity shape."""
 
     kind = "layer"
-    # What the plan may assume of a layer's memory; the defaults assume nothing, so a new layer is safe as
-    # it is and set to True only what it guarantees (the plan then saves memory or copies around it).
+    # What the plan may assume of a layer's memory. The defaults assume nothing, so a new layer is safe as
+    # it is; a layer overrides only what it guarantees (the plan then saves memory where it may).
     # forward's output is fresh memory that no cache or caller refers to: a following ReLU may overwrite it
     output_may_be_overwritten = False
     # backward's result is fresh memory that nothing refers to: a preceding ReLU may overwrite it
