@@ -262,10 +262,9 @@ def ours_steps(arch, batch, infer_batch, seed=0):
         model.backward(dlogits, input_grad=False)   # as training does; torch skips it too
         opt.step(model.params(), 1e-3)
 
-    inference = model.for_inference()  # as predict and validation run: BatchNorms folded
-
     def infer_step():
-        inference.forward(xi, train=False)
+        # as predict_proba runs: a fresh inference copy (BatchNorms folded, a snapshot of the weights)
+        model.for_inference().forward(xi, train=False)
 
     return train_step, infer_step
 

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.nn import activation, build_model, conv, dropout, linear, norm, pool, softmax_cross_entropy
 from pipeline.nn.optim import SGD
+from pipeline.nn.parameterless import Dropout
 
 TOL = 1e-6
 
@@ -203,12 +204,24 @@ TINY_SPEC = [
 ]
 
 
+class FixedMaskDropout(Dropout):
+    """A dropout layer that applies the same mask on every training pass: the objective is then a function."""
+
+    def __init__(self, mask):
+        super().__init__(0.3)
+        self.mask = mask
+
+    def forward(self, x, train):
+        out, self.cache = dropout.dropout_forward(x, self.rate, train, mask=self.mask)
+        return out
+
+
 def test_whole_model_with_penalty_and_smoothing():
     """Every parameter of a small model, the input gradient, L1/L2 penalties through the optimizer."""
     rng = np.random.default_rng(10)
     model = build_model(TINY_SPEC, seed=3, dtype=np.float64, input_shape=(6, 6, 2), num_classes=3)
-    drop = next(layer for layer in model.layers if layer.kind == "dropout")
-    drop.fixed_mask = dropout.dropout_mask(np.random.default_rng(1), (4, 16), 0.3, np.float64)
+    k = next(k for k, layer in enumerate(model.layers) if layer.kind == "dropout")
+    model.layers[k] = FixedMaskDropout(dropout.dropout_mask(np.random.default_rng(1), (4, 16), 0.3, np.float64))
     x = rng.standard_normal((4, 6, 6, 2))
     y = np.array([0, 2, 1, 2])
     l1, l2 = 1e-3, 1e-2

@@ -5,8 +5,10 @@ import pytest
 
 from pipeline.nn import ARCHITECTURES, build_model, select_device, softmax_cross_entropy, to_numpy
 from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
-from pipeline.nn.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU,
-                                layer_from_spec)
+from pipeline.nn.errors import EngineError
+from pipeline.nn.layers import BatchNorm, Conv2D, Dense, Layer
+from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, MaxPool2D, ReLU
+from pipeline.nn.spec import layer_from_spec
 from pipeline.nn.model import resolve_arch
 from pipeline.nn.plan import FUSIONS, plan
 from tests import fakecupy
@@ -215,6 +217,68 @@ def test_an_inference_copy_is_made_from_the_statistics_of_now():
     np.testing.assert_allclose(model.predict_proba(x), to_numpy(softmax_of(now)), rtol=1e-6, atol=1e-7)
 
 
+def test_an_inference_copy_is_a_snapshot_that_training_steps_do_not_reach():
+    """Folded or not, every array of an inference copy is as of its creation (small_bn: two folded pairs,
+    then plain MaxPool, Dense, ReLU, Dense layers)."""
+    from pipeline.nn import make_optimizer
+
+    model = build_model("small_bn", seed=1)
+    x = np.random.default_rng(4).random((6, 28, 28, 1), dtype=np.float32)
+    inference = model.for_inference()
+    before = inference.forward(x, train=False).copy()
+    opt = make_optimizer("adam", lr=1e-2)
+    for _ in range(2):
+        model.backward(softmax_cross_entropy(model.forward(x), np.arange(6))[1], input_grad=False)
+        opt.step(model.params(), 1e-2)
+    assert not np.allclose(model.for_inference().forward(x, train=False), before)  # the weights did move
+    np.testing.assert_array_equal(inference.forward(x, train=False), before)
+    shared = {id(a) for part in model.parts for a in (*part.params.values(), *part.buffers.values())}
+    assert not shared & {id(a) for part in inference.parts for a in (*part.params.values(), *part.buffers.values())}
+
+
+class ViewOfInput(Layer):
+    """A newcomer's layer that returns a view of its input and says nothing of its memory (Layer's
+    defaults): (H, W, C) -> (H*W*C,)."""
+
+    kind = "view_of_input"
+
+    def output_shape(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, train):
+        return x.reshape(len(x), -1)
+
+    def backward(self, dout, need_dx=True):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("before", [[], [{"type": "batchnorm"}]])
+def test_an_unknown_layer_returning_a_view_keeps_eval_results_apart(monkeypatch, before):
+    """The layer before an unlisted view-returning layer must not hand its reused eval buffer to the caller:
+    a second eval pass would overwrite the first one's result."""
+    from pipeline.nn import spec as spec_table
+
+    monkeypatch.setitem(spec_table.LAYER_TYPES, "view_of_input", ViewOfInput)
+    spec = [{"type": "conv2d", "filters": 10, "kernel": 3}, *before, {"type": "view_of_input"}]
+    model = build_model(spec, input_shape=(3, 3, 1), num_classes=10)
+    assert not any(layer.reuse_eval_output for layer in model.layers[-2:])
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.random((4, 3, 3, 1), dtype=np.float32), rng.random((4, 3, 3, 1), dtype=np.float32)
+    first = model.forward(x1, train=False)
+    kept = first.copy()
+    model.forward(x2, train=False)
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_an_engine_error_in_a_layer_stays_one():
+    """An EngineError raised while building a layer reaches the stage as an EngineError (one line)."""
+    with pytest.raises(EngineError, match="layer 0.conv2d: unknown initializer 'nope'"):
+        build_model([{"type": "conv2d", "filters": 2, "init": "nope"}, {"type": "flatten"}, {"type": "dense"}])
+    with pytest.raises(ValueError, match="layer 0.conv2d") as plain:
+        build_model([{"type": "conv2d", "filters": 2, "kernel": 40}, {"type": "flatten"}, {"type": "dense"}])
+    assert not isinstance(plain.value, EngineError)
+
+
 def softmax_of(logits):
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -274,11 +338,11 @@ def test_summary_lists_what_runs():
 
 
 def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
-    """The newcomer's path: an op pair, a layer class, a LAYER_TYPES entry; the plan and the model need
-    nothing (patterns match exact types, so the new layer is never fused by accident)."""
-    from pipeline.nn import layers
+    """The newcomer's path: an op pair, a layer class, a LAYER_TYPES entry (spec.py); the plan and the model
+    need nothing (patterns match exact types, so the new layer is never fused by accident)."""
+    from pipeline.nn import spec as spec_table
 
-    class Square(layers.Layer):  # its op pair, inline here: out = x * x, dx = 2 x dout
+    class Square(Layer):  # its op pair, inline here: out = x * x, dx = 2 x dout
         kind = "square"
 
         def forward(self, x, train):
@@ -288,7 +352,7 @@ def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
         def backward(self, dout, need_dx=True):
             return 2 * self.cache * dout
 
-    monkeypatch.setitem(layers.LAYER_TYPES, "square", Square)
+    monkeypatch.setitem(spec_table.LAYER_TYPES, "square", Square)
     spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "square"}, {"type": "maxpool", "size": 2},
             {"type": "flatten"}, {"type": "dense"}]
     model = build_model(spec, dtype=np.float64, input_shape=(6, 6, 1), num_classes=3)

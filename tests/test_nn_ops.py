@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.nn.errors import EngineError
 from pipeline.fileio import load_npz, save_npz
-from pipeline.nn import (ARCHITECTURES, build_model, conv, convpool, make_optimizer, make_schedule, norm, pool,
-                         select_device, softmax, softmax_cross_entropy, to_numpy, tuning)
+from pipeline.nn import (ARCHITECTURES, build_model, conv, conv_routes, convpool, im2col, make_optimizer,
+                         make_schedule, norm, pool, select_device, softmax, softmax_cross_entropy, to_numpy, tuning)
 from pipeline.nn.backend import get_array_module, to_device
 
 DTYPES = [np.float32, np.float64]
@@ -63,11 +63,11 @@ def test_conv2d_input_grad_three_paths_agree(x_shape, k, stride, padding):
     ho = conv.get_conv_outsize(x_shape[1], kh, 1, pad[0], pad[1])
     wo = conv.get_conv_outsize(x_shape[2], kw, 1, pad[2], pad[3])
     dout = rng.standard_normal((x_shape[0], ho, wo, f))
-    shifted = conv.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape)
-    np.testing.assert_allclose(conv.conv2d_input_grad(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(conv.conv2d_input_grad_rows(dout, w, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
+    shifted = conv_routes.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape)
+    for route in (conv_routes.conv2d_input_grad_phases, conv_routes.conv2d_input_grad_rows):
+        np.testing.assert_allclose(route(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
     out = np.full(x_shape, np.nan)  # every entry written, whatever was there
-    conv.conv2d_input_grad_rows(dout, w, pad, x_shape, out=out)
+    conv_routes.conv2d_input_grad_rows(dout, w, 1, pad, x_shape, out=out)
     np.testing.assert_allclose(out, shifted, rtol=1e-10, atol=1e-12)
 
 
@@ -75,7 +75,7 @@ def test_rows_input_grad_is_chosen_for_narrow_layers_only():
     assert conv.rows_input_grad_pays((5, 5, 6, 16), (128, 14, 14, 6), (0, 0, 0, 0))        # lenet5's second
     assert not conv.rows_input_grad_pays((3, 3, 8, 16), (128, 14, 14, 8), (1, 1, 1, 1))    # width 16 > 3 * 3
     assert not conv.rows_input_grad_pays((3, 3, 32, 64), (128, 12, 12, 32), (0, 0, 0, 0))  # 32 channels
-    assert conv.input_grad_function((3, 3, 2, 2), (1, 5, 5, 2), 2, (0, 0, 0, 0)) is conv.conv2d_input_grad
+    assert conv.input_grad_function((3, 3, 2, 2), (1, 5, 5, 2), 2, (0, 0, 0, 0)) is conv_routes.conv2d_input_grad_phases
 
 
 def test_im2col_and_col2im_are_adjoint():
@@ -83,9 +83,9 @@ def test_im2col_and_col2im_are_adjoint():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 7, 6, 3))
     pad = (1, 2, 0, 1)
-    col = conv.im2col(x, 3, 2, 2, pad)
+    col = im2col.im2col(x, 3, 2, 2, pad)
     c = rng.standard_normal(col.shape)
-    assert np.sum(col * c) == pytest.approx(np.sum(x * conv.col2im(c, 2, pad, 7, 6)), rel=1e-12)
+    assert np.sum(col * c) == pytest.approx(np.sum(x * im2col.col2im(c, 2, pad, 7, 6)), rel=1e-12)
 
 
 @pytest.mark.parametrize("x_shape,kh,kw,stride,pad", [((2, 7, 6, 3), 3, 2, 2, (1, 2, 0, 1)),
@@ -112,20 +112,13 @@ def test_fast_column_matrix_equals_the_reference_im2col(monkeypatch, x_shape, kh
         threads.set_num_threads(None)
 
 
-def test_names_moved_out_of_conv_and_backend_stay_importable():
-    from pipeline.nn import backend, conv_routes, im2col, threads
+def test_thresholds_live_in_tuning_only():
+    from pipeline.nn import backend
 
-    for name in ("parallel_rows", "parallel_batches", "parallel_gemm_rows", "gemm", "gemm_tn", "scratch",
-                 "num_threads", "set_num_threads"):
-        assert getattr(backend, name) is getattr(threads, name), name
-    for name in ("im2col", "col2im", "column_matrix", "column_chunk", "get_conv_outsize", "pad_nhwc"):
-        assert getattr(conv, name) is getattr(im2col, name), name
-    for name in ("conv2d_input_grad", "conv2d_input_grad_rows", "conv2d_input_grad_shifted"):
-        assert getattr(conv, name) is getattr(conv_routes, name), name
-    assert conv.conv2d_backward_correlation is conv_routes.backward_correlation
-    assert conv.sum_in_order is threads.sum_in_order
     with pytest.raises(AttributeError):
         backend.PARALLEL_MIN_BYTES  # thresholds moved to tuning.py: patching the old place must fail loudly
+    with pytest.raises(AttributeError):
+        backend.scratch  # threads.py's, with no shim left here
 
 
 def test_threaded_passes_match_one_thread(monkeypatch):

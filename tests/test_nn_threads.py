@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,59 @@ def test_bad_thread_count_is_refused(monkeypatch):
     assert threads.num_threads() == 3
     monkeypatch.delenv("PIPELINE_NN_THREADS")
     threads.set_num_threads(None)
+
+
+def test_configure_refuses_a_bad_thread_count_when_the_stage_starts(monkeypatch):
+    from pipeline.nn.errors import EngineError
+
+    monkeypatch.setenv("PIPELINE_NN_THREADS", "0")
+    try:
+        with pytest.raises(EngineError, match="PIPELINE_NN_THREADS"):
+            threads.configure()
+    finally:
+        monkeypatch.delenv("PIPELINE_NN_THREADS")
+        threads.set_num_threads(None)
+
+
+def test_threads_splitting_at_once_make_one_pool(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    made = []
+
+    class SlowPool(ThreadPoolExecutor):  # widens the window between "no pool yet" and "pool made"
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            time.sleep(0.05)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", SlowPool)
+    threads.set_num_threads(3)
+    try:
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(threads.split(lambda r, t: r, 6, 3)))
+                   for _ in range(4)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+        assert len(made) == 1
+        assert results == [[slice(0, 2), slice(2, 4), slice(4, 6)]] * 4
+    finally:
+        threads.set_num_threads(None)
+        for pool in made[1:]:  # the old code's extra pools
+            pool.shutdown(wait=True)
+
+
+def test_workspace_named_slots_are_apart_from_the_threads_memory():
+    from pipeline.nn.memory import Workspace
+
+    ws = Workspace()
+    kept = ws.slot("kept").array((8,), np.float32)
+    for t in range(3):
+        assert not np.shares_memory(ws.for_thread(t).array((8,), np.float32), kept)
+    assert ws.slot("kept") is ws.slot("kept") and ws.for_thread(1) is ws.for_thread(1)
+    with pytest.raises(TypeError, match="slot"):
+        ws.for_thread("kept")  # a name is not a thread
 
 
 BLAS_THREADS = """

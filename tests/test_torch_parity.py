@@ -12,7 +12,8 @@ Kinks: in float32 a pre-activation within rounding of 0 can land on opposite sid
 engines (deotte has ~400k ReLU inputs at batch 8 and a BatchNorm then spreads that one element's gradient
 over its channel: a 1-4% gradient difference with both engines right). So in float32 training passes the
 twin's ReLUs apply the masks our ReLUs used; float64 runs use torch's own ReLUs at a 1e-9 tolerance.
-Dropout runs at the shipped rates with the same masks on both sides (our layer's `fixed_mask`).
+Dropout runs at the shipped rates with the same masks on both sides (our layer's forward replaced by the
+dropout op with a given mask).
 """
 import contextlib
 import copy
@@ -25,6 +26,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (it is a d
 F = torch.nn.functional
 
 from bench import bench  # noqa: E402  (needs torch, so after the importorskip)
+from pipeline.nn import dropout  # noqa: E402
 from pipeline.nn import (ARCHITECTURES, build_model, make_optimizer, softmax_cross_entropy,  # noqa: E402
                          to_numpy)
 
@@ -98,14 +100,11 @@ def shared_masks(model, net, relus, seed=7):
         end += len(layer.parts)
         k, last = end - 1, layer.parts[-1]
         if last.kind == "dropout":
-            if not hasattr(last, "fixed_mask"):
-                pytest.skip("our Dropout layer has no fixed_mask to pin its masks")
-
-            def dropout_forward(x, train, layer=last, k=k, original=layer.forward):
+            def dropout_forward(x, train, layer=last, k=k):
                 keep = rng.random(x.shape) >= layer.rate
                 masks[k] = (keep / (1.0 - layer.rate)).astype(x.dtype)
-                layer.fixed_mask = masks[k]
-                return original(x, train)
+                out, layer.cache = dropout.dropout_forward(x, layer.rate, train, mask=masks[k])
+                return out
             layer.forward = dropout_forward
         elif last.kind == "relu" and relus:
             def relu_forward(x, train, k=k, original=layer.forward):
@@ -126,8 +125,6 @@ def shared_masks(model, net, relus, seed=7):
             net[k] = module
         for layer in wrapped:
             del layer.forward
-            if layer.kind == "dropout":
-                layer.fixed_mask = None
 
 
 def batch(n, dtype, seed=1):

@@ -7,16 +7,14 @@ to one thread per call and lets the engine split its GEMMs and whole layers (pip
 """
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import get_array_module, select_device, to_device, to_numpy
-from pipeline.nn.loss import log_softmax, softmax, softmax_cross_entropy
-from pipeline.nn.model import Model, build_model
+from pipeline.nn.loss import softmax, softmax_cross_entropy
+from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 from pipeline.nn.profile import profile_layers
 from pipeline.nn.schedules import make_schedule
 from pipeline.nn.threads import configure as configure_threads
-from pipeline.nn.threads import num_threads, set_num_threads
 
 __all__ = [
-    "ARCHITECTURES", "Model", "build_model", "configure_threads", "get_array_module", "log_softmax",
-    "make_optimizer", "make_schedule", "num_threads", "profile_layers", "select_device", "set_num_threads",
-    "softmax", "softmax_cross_entropy", "to_device", "to_numpy",
+    "ARCHITECTURES", "build_model", "configure_threads", "get_array_module", "make_optimizer", "make_schedule",
+    "profile_layers", "select_device", "softmax", "softmax_cross_entropy", "to_device", "to_numpy",
 ]

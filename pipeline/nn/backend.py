@@ -3,8 +3,8 @@
 The data picks the backend: `get_array_module(*arrays)` returns cupy only when CuPy imported and one of
 the arrays lives on the GPU, so every op has one generic body (`xp = get_array_module(x)`).
 CuPy is never required: its import sits in a try/except and is attempted lazily, not at import time.
-This module only picks and moves arrays (and lends scratch memory: Workspace); the engine's threads are
-in threads.py, its thresholds in tuning.py.
+This module only picks and moves arrays; scratch memory is memory.py's, the engine's threads are in
+threads.py, its thresholds in tuning.py.
 """
 import sys
 
@@ -114,46 +114,3 @@ def to_device(a, xp):
     if xp is np:
         return to_numpy(a)
     return xp.asarray(a)
-
-
-class Workspace:
-    """One flat scratch buffer lent out as arrays of any shape, kept between training steps.
-
-    A fresh 10-100 MB array each step costs page faults comparable to the copy that fills it. Each
-    `array()` call reuses the same memory, so an array stays valid only until the next call.
-    """
-
-    def __init__(self):
-        self._flat = None
-        self._children = {}
-
-    def array(self, shape, dtype, xp=np):
-        size = 1
-        for s in shape:
-            size *= int(s)
-        dtype = np.dtype(dtype)
-        flat = self._flat
-        if (flat is None or flat.dtype != dtype or flat.size < size
-                or get_array_module(flat) is not xp):
-            flat = self._flat = xp.empty(max(size, 1), dtype=dtype)
-        return flat[:size].reshape(shape)
-
-    def for_thread(self, t):
-        """The workspace of the engine's thread t (0: the calling thread): threads never share memory."""
-        if t == 0:
-            return self
-        if t not in self._children:
-            self._children[t] = Workspace()
-        return self._children[t]
-
-
-# Names that lived here before threads.py, still importable from here (threads.py is where they are).
-_MOVED_TO_THREADS = ("gemm", "gemm_tn", "num_threads", "parallel_batches", "parallel_gemm_rows", "parallel_rows",
-                     "scratch", "set_num_threads")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_THREADS:
-        from pipeline.nn import threads  # noqa: PLC0415  (threads imports this module)
-        return getattr(threads, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,16 +14,10 @@ import numpy as np
 
 from pipeline.nn import tuning
 from pipeline.nn.backend import get_array_module
-from pipeline.nn.conv_routes import (backward_columns, backward_correlation, conv2d_input_grad,
-                                     conv2d_input_grad_rows_route, conv2d_input_grad_shifted)
+from pipeline.nn.conv_routes import (backward_columns, backward_correlation, conv2d_input_grad_phases,
+                                     conv2d_input_grad_rows, conv2d_input_grad_shifted)
 from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, pad4, pad_nhwc
 from pipeline.nn.threads import parallel_batches
-
-# Names of this module from before im2col.py and conv_routes.py were split out, importable from here as before.
-from pipeline.nn.conv_routes import backward_correlation as conv2d_backward_correlation  # noqa: E402, F401
-from pipeline.nn.conv_routes import conv2d_input_grad_rows  # noqa: E402, F401
-from pipeline.nn.im2col import col2im, im2col  # noqa: E402, F401
-from pipeline.nn.threads import sum_in_order  # noqa: E402, F401
 
 
 def conv_padding(padding, in_hw, kernel_hw, stride):
@@ -70,7 +64,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None, keep_colu
     multiplies the columns of a few images at a time (tuning.COLUMN_CHUNK_BYTES), so nothing big is stored:
     backward rebuilds the columns the same way, unless the whole matrix is at most tuning.KEEP_COLUMNS_BYTES
     and keep_columns is true (False suits a pass with no backward): then the chunks' columns are kept.
-    workspace: optional backend.Workspace for the columns (one per thread through for_thread).
+    workspace: optional memory.Workspace for the columns (one per thread through for_thread).
     out: optional (N, Ho, Wo, F) C-contiguous array to write the result into.
     cache: (x, w, has_bias, stride, pad, workspace, kept columns by first image or None) for
     conv2d_backward; x must stay unchanged until then.
@@ -113,6 +107,7 @@ def conv2d_backward(dout, cache, need_dx=True):
       columns, and dx by input_grad_route ("rows", "shifted" or "phases"); the threads' partial [dw; db]
       are summed in thread order;
     - "columns, one thread": the same with every chunk's columns kept and no dx, on one thread.
+    The columns routes compute dw's GEMM transposed or not as dw_transposed says.
     """
     x, w, has_bias, stride, pad, workspace, kept = cache
     xp = get_array_module(dout)
@@ -120,7 +115,8 @@ def conv2d_backward(dout, cache, need_dx=True):
     if route == "correlation":
         return backward_correlation(dout, x, w, has_bias, pad, workspace)
     grad = input_grad_function(w.shape, x.shape, stride, pad, xp) if need_dx else None
-    return backward_columns(dout, cache, grad, dw_one_thread=route == "columns, one thread")
+    return backward_columns(dout, cache, grad, dw_one_thread=route == "columns, one thread",
+                            transposed=dw_transposed(w.shape))
 
 
 def backward_route(w_shape, x_shape, stride, pad, has_bias, kept, need_dx, xp=np):
@@ -134,6 +130,12 @@ def backward_route(w_shape, x_shape, stride, pad, has_bias, kept, need_dx, xp=np
     if kept and not need_dx and min(kh * kw * c + int(has_bias), f) < tuning.SMALL_GEMM_SIDE:
         return "columns, one thread"  # only the dw GEMMs are left, too small to gain from a second thread
     return "columns"
+
+
+def dw_transposed(w_shape):
+    """True where the columns routes take dw's GEMM as (dout.T @ col).T: at most
+    tuning.DW_TRANSPOSED_MAX_FILTERS filters."""
+    return w_shape[3] <= tuning.DW_TRANSPOSED_MAX_FILTERS
 
 
 def correlation_backward_pays(w_shape, x_shape, stride, pad):
@@ -152,8 +154,8 @@ def correlation_backward_pays(w_shape, x_shape, stride, pad):
     return h * wd <= tuning.CORRELATION_MAX_INPUT_RATIO * ho * wo
 
 
-INPUT_GRADS = {"rows": conv2d_input_grad_rows_route, "shifted": conv2d_input_grad_shifted,
-               "phases": conv2d_input_grad}
+INPUT_GRADS = {"rows": conv2d_input_grad_rows, "shifted": conv2d_input_grad_shifted,
+               "phases": conv2d_input_grad_phases}
 
 
 def input_grad_route(w_shape, x_shape, stride, pad, xp=np):

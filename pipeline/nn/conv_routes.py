@@ -10,11 +10,11 @@ Whole backward passes, per thread and chunk of images:
 Input gradients dx, none of them col2im's C-long scatter-adds:
 - `conv2d_input_grad_shifted` (stride 1): one batched GEMM per tap, then kh*kw shifted adds;
 - `conv2d_input_grad_rows` (stride 1, few channels, NumPy): one banded GEMM over whole rows;
-- `conv2d_input_grad` (any stride): phase-split stride-1 correlations, one im2col + GEMM per phase.
+- `conv2d_input_grad_phases` (any stride): phase-split stride-1 correlations, one im2col + GEMM per phase.
+All three take (dout, w, stride, pad, x_shape, workspace=None, out=None).
 """
 import numpy as np
 
-from pipeline.nn import tuning
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.im2col import (chunks, column_chunk, column_matrix, fill_columns, get_conv_outsize, kept_columns,
                                 pad4)
@@ -22,11 +22,12 @@ from pipeline.nn.norm import channel_sum
 from pipeline.nn.threads import gemm, parallel_batches, parallel_gemm_rows, parallel_rows, sum_in_order
 
 
-def backward_columns(dout, cache, input_grad=None, dw_one_thread=False):
+def backward_columns(dout, cache, input_grad=None, dw_one_thread=False, transposed=False):
     """(dx or None, dw, db or None) from the columns, chunk by chunk; dx by `input_grad` (None: no dx).
 
     dw_one_thread: the forward kept every chunk's columns and only the weight-gradient GEMMs are left, too
     small to gain from a second thread (tuning.SMALL_GEMM_SIDE): one thread walks the kept chunks.
+    transposed: each chunk's [dw; db] as (dout.T @ col).T instead of col.T @ dout (conv.dw_transposed).
     """
     x, w, has_bias, stride, pad, workspace, kept = cache
     xp = get_array_module(dout)
@@ -36,7 +37,6 @@ def backward_columns(dout, cache, input_grad=None, dw_one_thread=False):
     kb = k + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if input_grad is not None else None
     chunk = column_chunk(ho, wo, kb, dout.itemsize) if xp is np else n
-    transposed = f <= tuning.DW_TRANSPOSED_MAX_FILTERS
 
     def run(rows, t, walk=None):
         ws = workspace.for_thread(t) if workspace is not None else None
@@ -136,8 +136,8 @@ def conv2d_input_grad_shifted(dout, w, stride, pad, x_shape, workspace=None, out
     return dx
 
 
-def conv2d_input_grad_rows(dout, w, pad, x_shape, out=None):
-    """dx (N, H, W, C) for stride 1 as one GEMM over whole rows, then kh row-shifted adds.
+def conv2d_input_grad_rows(dout, w, stride, pad, x_shape, workspace=None, out=None):
+    """dx (N, H, W, C) for stride 1 as one GEMM over whole rows, then kh row-shifted adds (no workspace).
 
     Output row y reaches padded input row y + i through a banded (Toeplitz) matrix T_i (Wo*F, Wp*C) that
     holds w[i] at every horizontal offset: z = dout rows (N*Ho, Wo*F) @ [T_0 ... T_kh-1], and each z_i
@@ -145,6 +145,8 @@ def conv2d_input_grad_rows(dout, w, pad, x_shape, out=None):
     GEMMs (zeros of the band), but one GEMM with wide K and N instead of kh*kw with F and C, and adds
     that are not C values long: the win for few channels (conv.rows_input_grad_pays).
     """
+    if stride != 1:
+        raise ValueError("conv2d_input_grad_rows handles stride 1 only")
     xp = get_array_module(dout)
     kh, kw, c, f = w.shape
     n, ho, wo, _ = dout.shape
@@ -173,11 +175,6 @@ def conv2d_input_grad_rows(dout, w, pad, x_shape, out=None):
     return dx
 
 
-def conv2d_input_grad_rows_route(dout, w, stride, pad, x_shape, workspace=None, out=None):
-    """conv2d_input_grad_rows with the other input-gradient routes' signature (stride 1, no workspace)."""
-    return conv2d_input_grad_rows(dout, w, pad, x_shape, out=out)
-
-
 def _phase_window(dout, start_h, len_h, start_w, len_w):
     """dout[:, start_h:start_h+len_h, start_w:start_w+len_w, :], zero outside dout (a view when inside)."""
     n, ho, wo, f = dout.shape
@@ -201,7 +198,7 @@ def _phase_taps(size, k, stride, pad_before, phase):
     return count, first_tap, taps, base - (taps - 1)
 
 
-def conv2d_input_grad(dout, w, stride, pad, x_shape, workspace=None, out=None):
+def conv2d_input_grad_phases(dout, w, stride, pad, x_shape, workspace=None, out=None):
     """dx (N, H, W, C) of a convolution, as stride-1 correlations of dout with the flipped kernel.
 
     Input row h = a + stride*u (phase a) receives dout[y] through the taps i = h + pad_top - stride*y,

@@ -23,13 +23,10 @@ from pipeline.nn.conv import input_grad_function
 from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, kept_columns
 from pipeline.nn.threads import parallel_batches, scratch, sum_in_order
 
-# Turn the fusion off (tests compare against the unfused layers; the model reads it when it plans)
-ENABLED = True
-
 
 def fusable(stride, out_hw):
     """True when a convolution with this stride and output size (Ho, Wo) can take conv2d_maxpool_forward."""
-    return ENABLED and stride == 1 and out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0
+    return stride == 1 and out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0
 
 
 def blocked_kernel(w, b):

@@ -6,7 +6,7 @@ see the fusion. Only the fused layer's forward and backward run; each is the sam
 run one after the other (tested against them).
 """
 from pipeline.nn import activation, convpool, norm, pool
-from pipeline.nn.backend import Workspace
+from pipeline.nn.memory import Workspace
 from pipeline.nn.layers import Layer
 
 
@@ -24,6 +24,12 @@ class _Fused(Layer):
     @property
     def kind(self):
         return "+".join(p.kind for p in self._parts)
+
+    def inference_copy(self):
+        """As Layer's, with inference copies of the parts (they hold the arrays)."""
+        new = super().inference_copy()
+        new._parts = tuple(p.inference_copy() for p in self._parts)
+        return new
 
     def output_shape(self, input_shape):
         for p in self._parts:
@@ -44,12 +50,18 @@ class ConvReLUMaxPool2x2(_Fused):
 
     relu may be None (a convolution straight into the pool)."""
 
-    fresh_output = fresh_grad = True
+    output_may_be_overwritten = grad_may_be_overwritten = True
+    returns_input_view = False
+    can_reuse_eval_output = True
 
     def __init__(self, conv, relu, pool2x2, *, reuse_eval_output=False):
         super().__init__(conv, relu, pool2x2)
-        self.conv, self.apply_relu = conv, relu is not None
+        self.apply_relu = relu is not None
         self.reuse_eval_output = bool(reuse_eval_output)
+
+    @property
+    def conv(self):
+        return self._parts[0]
 
     def _new_scratch(self):
         super()._new_scratch()
@@ -76,12 +88,17 @@ class ConvReLUMaxPool2x2(_Fused):
 class BatchNormReLU(_Fused):
     """BatchNorm -> ReLU: norm.batchnorm_relu_*, three reads of x and one write."""
 
-    fresh_grad = True  # (its output is not fresh: the cache keeps it for the ReLU mask)
+    grad_may_be_overwritten = True  # (its output may not be: the cache keeps it for the ReLU mask)
+    returns_input_view = False
+    can_reuse_eval_output = True
 
     def __init__(self, bn, relu, *, reuse_eval_output=False):
         super().__init__(bn, relu)
-        self.bn = bn
         self.reuse_eval_output = bool(reuse_eval_output)
+
+    @property
+    def bn(self):
+        return self._parts[0]
 
     def forward(self, x, train):
         bn = self.bn
@@ -101,7 +118,8 @@ class ReLUMaxPool(_Fused):
     """ReLU -> MaxPool2D, computed as max pool then ReLU on its output, a quarter of the size: max and ReLU
     commute (values and gradients, the first maximum included)."""
 
-    fresh_grad = True  # (its output is not fresh: the ReLU's cache is that output)
+    grad_may_be_overwritten = True  # (its output may not be: the ReLU's cache is that output)
+    returns_input_view = False
 
     def __init__(self, relu, max_pool):
         super().__init__(relu, max_pool)

@@ -161,11 +161,11 @@ def chunks(rows, size):
 
 def keep_store(keep, size, dtype, workspace, xp):
     """(kept, flat) for the column matrices a forward keeps for its backward: an empty dict to fill by
-    first image and `size` values of memory (the workspace's "kept" buffer, else fresh), when `keep` and
+    first image and `size` values of memory (the workspace's "kept" slot, else fresh), when `keep` and
     they fit in tuning.KEEP_COLUMNS_BYTES; else (None, None)."""
     if not keep or size * np.dtype(dtype).itemsize > tuning.KEEP_COLUMNS_BYTES:
         return None, None
-    flat = (workspace.for_thread("kept").array((size,), dtype, xp) if workspace is not None
+    flat = (workspace.slot("kept").array((size,), dtype, xp) if workspace is not None
             else xp.empty(size, dtype=dtype))
     return {}, flat
 

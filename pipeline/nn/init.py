@@ -6,6 +6,8 @@ numpy Generator, so a seed gives the same weights on every backend and dtype.
 """
 import numpy as np
 
+from pipeline.nn.errors import EngineError
+
 
 def fans(shape):
     """(fan_in, fan_out) of a kernel (kh, kw, Cin, Cout) or (D, F)."""
@@ -50,5 +52,5 @@ def initialize(name, rng, shape):
     try:
         fn = INITIALIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown initializer '{name}' (known: {', '.join(INITIALIZERS)})") from None
+        raise EngineError(f"unknown initializer '{name}' (known: {', '.join(INITIALIZERS)})") from None
     return fn(rng, tuple(shape))

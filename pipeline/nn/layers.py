@@ -1,4 +1,6 @@
 """Layer objects: thin stateful wrappers around the forward/backward function pairs, one per spec type.
+This file: the base class and the layers with parameters; parameterless.py: the others; spec.py: the table
+from spec types to classes.
 
 Each layer owns `params` and `grads` dicts (name -> array, same shapes), BN keeps its running statistics in
 `buffers`. `output_shape(input_shape)` gives the output shape (per example, no N) and checks that the layer
@@ -13,8 +15,9 @@ import copy
 
 import numpy as np
 
-from pipeline.nn import activation, conv, dropout, linear, norm, pool
-from pipeline.nn.backend import Workspace, get_array_module
+from pipeline.nn import conv, linear, norm
+from pipeline.nn.backend import get_array_module
+from pipeline.nn.memory import Workspace
 from pipeline.nn.init import initialize
 
 
@@ -22,12 +25,19 @@ class Layer:
     """Base: no parameters, identity shape."""
 
     kind = "layer"
-    # True when forward returns fresh memory that no cache refers to (a following ReLU may overwrite it)
-    fresh_output = False
-    # True when backward returns fresh memory (a preceding ReLU may overwrite the gradient it receives)
-    fresh_grad = False
-    # True for layers whose eval pass may write into a buffer kept between calls (see eval_output)
-    reuse_eval_output = False
+    # What the plan may assume of a layer's memory. The defaults assume nothing, so a new layer is safe as
+    # it is; a layer overrides only what it guarantees (the plan then saves memory where it may).
+    # forward's output is fresh memory that no cache or caller refers to: a following ReLU may overwrite it
+    output_may_be_overwritten = False
+    # backward's result is fresh memory that nothing refers to: a preceding ReLU may overwrite it
+    grad_may_be_overwritten = False
+    # forward may return its input or a view of it (a reshape, an eval dropout): the plan looks through
+    # it for the layer whose memory the caller gets. Only a layer that always returns memory of its own
+    # sets False.
+    returns_input_view = True
+    # the constructor takes reuse_eval_output (eval passes may write into a buffer kept between calls)
+    can_reuse_eval_output = False
+    reuse_eval_output = False  # the plan's choice, for this layer
 
     def __init__(self):
         self.params, self.grads, self.buffers = {}, {}, {}
@@ -75,10 +85,14 @@ class Layer:
         self.cache = None
 
     def inference_copy(self):
-        """A new layer with this one's configuration and arrays (shared, not copied) and its own cache and
-        scratch memory: an inference model's passes leave this layer's state alone."""
+        """A new layer with this one's configuration, a copy of its parameters and statistics as they are now
+        (no gradients), its own cache and scratch memory: later training steps do not reach it, and its
+        passes leave this layer alone."""
         new = copy.copy(self)
         new._new_scratch()
+        new.params = {k: a.copy() for k, a in self.params.items()}
+        new.buffers = {k: a.copy() for k, a in self.buffers.items()}
+        new.grads = {}
         return new
 
     def _new_param(self, name, value, xp, dtype):
@@ -93,7 +107,9 @@ class Conv2D(Layer):
     """x (N, H, W, Cin) -> (N, Ho, Wo, filters); w (k, k, Cin, filters), b (filters,)."""
 
     kind = "conv2d"
-    fresh_output = fresh_grad = True
+    output_may_be_overwritten = grad_may_be_overwritten = True
+    returns_input_view = False
+    can_reuse_eval_output = True
 
     def __init__(self, filters, kernel=3, stride=1, padding="valid", bias=True, init="he_normal", *,
                  reuse_eval_output=False):
@@ -108,8 +124,7 @@ class Conv2D(Layer):
 
     def _new_scratch(self):
         super()._new_scratch()
-        # scratch for the columns, reused every call; eval has its own, so that an eval pass between a
-        # training forward and its backward (a validation check) leaves the kept training columns alone
+        # scratch for the columns, reused every call: one for training passes, one for eval passes
         self.workspace, self.eval_workspace = Workspace(), Workspace()
 
     def _geometry(self, input_shape):
@@ -176,7 +191,8 @@ class Dense(Layer):
     """x (N, D) -> (N, units); w (D, units), b (units,)."""
 
     kind = "dense"
-    fresh_output = fresh_grad = True
+    output_may_be_overwritten = grad_may_be_overwritten = True
+    returns_input_view = False
 
     def __init__(self, units, bias=True, init="he_normal"):
         super().__init__()
@@ -213,7 +229,9 @@ class BatchNorm(Layer):
     """Normalizes the last axis: NHWC maps over (N, H, W), dense activations over N."""
 
     kind = "batchnorm"
-    fresh_output = fresh_grad = True
+    output_may_be_overwritten = grad_may_be_overwritten = True
+    returns_input_view = False
+    can_reuse_eval_output = True
 
     def __init__(self, momentum=0.1, eps=1e-5, *, reuse_eval_output=False):
         super().__init__()
@@ -248,175 +266,3 @@ class BatchNorm(Layer):
         self.grads["gamma"][...] = dgamma
         self.grads["beta"][...] = dbeta
         return dx
-
-
-class ReLU(Layer):
-    """max(x, 0). inplace_forward: overwrite the input (the plan knows when nothing else holds it);
-    inplace_backward: overwrite the incoming gradient (likewise)."""
-
-    kind = "relu"
-
-    def __init__(self, *, inplace_forward=False, inplace_backward=False):
-        super().__init__()
-        self.inplace_forward, self.inplace_backward = bool(inplace_forward), bool(inplace_backward)
-
-    def forward(self, x, train):
-        out, self.cache = activation.relu_forward(x, out=x if self.inplace_forward else None)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return activation.relu_backward(dout, self.cache, out=dout if self.inplace_backward else None)
-
-    def __repr__(self):
-        inplace = [name for name, on in (("forward", self.inplace_forward), ("backward", self.inplace_backward)) if on]
-        return f"ReLU(in place: {', '.join(inplace)})" if inplace else "ReLU()"
-
-
-class LeakyReLU(Layer):
-    kind = "leaky_relu"
-    fresh_output = fresh_grad = True
-
-    def __init__(self, alpha=0.01):
-        super().__init__()
-        self.alpha = float(alpha)
-
-    def forward(self, x, train):
-        out, self.cache = activation.leaky_relu_forward(x, self.alpha)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return activation.leaky_relu_backward(dout, self.cache)
-
-
-class _Pool2D(Layer):
-    """Base of the window poolings: size x size windows at `stride` (default: size), no padding."""
-
-    fresh_output = fresh_grad = True
-
-    def __init__(self, size=2, stride=None):
-        super().__init__()
-        self.size = int(size)
-        self.stride = int(stride) if stride else self.size
-
-    def output_shape(self, input_shape):
-        h, w, c = input_shape
-        return (pool.pool_outsize(h, self.size, self.stride), pool.pool_outsize(w, self.size, self.stride), c)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.size}, stride {self.stride})"
-
-
-class MaxPool2D(_Pool2D):
-    kind = "maxpool"
-
-    def forward(self, x, train):
-        out, self.cache = pool.maxpool_forward(x, self.size, self.stride)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return pool.maxpool_backward(dout, self.cache)
-
-
-class AvgPool2D(_Pool2D):
-    kind = "avgpool"
-
-    def forward(self, x, train):
-        out, self.cache = pool.avgpool_forward(x, self.size, self.stride)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return pool.avgpool_backward(dout, self.cache)
-
-
-class GlobalAvgPool(Layer):
-    """(N, H, W, C) -> (N, C)."""
-
-    kind = "global_avgpool"
-    fresh_output = fresh_grad = True
-
-    def output_shape(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f"global_avgpool expects (H, W, C) maps, got shape {tuple(input_shape)}")
-        return (input_shape[-1],)
-
-    def forward(self, x, train):
-        out, self.cache = pool.global_avgpool_forward(x)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return pool.global_avgpool_backward(dout, self.cache)
-
-
-class Dropout(Layer):
-    """Inverted dropout; masks come from `rng`, the model's numpy Generator (the plan passes it)."""
-
-    kind = "dropout"
-
-    def __init__(self, rate=0.5, *, rng=None):
-        super().__init__()
-        self.rate = float(rate)
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rng = rng
-        self.fixed_mask = None  # tests pin the mask to check gradients
-
-    def forward(self, x, train):
-        out, self.cache = dropout.dropout_forward(x, self.rate, train, self.rng, self.fixed_mask)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return dropout.dropout_backward(dout, self.cache)
-
-    def __repr__(self):
-        return f"Dropout({self.rate})"
-
-
-class Flatten(Layer):
-    """(N, H, W, C) -> (N, H*W*C) in C order."""
-
-    kind = "flatten"
-
-    def output_shape(self, input_shape):
-        return (int(np.prod(input_shape)),)
-
-    def forward(self, x, train):
-        out, self.cache = linear.flatten_forward(x)
-        return out
-
-    def backward(self, dout, need_dx=True):
-        return linear.flatten_backward(dout, self.cache)
-
-
-LAYER_TYPES = {
-    "conv2d": Conv2D, "conv": Conv2D,
-    "dense": Dense, "linear": Dense,
-    "batchnorm": BatchNorm, "bn": BatchNorm,
-    "relu": ReLU,
-    "leaky_relu": LeakyReLU, "leakyrelu": LeakyReLU,
-    "maxpool": MaxPool2D, "maxpool2d": MaxPool2D,
-    "avgpool": AvgPool2D, "avgpool2d": AvgPool2D,
-    "global_avgpool": GlobalAvgPool, "globalavgpool": GlobalAvgPool,
-    "dropout": Dropout,
-    "flatten": Flatten,
-}
-
-# constructor arguments the plan chooses; a spec that sets one is refused
-PLAN_OPTIONS = ("reuse_eval_output", "inplace_forward", "inplace_backward", "rng")
-
-
-def layer_from_spec(spec, **plan_options):
-    """A layer object from a spec dict like {"type": "conv2d", "filters": 32, "kernel": 3}, with the plan's
-    choices (PLAN_OPTIONS) as keyword arguments."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"a layer spec must be a dict with a 'type', got {spec!r}")
-    kind = str(spec["type"]).lower()
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"unknown layer type '{spec['type']}' (known: {', '.join(sorted(LAYER_TYPES))})")
-    options = {k: v for k, v in spec.items() if k != "type"}
-    planned = sorted(set(options) & set(PLAN_OPTIONS))
-    if planned:
-        raise ValueError(f"layer {spec!r}: {', '.join(planned)} is chosen by the plan, not by a spec")
-    try:
-        return LAYER_TYPES[kind](**options, **plan_options)
-    except TypeError as exc:
-        raise ValueError(f"layer {spec!r}: {exc}") from None

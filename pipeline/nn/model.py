@@ -9,10 +9,11 @@ import json
 
 import numpy as np
 
-from pipeline.nn.errors import EngineError
+from pipeline.nn.errors import EngineError, with_context
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import to_device, to_numpy
-from pipeline.nn.layers import BatchNorm, Conv2D, Dropout
+from pipeline.nn.layers import BatchNorm, Conv2D
+from pipeline.nn.parameterless import Dropout
 from pipeline.nn.plan import FUSIONS, inference_layers, plan
 from pipeline.nn.loss import softmax
 
@@ -49,9 +50,9 @@ class Model:
     def for_inference(self):
         """A model for eval passes that computes what forward(x, train=False) does, faster: each BatchNorm
         right after a convolution is folded into a new convolution (its running statistics are constants
-        in eval). New layer objects; this model's arrays are shared where not folded, and left as they are.
-        The folded kernels are computed now: make a new copy after the weights or statistics change (it is
-        cheap), e.g. once per evaluation."""
+        in eval). New layer objects with the arrays as they are now, folded or copied: a snapshot that later
+        training steps do not change, and this model is left as it is. Make a new copy after the weights or
+        statistics change (it is cheap), e.g. once per evaluation, as predict_proba does."""
         if self.inference:
             return self
         layers, sizes = inference_layers(self.layers)
@@ -80,13 +81,17 @@ class Model:
         returns None.
         """
         self._trainable("backward")
-        first = 0
-        if not input_grad:
-            first = next((i for i, layer in enumerate(self.layers) if _has_params(layer)), len(self.layers))
+        first = 0 if input_grad else self.first_layer_with_params()
         d = dlogits.astype(self.dtype, copy=False)
         for i in range(len(self.layers) - 1, first - 1, -1):
             d = self.layers[i].backward(d, need_dx=input_grad or i > first)
         return d if input_grad else None
+
+    def first_layer_with_params(self):
+        """Index in `layers` of the first layer with parameters (len(layers) if none): a training backward
+        stops there, without its input gradient."""
+        return next((i for i, layer in enumerate(self.layers) if any(part.params for part in layer.parts)),
+                    len(self.layers))
 
     def recompute_batchnorm_statistics(self, x, batch_size=500):
         """Set every BatchNorm's running mean and variance to those of its input over the images x
@@ -259,12 +264,8 @@ def build_model(arch, seed=0, dtype=np.float32, xp=np, input_shape=(28, 28, 1), 
         try:
             shape = tuple(layer.build(shape, init_rng, xp, np.dtype(dtype)))
         except ValueError as exc:
-            raise ValueError(f"layer {first}.{layer.kind}: {exc}") from None
+            raise with_context(exc, f"layer {first}.{layer.kind}") from None
         first += len(layer.parts)
     if shape != (num_classes,):
         raise ValueError(f"the model's output shape is {shape}, expected ({num_classes},)")
     return Model(layers, input_shape, num_classes, xp, dtype, seed, dropout_rng, spec=spec)
-
-
-def _has_params(layer):
-    return any(part.params for part in layer.parts)

@@ -4,16 +4,25 @@ plan(spec, xp, input_shape) walks the spec left to right; at each position the f
 that matches (by exact layer type, so a new layer type is never fused by accident) gives one fused layer
 (pipeline/nn/fused.py) for its spec entries, else the entry's plain layer is taken. Then each layer gets
 its memory options as constructor arguments: which ReLUs may overwrite their input or incoming gradient,
-which eval outputs may reuse a buffer kept between calls. Nothing is set on a layer afterwards.
+which eval outputs may reuse a buffer kept between calls. Nothing is set on a layer afterwards. What it
+may assume of a layer's memory is that class's attributes (layers.Layer), whose defaults are safe for a
+new layer.
+
+Two choices depend on the backend, both NumPy only: the conv_relu_maxpool2x2 fusion (a GPU runs the plain
+layers faster) and reused eval buffers (memory only: CuPy's memory pool already makes fresh device arrays
+cheap). The values computed are the same either way.
 
 inference_layers(layers) makes the eval-only layers of Model.for_inference: each BatchNorm right after a
-convolution folded into a new convolution.
+convolution folded into a new convolution, every array copied as it is then.
 """
 import numpy as np
 
 from pipeline.nn import convpool
 from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
-from pipeline.nn.layers import BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, layer_from_spec
+from pipeline.nn.errors import with_context
+from pipeline.nn.layers import BatchNorm, Conv2D
+from pipeline.nn.parameterless import Dropout, MaxPool2D, ReLU
+from pipeline.nn.spec import layer_from_spec
 
 
 def _type_at(probes, i):
@@ -47,9 +56,6 @@ FUSIONS = {
     "batchnorm_relu": (BatchNormReLU, _batchnorm_relu),
     "relu_maxpool": (ReLUMaxPool, _relu_maxpool),
 }
-# layers that take reuse_eval_output; Flatten, Dropout and ReLU may return (a view of) their input
-REUSES_EVAL_OUTPUT = (Conv2D, BatchNorm, ConvReLUMaxPool2x2, BatchNormReLU)
-PASS_THROUGH = (Flatten, Dropout, ReLU)
 
 
 def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSIONS)):
@@ -59,15 +65,17 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
     fuse = set(FUSIONS) if fuse is True else set(fuse or ())
     if fuse - set(FUSIONS):
         raise ValueError(f"unknown fusions {sorted(fuse - set(FUSIONS))} (known: {', '.join(FUSIONS)})")
-    if xp is not np:  # convpool works around OpenBLAS and NumPy costs of few-filter layers (see its docstring)
-        fuse.discard("conv_relu_maxpool2x2")  # that a GPU does not have: there the plain layers are faster
+    # convpool works around OpenBLAS and NumPy costs of few-filter layers that a GPU does not have (see its
+    # docstring): there the plain layers are faster
+    if xp is not np:
+        fuse.discard("conv_relu_maxpool2x2")
     probes, out_shapes, shape = [], [], tuple(int(s) for s in input_shape)
     for i, s in enumerate(spec):
         probe = layer_from_spec(s)
         try:
             shape = tuple(probe.output_shape(shape))
         except ValueError as exc:
-            raise ValueError(f"layer {i}.{probe.kind}: {exc}") from None
+            raise with_context(exc, f"layer {i}.{probe.kind}") from None
         probes.append(probe)
         out_shapes.append(shape)
 
@@ -83,17 +91,18 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
         i = max(t for t in taken if t is not None) + 1
 
     classes = [cls for cls, _ in groups]
-    # the caller's output, and every layer whose memory reaches it through views, must be fresh; the rest
-    # may reuse eval buffers (NumPy: CuPy's memory pool already makes fresh device arrays cheap)
-    last = max((k for k, cls in enumerate(classes) if cls not in PASS_THROUGH), default=0)
+    # the caller's output, and every layer whose memory reaches it through views, must be fresh: the last
+    # layer that returns memory of its own and everything after it; the layers before it may reuse eval
+    # buffers (NumPy only)
+    last = max((k for k, cls in enumerate(classes) if not cls.returns_input_view), default=0)
     layers = []
     for k, (cls, taken) in enumerate(groups):
         options = {}
-        if cls in REUSES_EVAL_OUTPUT:
+        if cls.can_reuse_eval_output:
             options["reuse_eval_output"] = xp is np and k < last
         if cls is ReLU:  # in place where nothing else holds that memory
-            options["inplace_forward"] = k > 0 and classes[k - 1].fresh_output
-            options["inplace_backward"] = any(later.fresh_grad for later in classes[k + 1:])
+            options["inplace_forward"] = k > 0 and classes[k - 1].output_may_be_overwritten
+            options["inplace_backward"] = any(later.grad_may_be_overwritten for later in classes[k + 1:])
         if cls is Dropout:
             options["rng"] = dropout_rng
         if len(taken) == 1:
@@ -106,7 +115,8 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
 def inference_layers(layers):
     """(new layers, spec entries each stands for): `layers` (built) for eval passes only, with each BatchNorm
     right after a convolution folded into a new convolution (Conv2D.fold_batchnorm), its ReLU (if fused
-    with it) an in-place ReLU. Every other layer is an inference_copy: arrays shared, own caches and buffers.
+    with it) an in-place ReLU. Every other layer is an inference_copy. Every array is computed or copied
+    now, so the layers stay as of this call whatever training does to `layers` later.
     """
     out, sizes, k = [], [], 0
     while k < len(layers):
@@ -116,7 +126,7 @@ def inference_layers(layers):
             # the pair's output is the BatchNorm's: it may reuse a buffer where the BatchNorm's did
             out.append(layer.fold_batchnorm(bn, reuse_eval_output=after.reuse_eval_output))
             sizes.append(2)
-            if type(after) is BatchNormReLU:
+            if type(after) is BatchNormReLU:  # the folded convolution's output is fresh and no one else holds it
                 out.append(ReLU(inplace_forward=True))
                 sizes.append(1)
             k += 2

@@ -41,7 +41,7 @@ def profile_layers(model, x, y, repeats=5, warmup=1, clock=time.perf_counter):
         _synchronize(xp)
         if r >= 0:
             loss_ms[r] = clock() - t0
-        first = next((i for i, layer in enumerate(model.layers) if any(p.params for p in layer.parts)), n_layers)
+        first = model.first_layer_with_params()
         for i in range(n_layers - 1, first - 1, -1):
             layer = model.layers[i]
             _synchronize(xp)

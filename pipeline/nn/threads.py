@@ -18,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline.nn import tuning
-from pipeline.nn.backend import Workspace, get_array_module
+from pipeline.nn.backend import get_array_module
 from pipeline.nn.errors import EngineError
+from pipeline.nn.memory import Workspace
 
 _threads = None
 _pool = None
+_pool_lock = threading.Lock()  # two threads splitting at once must not make two pools
 _local = threading.local()  # .part: the part this thread runs (see split), .scratch: its scratch slots
 _blas_held = False          # True once configure() held NumPy's BLAS to one thread
 
@@ -50,9 +52,10 @@ def set_num_threads(n=None):
     """Use n threads from now on (1 turns the splitting off; None goes back to num_threads()'s default)."""
     global _threads, _pool
     _threads = None if n is None else max(1, int(n))
-    if _pool is not None:
-        _pool.shutdown(wait=True)
-        _pool = None
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def configure(n=None):
@@ -66,6 +69,7 @@ def configure(n=None):
     """
     global _blas_held
     set_num_threads(n)
+    num_threads()  # a bad $PIPELINE_NN_THREADS fails here, when the stage starts, not at its first big op
     _blas_held = _hold_blas_to_one_thread()
     return _blas_held
 
@@ -100,15 +104,21 @@ def split(fn, n, parts, blocks=None):
     if parts <= 1:
         t = part_index()
         return [fn(rows, t) for rows in slices]
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="pipeline-nn")
     groups = [slices[blocks * t // parts:blocks * (t + 1) // parts] for t in range(parts)]
-    futures = [_pool.submit(_run_part, fn, groups[t], t) for t in range(1, parts)]
+    pool = _thread_pool()
+    futures = [pool.submit(_run_part, fn, groups[t], t) for t in range(1, parts)]
     results = _run_part(fn, groups[0], 0)
     for f in futures:
         results.extend(f.result())
     return results
+
+
+def _thread_pool():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="pipeline-nn")
+        return _pool
 
 
 def _run_part(fn, group, t):
@@ -203,11 +213,7 @@ def gemm_tn(a, b):
     """a.T @ b for a (M, K), b (M, N) -> (K, N): a sum over M, so each thread takes a row range."""
     m, k = a.shape
     n = b.shape[1]
-    parts = parallel_gemm_rows(lambda r: a[r].T @ b[r], m, m * k * n, like=a)
-    total = parts[0]
-    for p in parts[1:]:
-        total += p
-    return total
+    return sum_in_order(parallel_gemm_rows(lambda r: a[r].T @ b[r], m, m * k * n, like=a))
 
 
 # -- scratch memory ------------------------------------------------------------------------------------
