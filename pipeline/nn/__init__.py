@@ -4,6 +4,21 @@ Layout NHWC: images (N, H, W, C); conv kernels (kh, kw, Cin, Cout); dense kernel
 On the CPU the engine splits big element-wise passes over num_threads() threads ($PIPELINE_NN_THREADS,
 else the CPUs it may use); configure_threads(), which a stage calls when it starts, also holds NumPy's BLAS
 to one thread per call and lets the engine split its GEMMs and whole layers (pipeline/nn/threads.py).
+
+How to read it, top down:
+- architectures.py: each net as a list of layer specs (plain dicts); spec.py: the table from a spec's
+  "type" to its layer class.
+- plan.py: spec -> the layers that run, some of them fused classes (fused.py: ConvReLUMaxPool2x2,
+  BatchNormReLU, ReLUMaxPool), by an explicit table of patterns; model.py: the Model over those layers
+  (forward, backward, state by spec index) and for_inference(), a copy with BatchNorms folded.
+- layers.py (layers with parameters) and parameterless.py: thin classes over the ops.
+- One file per op, CS231n style: a `*_forward` / `*_backward` pair with shapes in the docstring, the
+  naive reference beside it, fast routes behind one dispatch (conv.py, with im2col.py and
+  conv_routes.py; convpool.py, pool.py, norm.py, activation.py, dropout.py, linear.py, loss.py).
+- tuning.py: every threshold that picks a route or a size, with the measurement behind it.
+- backend.py: the array module (NumPy or CuPy); threads.py: the one splitter and named scratch slots;
+  memory.py: reusable per-layer buffers; errors.py: EngineError, the engine's one-line refusals.
+A new layer: its op pair in an op file, its class in layers.py or parameterless.py, one entry in spec.py.
 """
 from pipeline.nn.architectures import ARCHITECTURES
 from pipeline.nn.backend import get_array_module, select_device, to_device, to_numpy
