@@ -3,6 +3,7 @@
 Overrides are type-checked against the preset's defaults and unknown keys fail loudly (nanoGPT's
 rules, without its exec). Keys are case-insensitive so `make train EPOCHS=3` and `epochs=3` agree.
 """
+import math
 import os
 import re
 import tomllib
@@ -103,6 +104,35 @@ def load_toml(path, advice=None):
         raise UserError(f"{path}: {exc.strerror}{tail}") from None
 
 
+# The ranges a type cannot say: (lowest, highest, whether the highest itself is allowed); None: unbounded.
+# A value outside them would crash training with a traceback or, worse, deliver a model it never trained.
+RANGES = {
+    "epochs": (1, None, True), "batch_size": (1, None, True), "lr": (0.0, None, True),
+    "momentum": (0.0, 1.0, True), "weight_decay": (0.0, None, True), "l2": (0.0, None, True),
+    "l1": (0.0, None, True), "lr_decay": (0.0, None, True), "step_epochs": (1, None, True),
+    "warmup_epochs": (0.0, None, True), "label_smoothing": (0.0, 1.0, False), "rotate_deg": (0.0, 180.0, True),
+    "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "seed": (0, None, True), "split_seed": (-1, None, True),
+    "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),
+    "members": (1, None, True),
+}
+CHOICES = {"early_stop_metric": ("val_acc", "val_loss")}
+
+
+def check_values(cfg):
+    """Refuse, in one line, a setting whose type is right but whose value no training can use."""
+    for name, (low, high, high_ok) in RANGES.items():
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name.upper()}: expected a finite number, got {value}")
+        if value < low or (high is not None and (value > high or (value == high and not high_ok))):
+            top = "" if high is None else f", at most {high}" if high_ok else f", below {high}"
+            raise UserError(f"{name.upper()}: expected a value of at least {low}{top}, got {value}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name.upper()}: expected {' or '.join(allowed)}, got '{getattr(cfg, name)}'")
+    return cfg
+
+
 def _coerce(name, default, value):
     """Convert an override string (or TOML value) to the type of the default."""
     kind = type(default)
@@ -155,7 +185,7 @@ def apply_values(cfg, data, source="config", overrides=()):
         if name not in known:
             raise UserError(f"unknown setting '{key}' (known: {', '.join(k.upper() for k in known)})")
         setattr(cfg, name, _coerce(key, getattr(cfg, name), value))
-    return cfg
+    return check_values(cfg)
 
 
 def to_toml(d) -> str:

@@ -24,6 +24,15 @@ def test_bad_overrides_are_refused(bad):
         build_config("quick", [bad])
 
 
+@pytest.mark.parametrize("bad", ["EPOCHS=-1", "EPOCHS=0", "BATCH_SIZE=0", "LR=nan", "LR=inf", "LR=-1", "SEED=-1",
+                                 "VAL_FRACTION=1.5", "MEMBERS=0", "ROTATE_DEG=nan", "SHIFT=-1", "ZOOM=5",
+                                 "LABEL_SMOOTHING=2", "STEP_EPOCHS=0", "EARLY_STOP_METRIC=nope", "MOMENTUM=nan"])
+def test_values_no_training_can_use_are_refused_in_one_line(bad):
+    # each of these used to train (EPOCHS=-1 delivered an untrained model as finished) or end in a traceback
+    with pytest.raises(UserError, match=f"^{bad.split('=')[0]}: expected"):
+        build_config("quick", [bad])
+
+
 def test_unknown_preset_names_the_known_ones():
     with pytest.raises(UserError, match="quick"):
         build_config("nosuch")
