@@ -45,22 +45,35 @@ def raw_csv_problem(path):
     return None
 
 
-def _load(name, folder=None):
+def _rebuild_advice(folder=None):
+    """How to rebuild data/processed: `make prepare` alone sees meta.json up to date and does nothing."""
+    return f"remove {(folder or paths.data_processed()) / 'meta.json'}, then `make prepare` writes data/processed again"
+
+
+def _load(name, keys, folder=None):
+    """The arrays `keys` of data/processed/name; a missing, damaged or incomplete file is a UserError."""
     path = (folder or paths.data_processed()) / name
     if not path.is_file():
         raise UserError(f"{path} is missing: run `make prepare` first")
-    return load_npz(path)
+    try:
+        d = load_npz(path)
+    except Exception as exc:  # noqa: BLE001 (BadZipFile, EOFError, ValueError, ...: all mean damaged)
+        raise UserError(f"{path} is damaged ({type(exc).__name__}): {_rebuild_advice(folder)}") from None
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: {_rebuild_advice(folder)}")
+    return d
 
 
 def load_train(folder=None):
     """(x, y): every row of train.csv."""
-    d = _load("train.npz", folder)
+    d = _load("train.npz", ("x", "y"), folder)
     return d["x"], d["y"]
 
 
 def load_test(folder=None):
     """x: every row of test.csv, in file order (ImageId = index + 1)."""
-    return _load("test.npz", folder)["x"]
+    return _load("test.npz", ("x",), folder)["x"]
 
 
 def load_test_images(folder=None):
@@ -76,7 +89,7 @@ def load_test_images(folder=None):
 
 def load_split(folder=None):
     """(train_idx, val_idx) written by prepare."""
-    d = _load("split.npz", folder)
+    d = _load("split.npz", ("train_idx", "val_idx"), folder)
     return d["train_idx"], d["val_idx"]
 
 
@@ -84,7 +97,13 @@ def load_meta(folder=None):
     path = (folder or paths.data_processed()) / "meta.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: run `make prepare` first")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged (not JSON): {_rebuild_advice(folder)}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {_rebuild_advice(folder)}")
+    return meta
 
 
 def stratified_split(y, val_fraction, seed):

@@ -224,6 +224,24 @@ def test_damaged_test_probs_are_one_line_and_make_predict_recomputes_them(root, 
     assert submit.main(["--run", "base", "--upload", "0"]) == 0
 
 
+@pytest.mark.parametrize("name,damage,stage", [
+    ("test.npz", truncated, "predict"), ("test.npz", garbage, "predict"), ("meta.json", garbage, "predict"),
+    ("meta.json", garbage, "submit"), ("train.npz", truncated, "train"), ("split.npz", garbage, "train"),
+    ("split.npz", "other", "train"),
+])
+def test_damaged_processed_data_is_one_line_that_says_how_to_rebuild_it(root, capsys, name, damage, stage):
+    path = root / "data" / "processed" / name
+    if damage == "other":  # a valid npz without the arrays the stage reads
+        save_npz(path, {"nothing": np.zeros(1)})
+    else:
+        damage(path)
+    main = {"predict": lambda: predict_main("--run", "base"),
+            "submit": lambda: submit.main(["--run", "base", "--upload", "0"]),
+            "train": lambda: train.main(["--run", "fresh", "--preset", "quick", *FAST])}[stage]
+    assert main() == 2
+    one_error_line(capsys, name, "make prepare")
+
+
 def ensemble_root(root):
     """runs/night: an ensemble whose two members are copies of the finished run 'base'."""
     night = root / "runs" / "night"
