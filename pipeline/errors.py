@@ -7,8 +7,10 @@ import sys
 import warnings
 
 
-# Failures of the machine, not of our code: said in one line like a UserError.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
+# Failures of the machine, not of our code: said in one line like a UserError. EISDIR and ENOTDIR: a folder
+# stands where an output goes (submissions/submission.csv made a directory), or a file where a folder does.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE,
+                      errno.EISDIR, errno.ENOTDIR}
 
 
 class UserError(Exception):
@@ -46,7 +48,8 @@ def cli_main(fn):
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:
                 raise
-            where = f"{exc.filename}: " if exc.filename else ""
+            target = exc.filename2 or exc.filename  # os.replace(temp, output): the output is the one to name
+            where = f"{target}: " if target else ""
             print(f"error: {where}{exc.strerror}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

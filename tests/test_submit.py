@@ -138,6 +138,13 @@ def test_submit_rejects_probs_of_wrong_length_and_keeps_old_file(project, capsys
     assert [p.name for p in project.csv.parent.iterdir()] == ["submission.csv"]  # no temp file left
 
 
+def test_a_folder_where_the_submission_goes_is_one_line(project, capsys):
+    project.csv.mkdir(parents=True)  # a traceback (IsADirectoryError from os.replace) before
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    assert capsys.readouterr().err == f"error: {project.csv}: Is a directory\n"
+    assert project.csv.is_dir() and [p.name for p in project.csv.parent.iterdir()] == ["submission.csv"]
+
+
 def test_write_submission_never_overwrites_with_invalid(tmp_path):
     path = tmp_path / "submission.csv"
     path.write_text(good_csv())
