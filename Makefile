@@ -92,13 +92,12 @@ $(RUNDIR)/test_probs.npz: $(RUNDIR)/summary.json $(PROCESSED)/meta.json | $(VENV
 ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)
 	$(PY) -m pipeline.ensemble --run $(RUN) $(if $(filter 1,$(TTA)),--tta)
 
-# The submission is rebuilt when RUN names another run than submissions/.run, the run it was written from
-# (decided here rather than by a FORCE'd file, so that `make -n submit` tells the truth).
+# The submission is rebuilt when RUN names another run than submissions/.run, the run pipeline.submit wrote it
+# from (decided here rather than by a FORCE'd file, so that `make -n submit` tells the truth).
 SUBMITTED_RUN := $(shell cat submissions/.run 2>/dev/null)
 
 $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN))$(if $(SUBMITTED_RUN),,none),FORCE) | $(VENV)/.installed
 	$(PY) -m pipeline.submit --run $(RUN) --upload 0
-	@echo "$(RUN)" > submissions/.run
 
 # The upload is its own step: retried by every `make submit` until one succeeds, never repeated after that.
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once

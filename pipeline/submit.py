@@ -30,6 +30,8 @@ from pipeline.fileio import write_json, write_text
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
 UPLOAD_RECORD = ".uploaded.json"
+# The run the default submission was written from: the Makefile rewrites the CSV when RUN names another.
+RUN_RECORD = ".run"
 
 
 def labels_from_probs(probs):
@@ -189,26 +191,47 @@ def run_message(run, extra):
     return upload_message(run.name, summary, extra)
 
 
+def default_out():
+    return paths.submissions() / "submission.csv"
+
+
+def count_test_rows():
+    """The number of test images, from meta.json."""
+    n_test = dataset.load_meta().get("test_rows")
+    if not isinstance(n_test, int):
+        raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
+    return n_test
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
     run = runs.Run.existing(args.run)
-    out = args.out or paths.submissions() / "submission.csv"
+    out = args.out or default_out()
     if args.upload_only:
         if not out.is_file():
             raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
+        n_test = count_test_rows()
         with run.lock("submit", shared=True):
             message = run_message(run, args.message)
+            probs = run.test_probs(n_test)
+        # the CSV on disk may be another run's (`python -m pipeline.submit --run other`) or older than the
+        # predictions: it is uploaded under this run's name only when it holds this run's labels of now
+        labels = validate_submission(out, n_test)["Label"].to_numpy()
+        if not np.array_equal(labels, labels_from_probs(probs)):
+            raise UserError(f"{out} does not hold the labels of runs/{run.name}'s current predictions (written from "
+                            f"another run, or before they changed), so it was not uploaded: remove it, then "
+                            f"`make submit RUN={run.name}` writes it again")
         return upload(out, run.name, message, args.upload)
 
-    n_test = dataset.load_meta().get("test_rows")
-    if not isinstance(n_test, int):
-        raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
+    n_test = count_test_rows()
     with run.lock("submit", shared=True):
         message = run_message(run, args.message)
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
     path = write_submission(build_submission(labels), out, n_test)
+    if out == default_out():
+        write_text(out.parent / RUN_RECORD, f"{run.name}\n")
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
     return upload(path, run.name, message, args.upload)

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import sys
 import types
 
@@ -236,3 +237,23 @@ def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeyp
     fake_kaggle_api(monkeypatch)
     assert submit.main(["--run", "r1", "--upload-only"]) == 2
     assert "make submit RUN=r1" in capsys.readouterr().err
+
+
+def test_make_submit_never_uploads_a_csv_written_from_another_run(project, capsys, monkeypatch):
+    # `python -m pipeline.submit --run r2` after `make submit RUN=r1`: the Makefile saw r1's CSV up to date and
+    # uploaded r2's labels under r1's name
+    calls = fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    assert (project.csv.parent / submit.RUN_RECORD).read_text() == "r1\n"  # what the Makefile compares RUN with
+    shutil.copytree(project.run, project.root / "runs" / "r2")
+    probs = np.full((N_TEST, 10), 0.05, np.float32)
+    probs[:, 7] = 0.55
+    runs.Run("r2").write_probs(probs)
+    assert submit.main(["--run", "r2", "--upload", "0"]) == 0
+    assert (project.csv.parent / submit.RUN_RECORD).read_text() == "r2\n"  # so `make submit RUN=r1` rewrites it
+    capsys.readouterr()
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not uploaded" in err and "make submit RUN=r1" in err, err
+    assert calls == []
+    assert submit.main(["--run", "r2", "--upload-only"]) == 0 and len(calls) == 1
