@@ -126,6 +126,15 @@ def resolve_config(args, folder):
     return preset, current
 
 
+def training_data(cfg):
+    """What a run's training and validation rows are drawn from: train.csv (by its hash) and the split. A run
+    resumed on other ones would judge its epochs on rows it trained on, and never say so."""
+    meta = dataset.load_meta()
+    split = [cfg.split_seed, cfg.val_fraction] if cfg.split_seed >= 0 else [meta.get("split_seed"),
+                                                                             meta.get("val_fraction")]
+    return {"train_sha256": meta.get("train_sha256"), "split": split}
+
+
 def load_data(cfg, xp):
     x, y = dataset.load_train()
     if cfg.split_seed < 0:
@@ -321,10 +330,20 @@ def train_one(folder, preset, cfg, force, label=None):
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"the checkpoint in {ckpt_dir} does not fit {cfg.arch} ({exc}); remove {ckpt_dir} "
                             f"to train runs/{label} afresh") from None
+        data = training_data(cfg)
+        if state.get("data", data) != data:  # checkpoints made before the record was kept are taken as they are
+            if not force:
+                raise UserError(f"runs/{label} was started on other training data (train.csv or the validation split "
+                                f"changed since: `make prepare` ran again), so its validation rows would include "
+                                f"rows it trained on: train it afresh under another RUN=, or FORCE=1 to continue "
+                                f"on the data of now")
+            print(f"FORCE: continuing runs/{label} on the training data of now", file=sys.stderr)
+        state["data"] = data
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
         if xp is np:
             resume_threads(label, state.get("threads"))
     else:
+        state["data"] = training_data(cfg)
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
         print(f"training runs/{label}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import checkpoint, predict, report, runs, submit, train
 from pipeline.config import to_toml
+from pipeline.dataset import stratified_split
 from pipeline.fileio import load_npz, save_npz
 from tests.test_resume import env_for, finish, train as run_train, write_processed
 
@@ -315,6 +316,25 @@ def test_predictions_of_another_model_are_never_submitted(root, capsys):
     capsys.readouterr()
     assert submit.main(["--run", "base", "--upload", "0"]) == 2
     one_error_line(capsys, "made from another model", "make predict RUN=base")
+
+
+def test_a_run_is_not_resumed_silently_on_another_split(root, capsys):
+    # `make prepare VAL_FRACTION=0.3` between two nights of one run: it continued, judging epochs on rows it had
+    # trained on
+    code, _, err = finish(run_train(root, "cut", extra=[*FAST, "EPOCHS=3", "MAX_TIME=0.001s"]))
+    assert code == 3, err
+    processed = root / "data" / "processed"
+    y = load_npz(processed / "train.npz")["y"]
+    train_idx, val_idx = stratified_split(y, 0.3, 1)
+    save_npz(processed / "split.npz", {"train_idx": train_idx, "val_idx": val_idx})
+    meta = json.loads((processed / "meta.json").read_text())
+    (processed / "meta.json").write_text(json.dumps({**meta, "split_seed": 1, "val_fraction": 0.3}))
+    assert train.main(["--run", "cut"]) == 2
+    one_error_line(capsys, "runs/cut was started on other training data", "FORCE=1")
+    assert not (root / "runs" / "cut" / "summary.json").exists()
+    assert train.main(["--run", "cut", "FORCE=1", "MAX_TIME="]) == 0
+    latest = checkpoint.read(root / "runs" / "cut" / "checkpoints" / checkpoint.LATEST)
+    assert checkpoint.unpack(latest)[3]["data"]["split"] == [1, 0.3]  # the record follows the data it continued on
 
 
 # ---------------------------------------------------------------- the run model
