@@ -108,7 +108,9 @@ score: | $(VENV)/.installed ## accuracy of submissions/submission.csv (as it is)
 
 report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
 
-$(RUNDIR)/report/report.md: $(RUNDIR)/summary.json | $(VENV)/.installed
+# Redrawn when the run's summary changes, but never trains: a mistyped or unfinished RUN is said in one line
+# rather than a 30-minute training of the default preset started.
+$(RUNDIR)/report/report.md: $(wildcard $(RUNDIR)/summary.json) | $(VENV)/.installed
 	$(PY) -m pipeline.report --run $(RUN)
 
 test: $(VENV)/.dev-installed ## run the tests (pytest's exit 5, no tests collected, is a failure)

@@ -273,3 +273,13 @@ def test_clean_removes_what_a_killed_stage_left(tmp_path):
     assert [n for n in leftovers if (box / n).exists()] == []
     assert all((box / n).exists() for n in kept)
     assert not (box / "data" / ".kaggle-download-abc123").exists()
+
+
+def test_report_of_a_missing_or_unfinished_run_never_trains(tmp_path):
+    # `make report RUN=typo` trained the standard preset into runs/typo (about 30 minutes) before reporting
+    box = sandbox(tmp_path)
+    built(box)
+    for run in ("typo", "x"):
+        result = sandbox_make(box, "-n", "report", f"RUN={run}")
+        assert result.returncode == 0, result.stderr
+        assert re.findall(r"-m (pipeline\.\w+)", result.stdout) == ["pipeline.report"], result.stdout
