@@ -32,6 +32,10 @@ endif
 ifneq ($(call not_a_name,$(RUN)),)
 $(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-' (or NAME/members/K))
 endif
+# Make's variables are case-sensitive: `make submit run=x` would leave RUN as it was and submit another run.
+$(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
+  $(if $(filter command line,$(origin $(firstword $(subst :, ,$(p))))),\
+    $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
 # Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
 CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 export PIPELINE_MAKE_VARS := $(CMDLINE_VARS)

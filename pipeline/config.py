@@ -175,15 +175,21 @@ def apply_values(cfg, data, source="config", overrides=()):
             raise UserError(f"{source}: unknown key '{key}'")
         setattr(cfg, key, _coerce(key, getattr(cfg, key), value))
     stage = stage_variables() if overrides else set()
+    given = {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not KEY=value")
         key, value = item.split("=", 1)
-        if key.upper() in stage:
+        if key in stage or key.upper() in TRAIN_VARIABLES:
             continue
+        if key.upper() in stage:  # make's variables are case-sensitive: `run=x` left RUN as it was, silently
+            raise UserError(f"{key}={value}: the Makefile reads {key.upper()}, in capitals; {key} is not read")
         name = key.lower()
         if name not in known:
             raise UserError(f"unknown setting '{key}' (known: {', '.join(k.upper() for k in known)})")
+        if name in given and given[name][0] != key and given[name][1] != value:  # make passes them in name order
+            raise UserError(f"{given[name][0]}={given[name][1]} and {key}={value} set the same setting: give it once")
+        given[name] = (key, value)
         setattr(cfg, name, _coerce(key, getattr(cfg, name), value))
     return check_values(cfg)
 

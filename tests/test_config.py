@@ -33,6 +33,16 @@ def test_values_no_training_can_use_are_refused_in_one_line(bad):
         build_config("quick", [bad])
 
 
+@pytest.mark.parametrize("bad,words", [(["run=mine"], "reads RUN"), (["preset=quick"], "reads PRESET"),
+                                       (["EPOCHS=2", "epochs=1"], "same setting")])
+def test_a_make_variable_in_the_wrong_case_or_twice_is_refused(bad, words):
+    # `make train run=mine` trained into runs/PRESET, `preset=quick` trained the standard preset, and
+    # `EPOCHS=2 epochs=1` trained 1 epoch: each silently
+    with pytest.raises(UserError, match=words):
+        build_config("quick", bad)
+    assert build_config("quick", ["RUN=mine", "force=1", "EPOCHS=2", "epochs=2"]).epochs == 2
+
+
 def test_unknown_preset_names_the_known_ones():
     with pytest.raises(UserError, match="quick"):
         build_config("nosuch")

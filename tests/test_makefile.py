@@ -283,3 +283,13 @@ def test_report_of_a_missing_or_unfinished_run_never_trains(tmp_path):
         result = sandbox_make(box, "-n", "report", f"RUN={run}")
         assert result.returncode == 0, result.stderr
         assert re.findall(r"-m (pipeline\.\w+)", result.stdout) == ["pipeline.report"], result.stdout
+
+
+@pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist")])
+def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, target, variable):
+    # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset
+    box = sandbox(tmp_path)
+    built(box)
+    result = sandbox_make(box, target, variable)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert f"write {variable.split('=')[0].upper()}=" in result.stderr and calls(box) == []
