@@ -25,6 +25,7 @@ submission.csv, checks it and moves it into submissions/kernel/ with the run's l
 import argparse
 import ast
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -447,6 +448,18 @@ def build_parser():
     return p
 
 
+def refuse_unused_settings(environ):
+    """`make kernel LR=1`: a training setting the settings cell does not hold would never reach the notebook."""
+    from pipeline.config import TrainConfig
+
+    names = {f.name.upper() for f in dataclasses.fields(TrainConfig)} - set(SETTINGS)
+    unused = [v for v in environ.get("PIPELINE_MAKE_VARS", "").split() if v.upper() in names]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: the notebook's settings cell holds only {', '.join(SETTINGS)}, so "
+                        f"the notebook would train without {'it' if len(unused) == 1 else 'them'}; set other "
+                        f"settings in the preset's file in configs/, which the notebook bundles")
+
+
 @cli_main
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -454,6 +467,7 @@ def main(argv=None):
         argv.insert(0, "generate")
     args = build_parser().parse_args(argv)
     if args.command == "generate":
+        refuse_unused_settings(os.environ)
         kernel_id = resolve_kernel_id(args.id, args.out, os.environ)
         given = {"PRESET": args.preset, "EPOCHS": args.epochs, "MAX_TIME": args.max_time, "DEVICE": args.device,
                  "SEED": args.seed}

@@ -128,6 +128,19 @@ def test_make_variables_are_written_into_the_settings_cell(tmp_path, capsys):
     assert _settings_of(_cells(out / kernel.NOTEBOOK, "settings")[0].source)["SEED"] == 12  # left as it was
 
 
+def test_a_training_setting_the_notebook_does_not_take_is_refused(tmp_path, capsys, monkeypatch):
+    # `make kernel LR=1` built a notebook that trains with the preset's LR, without a word
+    args = ["--id", KERNEL_ID, "--out", str(tmp_path / "k")]
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "EPOCHS GPU LR batch_size")
+    assert kernel.main([*args, "--epochs", "2", "--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LR, batch_size: the notebook's settings cell holds only PRESET") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "k").exists()
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "EPOCHS GPU KAGGLE_KERNEL_ID PRESET SEED")
+    assert kernel.main([*args, "--epochs", "2", "--gpu"]) == 0
+
+
 def test_make_kernel_passes_every_variable_through_the_environment(tmp_path):
     """`make kernel` names the settings' shell variables, never their values; run as make would, they land."""
     variables = {"PRESET": "quick", "EPOCHS": "4", "MAX_TIME": "2h", "DEVICE": "gpu", "SEED": "7", "GPU": "1",
