@@ -64,17 +64,19 @@ def tta_probs(member, x, xp):
     return np.mean([predict_probs(member, shift_images(x, dy, dx), xp) for dy, dx in TTA_SHIFTS], axis=0)
 
 
-def member_outputs(member, x_train, x_test, xp, tta):
-    """(val_idx, val_y, val_probs, test_probs) of one member; test probabilities are cached in its folder."""
+def member_outputs(member, x_train, x_test, xp, tta, data=None):
+    """(val_idx, val_y, val_probs, test_probs) of one member; test probabilities are cached in its folder, marked
+    with `data`, the data fingerprint taken before x_test was read."""
     run = runs.run_of(member)
+    made_from = run.made_from(data)
     idx, y, val_probs = run.val_predictions()
     if len(idx) and (idx.min() < 0 or idx.max() >= len(x_train)):
         raise UserError(f"{member / 'val_predictions.npz'} indexes rows beyond train.npz (the data changed since "
                         f"it was trained): retrain runs/{run.root.name} on this data, or prepare the old data again")
-    test = run.cached_probs(TEST_CACHE[tta], len(x_test))
+    test = run.cached_probs(TEST_CACHE[tta], len(x_test), made_from)
     if test is None:  # missing, damaged, or made from other data or another model: recompute
         test = tta_probs(member, x_test, xp) if tta else predict_probs(member, x_test, xp)
-        run.write_probs(test, TEST_CACHE[tta])
+        run.write_probs(test, TEST_CACHE[tta], made_from)
     if tta:
         val_probs = tta_probs(member, x_train[idx], xp)
     return idx, y, val_probs, test
@@ -196,11 +198,12 @@ def build(folder, xp=np, tta=False):
     Candidates are compared on one half of the validation rows every member held out; the other half gives
     the reported estimate, which took no part in the choice."""
     members, skipped = finished_members(folder)
+    data = runs.data_fingerprint()  # before the images are read: prepare is not locked out meanwhile
     x_train, _ = dataset.load_train()
     x_test = dataset.load_test_images()
     results = []
     for use_tta in ([False, True] if tta else [False]):
-        outs = [member_outputs(m, x_train, x_test, xp, use_tta) for m in members]
+        outs = [member_outputs(m, x_train, x_test, xp, use_tta, data) for m in members]
         rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
         results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
     chosen = results[0]
@@ -229,7 +232,8 @@ def build(folder, xp=np, tta=False):
                 "other half, which took no part in any choice",
     }
     write_json(folder / "ensemble.json", report)
-    runs.run_of(folder).write_probs(test)  # after ensemble.json: the probabilities name the blend they come from
+    run = runs.run_of(folder)
+    run.write_probs(test, made_from=run.made_from(data))  # after ensemble.json: they name the blend they come from
     return report
 
 

@@ -42,15 +42,16 @@ def main(argv=None):
               f"validation estimate {report['estimate']['accuracy']:.5f}")
         return 0
     with run.lock("predict", shared=True):
+        made_from = run.made_from()  # before the images are read: prepare is not locked out meanwhile
         x = load_test_images()
-        if run.cached_probs(TEST_PROBS, len(x)) is not None:
+        if run.cached_probs(TEST_PROBS, len(x), made_from) is not None:
             print(f"{run.folder / TEST_PROBS} is up to date (same model, same test data)")
             return 0
         xp = select_device(args.device)
         start = time.perf_counter()
         probs = run.predict_probs(x, xp=xp, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
-        path = run.write_probs(probs)
+        path = run.write_probs(probs, made_from=made_from)
     counts = np.bincount(probs.argmax(axis=1), minlength=dataset.NUM_CLASSES)
     print(f"{path}: {len(probs)} test images in {seconds:.1f} s on {xp.__name__}; "
           f"predicted per class: {' '.join(str(int(c)) for c in counts)}")

@@ -349,9 +349,11 @@ class Run:
 
     # ---------------------------------------------------------------- predictions and what they were made from
 
-    def made_from(self):
-        """What this run's predictions depend on now: the data and the delivered model (or blend)."""
-        source = {"data": data_fingerprint()}
+    def made_from(self, data=None):
+        """What this run's predictions depend on now: the data and the delivered model (or blend). `data`: the
+        data fingerprint taken before the test images were read, so that a `make prepare` running meanwhile
+        leaves predictions marked stale rather than fresh."""
+        source = {"data": data or data_fingerprint()}
         if self.is_ensemble:
             path = self.folder / "ensemble.json"
             source["blend"] = file_sha256(path) if path.is_file() else None

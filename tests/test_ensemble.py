@@ -165,7 +165,7 @@ def test_test_time_shifts_are_kept_only_when_they_beat_the_plain_blend_beyond_ch
     fixed = np.zeros(len(held), bool)
     fixed[pick[wrong[pick]][:fixes]] = True  # the shifts right `fixes` of them on the choice half, no more
 
-    def outputs(member, x_train, x_test, xp, tta):
+    def outputs(member, x_train, x_test, xp, tta, data=None):
         miss = wrong & ~fixed if tta else wrong
         return held, y, onehot(np.where(miss, (y + 1) % 10, y)), onehot(np.arange(12) % 10)
 

@@ -308,6 +308,32 @@ def test_predictions_of_other_test_data_are_never_submitted(root, capsys):
     assert np.array_equal(labels, expected)
 
 
+@pytest.mark.parametrize("stage", ["predict", "ensemble"])
+def test_a_prepare_while_predicting_leaves_the_predictions_stale_not_fresh(root, capsys, monkeypatch, stage):
+    # `make prepare` on a new test.csv while `make predict` ran: the old images' probabilities were marked as made
+    # from the new data, and `make submit` sent them
+    from pipeline import dataset, ensemble
+
+    read = dataset.load_test_images
+
+    def read_then_prepare(folder=None):
+        x = read(folder)
+        other_test_data(root, rows=20)  # what the other terminal's `make prepare` writes meanwhile
+        return x
+
+    monkeypatch.setattr(predict, "load_test_images", read_then_prepare)
+    monkeypatch.setattr(dataset, "load_test_images", read_then_prepare)
+    if stage == "ensemble":
+        ensemble_root(root)
+        assert ensemble.main(["--run", "night", "--device", "cpu"]) == 0
+    else:
+        assert predict_main("--run", "base") == 0
+    capsys.readouterr()
+    run = "night" if stage == "ensemble" else "base"
+    assert submit.main(["--run", run, "--upload", "0"]) == 2
+    one_error_line(capsys, "test_probs.npz was made from other data")
+
+
 def test_predictions_of_another_model_are_never_submitted(root, capsys):
     assert predict_main("--run", "base") == 0
     (root / "runs" / "base" / "summary.json").unlink()
