@@ -142,7 +142,8 @@ def main(argv=None):
     submission = args.submission or paths.submissions() / "submission.csv"
     key = args.key or paths.data_raw() / "test_labels.csv"
     if not submission.is_file():
-        raise UserError(f"{submission} does not exist: run `make submit` first")
+        what = "is not a file" if submission.exists() else "does not exist"  # a folder: not "missing"
+        raise UserError(f"{submission} {what}: `make submit` writes submissions/submission.csv")
     score = score_submission(submission, key)
     out = args.out or submission.parent / "score.json"
     write_json(out, score)

@@ -76,6 +76,12 @@ def test_missing_submission_is_a_user_error(project, capsys):
     assert "make submit" in capsys.readouterr().err
 
 
+def test_a_folder_given_as_the_submission_is_not_called_missing(project, capsys):
+    assert score.main(["--submission", str(project / "submissions")]) == 2
+    err = capsys.readouterr().err
+    assert "submissions is not a file" in err and "does not exist" not in err and err.count("\n") == 1, err
+
+
 def test_submission_of_wrong_length_is_refused(project, capsys):
     write_submission(project / "submissions" / "submission.csv", SUBMITTED[:9])
     assert score.main([]) == 2
