@@ -121,6 +121,9 @@ def resolve_config(args, folder):
         if not args.force:
             raise UserError(f"runs/{folder.name} was started with another config (changed: {', '.join(changed)}); "
                             f"{console.next_step('restart', run=folder.name)}")
+        if runs.run_of(folder).finished:  # it would answer "nothing to do" and keep its old config, exit 0
+            raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot continue it with changed "
+                            f"{', '.join(changed)}: train the new config under another RUN=")
         print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}", file=sys.stderr)
         return preset, wanted
     return preset, current

@@ -123,6 +123,14 @@ def test_the_checkpoint_carries_its_config_and_an_edited_config_toml_is_refused(
     assert state["config"]["lr"] == 0.5  # adopted on purpose, and recorded
 
 
+def test_force_on_a_finished_run_with_another_config_is_refused_not_ignored(root, capsys):
+    # `make train RUN=base EPOCHS=3 FORCE=1` said "FORCE: continuing", then "finished; nothing to do", exit 0
+    assert train.main(["--run", "base", "EPOCHS=3", "FORCE=1"]) == 2
+    one_error_line(capsys, "runs/base has finished training", "epochs", "another RUN=")
+    assert runs.Run("base").config().epochs == 1
+    assert train.main(["--run", "base", "FORCE=1"]) == 0  # the same config: nothing to do, as before
+
+
 def test_a_damaged_config_toml_is_restored_from_the_checkpoint(root):
     folder = stopped_run(root, "binary")
     (folder / "config.toml").write_bytes(bytes(range(256)))
