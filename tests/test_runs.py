@@ -371,6 +371,30 @@ def test_a_run_is_not_resumed_silently_on_another_split(root, capsys):
     assert checkpoint.unpack(latest)[3]["data"]["split"] == [1, 0.3]  # the record follows the data it continued on
 
 
+def test_predictions_show_progress_and_equal_the_models_own(root, monkeypatch):
+    # a minute or more of predicting (an ensemble with test-time shifts: far more) showed nothing at all
+    from pipeline import console, dataset
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, leave, unit="batch"):
+            self.total, self.desc, self.done, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(console, "progress_bar", Bar)
+    x = dataset.load_test_images()
+    probs = runs.Run("base").predict_probs(x, batch_size=7)
+    assert [(b.total, b.done, b.closed) for b in bars] == [(20, 20, True)] and "base" in bars[0].desc
+    assert probs.tobytes() == runs.Run("base").load_model().predict_proba(x, batch_size=7).tobytes()
+
+
 # ---------------------------------------------------------------- the run model
 
 def test_the_run_knows_its_state(root):
