@@ -3,6 +3,11 @@
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
+# Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
+CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+# Each held as the text typed, never make code: make expands a command-line variable wherever it is read and
+# whenever it exports it to a recipe, so `MESSAGE='$(shell ...)'` ran its command even in `make help`.
+$(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
 
 # The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names
 # one. Each is run, not just looked up: a pyenv shim is on PATH for versions it cannot start.
@@ -14,7 +19,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= standard
 # The preset is passed only when given, so `make train RUN=x` resumes x with its own preset.
-PRESET_ARG := $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET))
+PRESET_ARG := $(if $(filter override environment,$(origin PRESET)),--preset $(PRESET))
 RUN ?= $(PRESET)
 SOURCE ?= auto
 UPLOAD ?= 1
@@ -34,10 +39,8 @@ $(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-' (o
 endif
 # Make's variables are case-sensitive: `make submit run=x` would leave RUN as it was and submit another run.
 $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
-  $(if $(filter command line,$(origin $(firstword $(subst :, ,$(p))))),\
+  $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
-# Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
-CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 export PIPELINE_MAKE_VARS := $(CMDLINE_VARS)
 $(foreach v,$(sort $(CMDLINE_VARS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
   $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))
@@ -76,7 +79,10 @@ $(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
 
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
-$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed
+# Rebuilt too when VAL_FRACTION asks for another split than the one meta.json records: dates cannot tell.
+PREPARED_FRACTION := $(shell sed -n 's/^ *"val_fraction": *\([^,]*\),*$$/\1/p' $(PROCESSED)/meta.json 2>/dev/null)
+$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv \
+  $(if $(value VAL_FRACTION),$(if $(filter $(PREPARED_FRACTION),$(value VAL_FRACTION)),,FORCE)) | $(VENV)/.installed
 	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
 # The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and
@@ -128,7 +134,7 @@ KERNEL := $(KERNEL_BUILD)/kernel-metadata.json
 KERNEL_SUBMISSION := submissions/kernel/submission.csv
 # The notebook's settings cell gets each variable that is given. Make exports command-line variables, so the
 # shell reads their values ("$$PRESET"): no value is ever pasted into the command line itself.
-KERNEL_OPTIONS = $(if $(filter command line environment,$(origin PRESET)),--preset "$$PRESET") \
+KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "$$PRESET") \
 	$(if $(EPOCHS),--epochs "$$EPOCHS") $(if $(MAX_TIME),--max-time "$$MAX_TIME") \
 	$(if $(DEVICE),--device "$$DEVICE") $(if $(SEED),--seed "$$SEED") \
 	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \

@@ -293,3 +293,31 @@ def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, ta
     result = sandbox_make(box, target, variable)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert f"write {variable.split('=')[0].upper()}=" in result.stderr and calls(box) == []
+
+
+def test_prepare_with_another_val_fraction_splits_again(tmp_path):
+    # `make prepare VAL_FRACTION=0.3` after a first prepare said "Nothing to be done" and kept the 0.1 split
+    box = sandbox(tmp_path)
+    built(box)
+    (box / "data" / "processed" / "meta.json").write_text('{\n  "test_rows": 3,\n  "val_fraction": 0.1\n}\n')
+    for value, runs_prepare in (("0.3", True), ("0.1", False), (None, False)):
+        result = sandbox_make(box, "-n", "prepare", *([f"VAL_FRACTION={value}"] if value else []))
+        assert result.returncode == 0, result.stderr
+        assert ("pipeline.prepare" in result.stdout) == runs_prepare, (value, result.stdout)
+
+
+@pytest.mark.parametrize("variable", ["MESSAGE", "FOO", "EPOCHS", "PRESET", "RUN", "TTA", "GPU", "SEED", "VAL_FRACTION",
+                                      "KAGGLE_KERNEL_ID"])
+def test_make_code_in_a_value_is_never_run_by_make(tmp_path, variable):
+    # make expanded command-line values where it read them and when it exported them to a recipe: a
+    # `$(shell ...)` in any of them ran, even under `make help`
+    box = sandbox(tmp_path)
+    built(box)
+    mark = tmp_path / "pwned"
+    value = f"1$(shell touch {mark})"
+    for args in (["help"], ["-n", "train", "prepare", "ensemble", "kernel", "submit"], ["submit", "RUN=x"]):
+        sandbox_make(box, *args, f"{variable}={value}")
+        assert not mark.exists(), args
+    if variable not in ("PRESET", "RUN"):  # those two are refused as names; the others reach Python as typed
+        sandbox_make(box, "submit", "RUN=x", f"{variable}={value}")
+        assert calls(box)[-1]["env"][f"PIPELINE_VAR_{variable}"] == value
