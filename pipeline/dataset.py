@@ -114,6 +114,8 @@ def stratified_split(y, val_fraction, seed):
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if seed < 0:  # numpy's generators take no negative seed: a traceback otherwise
+        raise UserError(f"the split seed must be 0 or more, got {seed}")
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     val = []

@@ -139,6 +139,9 @@ def test_bad_options_are_refused(prepared, capsys):
     raw, out, before = prepared
     assert run(raw, out, "--val-fraction", "1.5") == 2
     assert "val_fraction" in capsys.readouterr().err
+    assert run(raw, out, "--split-seed", "-1") == 2  # a traceback (numpy's ValueError) before
+    err = capsys.readouterr().err
+    assert err.startswith("error: the split seed must be 0 or more") and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
