@@ -41,6 +41,9 @@ endif
 $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
   $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
+# The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
+$(foreach v,TTA GPU CONTINUE UPLOAD,$(if $(filter-out 0 1,$(value $(v))),\
+  $(error $(v)='$(value $(v))' is not a switch: use $(v)=1 or $(v)=0)))
 export PIPELINE_MAKE_VARS := $(CMDLINE_VARS)
 $(foreach v,$(sort $(CMDLINE_VARS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
   $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))

@@ -318,6 +318,18 @@ def test_make_code_in_a_value_is_never_run_by_make(tmp_path, variable):
     for args in (["help"], ["-n", "train", "prepare", "ensemble", "kernel", "submit"], ["submit", "RUN=x"]):
         sandbox_make(box, *args, f"{variable}={value}")
         assert not mark.exists(), args
-    if variable not in ("PRESET", "RUN"):  # those two are refused as names; the others reach Python as typed
+    if variable not in ("PRESET", "RUN", "TTA", "GPU"):  # refused as names or switches; the others reach Python
         sandbox_make(box, "submit", "RUN=x", f"{variable}={value}")
         assert calls(box)[-1]["env"][f"PIPELINE_VAR_{variable}"] == value
+
+
+@pytest.mark.parametrize("target,switch", [("ensemble", "TTA=yes"), ("kernel", "GPU=true"), ("kernel", "CONTINUE=2"),
+                                           ("submit", "UPLOAD=maybe")])
+def test_a_switch_that_is_not_0_or_1_is_refused_not_read_as_0(tmp_path, target, switch):
+    # `make kernel GPU=true` built a CPU session and `make ensemble TTA=yes` tried no shifts, without a word
+    box = sandbox(tmp_path)
+    built(box)
+    result = sandbox_make(box, target, "RUN=x", switch)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "is not a switch" in result.stderr and calls(box) == []
+    assert sandbox_make(box, target, "RUN=x", switch.split("=")[0] + "=1").returncode == 0
