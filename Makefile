@@ -162,5 +162,9 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 FORCE:
 
 clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv and the upload record)
+	@# a run in use (its .lock held: a training, a blend, a prediction) is not pulled from under its process
+	@command -v flock >/dev/null || exit 0; for lock in runs/*/.lock; do [ -e "$$lock" ] || continue; \
+	  flock -n "$$lock" true || { echo "error: $${lock%/.lock} is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; \
+	done
 	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) data/.kaggle-download-*
 	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

@@ -333,3 +333,25 @@ def test_a_switch_that_is_not_0_or_1_is_refused_not_read_as_0(tmp_path, target, 
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "is not a switch" in result.stderr and calls(box) == []
     assert sandbox_make(box, target, "RUN=x", switch.split("=")[0] + "=1").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs flock(1)")
+def test_clean_leaves_a_run_in_use_alone(tmp_path):
+    # `make clean` while a training ran deleted its checkpoints (best.npz among them) under it
+    box = sandbox(tmp_path)
+    built(box)
+    lock = box / "runs" / "x" / ".lock"
+    lock.write_text("pid 1234 (train, since today)")
+    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
+           "time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        result = sandbox_make(box, "clean")
+        assert result.returncode != 0 and "runs/x is in use (pid 1234 (train" in result.stderr, result.stderr
+        assert (box / "runs" / "x" / "summary.json").exists() and (box / "submissions" / "submission.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sandbox_make(box, "clean").returncode == 0
+    assert not (box / "runs" / "x").exists()
