@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from pipeline import dataset, ensemble, paths, runs
+from pipeline.errors import one_line_warnings
 from pipeline.score import load_answer_key
 
 
@@ -47,6 +48,7 @@ def curve(run_name, key_path=None):
     return rows, skipped
 
 
+@one_line_warnings()
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.ensemble_curve", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
