@@ -199,6 +199,23 @@ def to_images(pixels):
     return (pixels.reshape((-1,) + dataset.IMAGE_SHAPE).astype(np.float32) / np.float32(255.0))
 
 
+def check_against_sample_submission(path, test_rows, test_path):
+    """Kaggle's sample_submission.csv has one row per test image: a test.csv with another count (a row lost
+    or added in an edit, a partial download) would give a submission Kaggle refuses, after the whole night's
+    training. Without the file (a test.csv of one's own) there is nothing to compare."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as f:
+            rows = sum(1 for line in f if line.strip()) - 1  # minus the header
+    except OSError as exc:
+        raise UserError(f"{shown(path)}: cannot read it ({exc.strerror})") from None
+    if rows != test_rows:
+        raise UserError(f"{shown(test_path)} has {test_rows} rows but {shown(path)} has {rows}: a submission needs "
+                        f"one row per test image; fetch the data again (`make fetch`), or remove "
+                        f"sample_submission.csv if this test.csv is your own")
+
+
 def build_parser():
     p = StageArgumentParser(prog="python -m pipeline.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +237,7 @@ def main(argv=None):
     train, train_sha = read_digit_csv(train_path, TRAIN_HEADER)
     print(f"reading {shown(test_path)}")
     test, test_sha = read_digit_csv(test_path, TEST_HEADER)
+    check_against_sample_submission(raw_dir / "sample_submission.csv", len(test), test_path)
     y = train[:, 0].astype(np.int64)
     class_counts = np.bincount(y, minlength=dataset.NUM_CLASSES)
     absent = [str(k) for k in range(dataset.NUM_CLASSES) if class_counts[k] == 0]

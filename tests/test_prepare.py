@@ -284,3 +284,16 @@ def test_a_train_csv_that_is_no_file_is_one_line(prepared, capsys, kind):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a regular file" in err and "`make fetch` replaces it" in err
     assert "missing" not in err
+
+
+def test_a_test_csv_with_another_row_count_than_the_sample_submission_is_refused(prepared, capsys):
+    raw, out, before = prepared
+    sample = "ImageId,Label\n" + "".join(f"{i},0\n" for i in range(1, N_TEST + 1))
+    (raw / "sample_submission.csv").write_text(sample)
+    assert run(raw, out) == 0  # the counts agree
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_raw(raw, test=csv_text(TEST_HEADER, TEST[:-1]))  # a row lost in an edit
+    assert run(raw, out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has {N_TEST - 1} rows but" in err and f"has {N_TEST}:" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
