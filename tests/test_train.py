@@ -97,3 +97,13 @@ def test_a_checkpoint_with_conv_biases_before_batchnorm_is_refused_in_one_line(t
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "older version" in err and "runs/old" in err
+
+
+def test_a_run_that_learned_nothing_says_so_in_one_line(tmp_path):
+    write_processed(tmp_path)
+    code, _, err = finish(run_train(tmp_path, "fine"))
+    assert code == 0 and "did not learn" not in err, err
+    code, _, err = finish(run_train(tmp_path, "diverged", extra=["LR=1e4"]))  # Adam steps of 1e4: no net survives
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "did not learn" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: runs/diverged did not learn"), err
