@@ -207,6 +207,7 @@ class Run:
         is refused at once with one line naming the holder.
         """
         root = self.root
+        created = not root.folder.exists()
         if not shared:
             root.folder.mkdir(parents=True, exist_ok=True)
         path = root.folder / LOCK
@@ -224,7 +225,12 @@ class Run:
             note = f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
             os.ftruncate(fd, 0)
             os.pwrite(fd, note.encode(), 0)
-            yield self
+            try:
+                yield self
+            finally:
+                if created and os.listdir(root.folder) == [LOCK]:  # refused before anything was written: no trace
+                    os.unlink(path)
+                    os.rmdir(root.folder)
         finally:
             os.close(fd)
 

@@ -87,6 +87,14 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder_and_kill_9_frees_t
         pass
 
 
+def test_a_new_run_refused_before_it_began_leaves_no_folder(root, capsys):
+    assert train.main(["--preset", "quick", "--run", "typo", "EPOCHS=abc"]) == 2
+    one_error_line(capsys, "EPOCHS")
+    assert not (root / "runs" / "typo").exists()
+    assert train.main(["--preset", "quick", "--run", "base", "EPOCHS=abc"]) == 2  # an existing run keeps its lock
+    assert (root / "runs" / "base" / ".lock").is_file()
+
+
 def test_two_trainings_of_one_run_never_mix(trained, tmp_path):
     write_processed(tmp_path)
     first = run_train(tmp_path, "same", extra=[*FAST, "EPOCHS=3"])
