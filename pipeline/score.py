@@ -95,9 +95,21 @@ def load_answer_key(path):
     return labels, key["mnist_test"].to_numpy() == 1
 
 
+def prepared_test_rows():
+    """test.csv's row count as prepare recorded it, or None before any prepare."""
+    try:
+        return dataset.load_meta().get("test_rows")
+    except UserError:
+        return None
+
+
 def score_submission(submission_path, key_path):
     """Validate the submission against the key's row count and score it; returns the score dict."""
     labels, official = load_answer_key(key_path)
+    test_rows = prepared_test_rows()
+    if test_rows is not None and len(labels) != test_rows:  # blame the key, not a submission that fits test.csv
+        raise UserError(f"{key_path} has {len(labels)} rows but the prepared test.csv has {test_rows}: the key is "
+                        f"damaged or of other data (`make fetch SOURCE=mnist` writes both anew)")
     submission = validate_submission(submission_path, len(labels))
     score = score_predictions(labels, submission["Label"].to_numpy(), official)
     return {"submission": str(submission_path), "key": str(key_path), **score}

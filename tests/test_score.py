@@ -88,6 +88,16 @@ def test_submission_of_wrong_length_is_refused(project, capsys):
     assert "9 rows, expected one per test image (10)" in capsys.readouterr().err
 
 
+def test_a_truncated_key_is_blamed_not_the_submission(project, capsys):
+    (project / "data" / "processed").mkdir(parents=True)
+    (project / "data" / "processed" / "meta.json").write_text('{"test_rows": 10}')
+    assert score.main([]) == 0  # key, submission and test.csv agree
+    write_key(project / "data" / "raw" / "test_labels.csv", KEY_LABELS[:8], OFFICIAL[:8])
+    assert score.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test_labels.csv has 8 rows but the prepared test.csv has 10" in err
+
+
 def test_bad_key_is_refused(tmp_path):
     key = tmp_path / "key.csv"
     key.write_text("ImageId,Label\n1,0\n")
