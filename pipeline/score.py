@@ -103,10 +103,10 @@ def prepared_test_rows():
         return None
 
 
-def score_submission(submission_path, key_path):
-    """Validate the submission against the key's row count and score it; returns the score dict."""
+def score_submission(submission_path, key_path, test_rows=None):
+    """Validate the submission against the key's row count and score it; returns the score dict. test_rows:
+    the prepared test.csv's, which the key must have too (None: not checked)."""
     labels, official = load_answer_key(key_path)
-    test_rows = prepared_test_rows()
     if test_rows is not None and len(labels) != test_rows:  # blame the key, not a submission that fits test.csv
         raise UserError(f"{key_path} has {len(labels)} rows but the prepared test.csv has {test_rows}: the key is "
                         f"damaged or of other data (`make fetch SOURCE=mnist` writes both anew)")
@@ -156,7 +156,7 @@ def main(argv=None):
     if not submission.is_file():
         what = "is not a file" if submission.exists() else "does not exist"  # a folder: not "missing"
         raise UserError(f"{submission} {what}: `make submit` writes submissions/submission.csv")
-    score = score_submission(submission, key)
+    score = score_submission(submission, key, prepared_test_rows() if args.key is None else None)
     out = args.out or submission.parent / "score.json"
     write_json(out, score)
     print(f"score of {submission} against {key}")
