@@ -7,14 +7,13 @@ data/processed/
   meta.json  row counts, class counts, input sha256s, split seed and fraction
 Only train.csv ever reaches training or model selection; the offline answer key is read by `score` alone.
 """
-import json
 import os
 
 import numpy as np
 
 from pipeline import paths
 from pipeline.errors import UserError
-from pipeline.fileio import load_npz
+from pipeline.fileio import load_npz, read_json_object
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -97,13 +96,7 @@ def load_meta(folder=None):
     path = (folder or paths.data_processed()) / "meta.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: run `make prepare` first")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is damaged (not JSON): {_rebuild_advice(folder)}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is damaged (not a JSON object): {_rebuild_advice(folder)}")
-    return meta
+    return read_json_object(path, _rebuild_advice(folder))
 
 
 def stratified_split(y, val_fraction, seed):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 
 @contextmanager
 def atomic_path(path, suffix=""):
@@ -64,6 +66,17 @@ def write_text(path, text: str):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path, advice):
+    """The JSON object in `path` as a dict; a damaged file is one UserError ending with `advice`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged (not JSON): {advice}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {advice}")
+    return data
 
 
 def save_npz(path, arrays: dict, compressed=False):

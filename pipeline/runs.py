@@ -33,7 +33,7 @@ import numpy as np
 from pipeline import console, paths
 from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
-from pipeline.fileio import load_npz, save_npz
+from pipeline.fileio import load_npz, read_json_object, save_npz
 
 # A run, or one member of an ensemble run ("night/members/3").
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
@@ -261,13 +261,7 @@ class Run:
         path = self.folder / "summary.json"
         if not path.is_file():
             return {}
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{path} is damaged (not JSON): {self._advice_train()}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} is damaged (not a JSON object): {self._advice_train()}")
-        return data
+        return read_json_object(path, self._advice_train())
 
     def metrics(self):
         """Epoch records of metrics.jsonl sorted by epoch; a resumed run's repeated epoch keeps its last record."""
@@ -345,11 +339,8 @@ class Run:
         if not path.is_file():
             return None
         advice = f"`make ensemble RUN={self.name}` rewrites it"
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{path} is damaged (not JSON): {advice}") from None
-        if not isinstance(data, dict) or not {"strategy", "weights", "estimate"} <= set(data):
+        data = read_json_object(path, advice)
+        if not {"strategy", "weights", "estimate"} <= set(data):
             raise UserError(f"{path} is damaged (not a blend record): {advice}")
         return data
 
