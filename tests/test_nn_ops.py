@@ -599,6 +599,15 @@ def test_backend_on_cpu():
             select_device("gpu")
 
 
+def assert_conv_backward_equals_naive(rng, x, w, b, pad):
+    """Stride-1 conv backward (by whichever route the table picks) against the naive loops, float64."""
+    out, cache = conv.conv2d_forward(x, w, b, 1, pad)
+    dout = rng.standard_normal(out.shape)
+    _, ref_cache = conv.conv2d_forward_naive(x, w, b, 1, pad)
+    for got, want in zip(conv.conv2d_backward(dout, cache), conv.conv2d_backward_naive(dout, ref_cache)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("x_shape,k,padding", [((3, 22, 22, 16), (3, 3, 4), 0),       # like deotte's layer 3 (1.21x)
                                                ((2, 6, 7, 16), (3, 3, 5), 1),        # 'same'
                                                ((2, 8, 7, 17), (2, 3, 3), (1, 0, 2, 0))])
@@ -613,11 +622,7 @@ def test_conv2d_backward_by_correlation_equals_naive(monkeypatch, x_shape, k, pa
     b = rng.standard_normal(f)
     pad = conv.conv_padding(padding, x_shape[1:3], (kh, kw), 1)
     assert conv.correlation_backward_pays(w.shape, x.shape, 1, pad)
-    out, cache = conv.conv2d_forward(x, w, b, 1, pad)
-    dout = rng.standard_normal(out.shape)
-    _, ref_cache = conv.conv2d_forward_naive(x, w, b, 1, pad)
-    for got, want in zip(conv.conv2d_backward(dout, cache), conv.conv2d_backward_naive(dout, ref_cache)):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert_conv_backward_equals_naive(rng, x, w, b, pad)
 
 
 def test_correlation_backward_is_chosen_where_it_pays():

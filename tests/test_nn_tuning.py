@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.nn import conv, tuning
+from tests.test_nn_ops import assert_conv_backward_equals_naive
 
 NN = Path(__file__).resolve().parents[1] / "pipeline" / "nn"
 
@@ -72,11 +73,7 @@ def test_each_stride1_backward_route_the_table_can_pick_equals_naive(monkeypatch
     assert conv.backward_route(w.shape, x.shape, 1, pad, True, False, True) == expected
     if route != "correlation":
         assert conv.input_grad_route(w.shape, x.shape, 1, pad) == route
-    out, cache = conv.conv2d_forward(x, w, b, 1, pad)
-    dout = rng.standard_normal(out.shape)
-    _, ref_cache = conv.conv2d_forward_naive(x, w, b, 1, pad)
-    for got, want in zip(conv.conv2d_backward(dout, cache), conv.conv2d_backward_naive(dout, ref_cache)):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert_conv_backward_equals_naive(rng, x, w, b, pad)
 
 
 def test_the_one_thread_weight_gradient_route():
