@@ -1,4 +1,5 @@
-"""On-the-fly augmentation: one random affine resampling per image (rotation, zoom, shift), bilinear.
+"""On-the-fly augmentation: one random resampling per image (rotation, zoom, shift, optionally an elastic
+warp), bilinear.
 
 Vectorized over the batch with the array module of the images (NumPy or CuPy). The random draws come from
 a NumPy Generator, so the same seed gives the same batch on CPU and GPU.
@@ -8,12 +9,20 @@ import numpy as np
 from pipeline.nn.backend import get_array_module
 
 
-def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False):
+# Control points per side of the elastic warp: 4 x 4 points 9 pixels apart on a 28-pixel image, so the
+# displacement field varies smoothly over about a stroke's length (Simard et al. 2003 smooth a per-pixel
+# random field with a Gaussian of sigma 4 pixels for the same reason).
+ELASTIC_GRID = 4
+
+
+def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False, elastic=0.0):
     """Randomly rotate (+-rotate_deg), zoom (1 +- zoom) and shift (+- shift * size) every image.
 
     x: (N, H, W, C) float array in NHWC; returns a new array of the same shape and dtype.
     Pixels that map from outside the image are 0 (background). zoom_xy: draw the horizontal and vertical
     zoom independently, as Keras' ImageDataGenerator(zoom_range=...) does (the aspect ratio changes too).
+    elastic: also move every pixel by a smooth random field, at most `elastic` pixels along each axis
+    (an elastic distortion in the manner of Simard et al. 2003, from ELASTIC_GRID^2 control points).
     """
     xp = get_array_module(x)
     n, h, w, c = x.shape
@@ -33,7 +42,25 @@ def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False):
     ox = gx[None] - xp.asarray(tx.astype(x.dtype))[:, None, None]
     sx = inv[:, 0, 0, None, None] * ox + inv[:, 0, 1, None, None] * oy + cx
     sy = inv[:, 1, 0, None, None] * ox + inv[:, 1, 1, None, None] * oy + cy
+    if elastic:  # drawn after everything else, so elastic=0 draws exactly as before
+        grid = rng.uniform(-elastic, elastic, (2, n, ELASTIC_GRID, ELASTIC_GRID)).astype(x.dtype)
+        up_y, up_x = xp.asarray(upsample_matrix(h, ELASTIC_GRID)), xp.asarray(upsample_matrix(w, ELASTIC_GRID))
+        field = up_y @ xp.asarray(grid) @ up_x.T  # (2, N, H, W), smooth
+        sy = sy + field[0]
+        sx = sx + field[1]
     return bilinear_sample(x, sy, sx)
+
+
+def upsample_matrix(size, points, dtype=np.float32):
+    """(size, points): linear interpolation from `points` evenly spaced values to `size` pixels, corners
+    included; each row sums to 1, so a field of equal control values stays that value everywhere."""
+    pos = np.linspace(0.0, points - 1.0, size)
+    low = np.minimum(np.floor(pos).astype(int), points - 2)
+    frac = pos - low
+    m = np.zeros((size, points), dtype)
+    m[np.arange(size), low] = 1.0 - frac
+    m[np.arange(size), low + 1] = frac
+    return m
 
 
 def bilinear_sample(x, sy, sx):

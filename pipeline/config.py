@@ -37,6 +37,7 @@ class TrainConfig:
     zoom: float = 0.1
     zoom_xy: bool = False             # draw x and y zoom independently (Keras' zoom_range)
     shift: float = 0.1
+    elastic: float = 0.0              # > 0: also an elastic warp, at most this many pixels (pipeline/augment.py)
     seed: int = 0
     split_seed: int = -1              # -1: use the split written by prepare; else resplit train.csv
     val_fraction: float = 0.1
@@ -111,7 +112,7 @@ RANGES = {
     "momentum": (0.0, 1.0, True), "weight_decay": (0.0, None, True), "l2": (0.0, None, True),
     "l1": (0.0, None, True), "lr_decay": (0.0, None, True), "step_epochs": (1, None, True),
     "warmup_epochs": (0.0, None, True), "label_smoothing": (0.0, 1.0, False), "rotate_deg": (0.0, 180.0, True),
-    "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "seed": (0, None, True), "split_seed": (-1, None, True),
+    "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "elastic": (0.0, 14.0, True), "seed": (0, None, True), "split_seed": (-1, None, True),
     "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),
     "members": (1, None, True),
 }

@@ -389,7 +389,7 @@ def train_one(folder, preset, cfg, force, label=None):
                 xb, yb = x_tr[xp.asarray(rows)], y_tr[rows]
                 if cfg.augment:
                     xb = random_affine(xb, batch_rng(cfg.seed, epoch, step), cfg.rotate_deg, cfg.zoom, cfg.shift,
-                                       cfg.zoom_xy)
+                                       cfg.zoom_xy, cfg.elastic)
                 lr = schedule(epoch * steps_per_epoch + step)
                 logits = model.forward(xb, train=True)
                 loss, dlogits = softmax_cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing, as_float=False)

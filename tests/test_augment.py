@@ -1,7 +1,7 @@
 """Batch affine augmentation: identity when disabled, exact on whole-pixel shifts, seeded."""
 import numpy as np
 
-from pipeline.augment import bilinear_sample, random_affine
+from pipeline.augment import ELASTIC_GRID, bilinear_sample, random_affine, upsample_matrix
 
 
 def images(n=4, seed=0):
@@ -56,3 +56,34 @@ def test_independent_zoom_changes_the_aspect_ratio_and_keeps_the_default_draws()
     assert np.abs(aspect(both) - 1).max() > 0.12  # heights and widths zoomed apart
     # the shared draws (angle, zoom, shift) come first, so the default path is unchanged
     np.testing.assert_array_equal(same, random_affine(x, np.random.default_rng(3), rotate_deg=0, shift=0, zoom=0.1))
+
+
+def test_upsample_matrix_interpolates_between_control_points_and_keeps_constants():
+    m = upsample_matrix(28, ELASTIC_GRID)
+    assert m.shape == (28, ELASTIC_GRID)
+    np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(m @ np.arange(ELASTIC_GRID), np.linspace(0, ELASTIC_GRID - 1, 28), atol=1e-5)
+    assert m[0, 0] == 1.0 and m[-1, -1] == 1.0
+
+
+def test_elastic_warp_moves_pixels_by_at_most_its_bound_and_is_seeded():
+    x = np.zeros((200, 28, 28, 1), np.float32)
+    x[:, 14, 14] = 1.0  # one bright pixel in the middle
+    plain = random_affine(x, np.random.default_rng(7), rotate_deg=0, zoom=0, shift=0)
+    warped = random_affine(x, np.random.default_rng(7), rotate_deg=0, zoom=0, shift=0, elastic=2.0)
+    np.testing.assert_allclose(plain, x, atol=1e-6)  # elastic=0 is the identity here
+    np.testing.assert_array_equal(warped, random_affine(x, np.random.default_rng(7), rotate_deg=0, zoom=0,
+                                                        shift=0, elastic=2.0))
+    lit = warped[..., 0] > 0
+    yy, xx = np.nonzero(lit.any(axis=0))
+    # every output pixel that reads the dot lies within the bound (+1 for the bilinear footprint)
+    assert np.abs(yy - 14).max() <= 3 and np.abs(xx - 14).max() <= 3
+    moved = [(np.abs(np.nonzero(img[..., 0] == img[..., 0].max())[0] - 14).max() > 0) for img in warped]
+    assert np.mean(moved) > 0.3  # the field does move the dot in many images
+    assert not np.allclose(warped, plain)
+
+
+def test_elastic_zero_draws_exactly_as_before():
+    x = images(8)
+    np.testing.assert_array_equal(random_affine(x, np.random.default_rng(2), zoom_xy=True),
+                                  random_affine(x, np.random.default_rng(2), zoom_xy=True, elastic=0.0))
