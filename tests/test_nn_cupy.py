@@ -232,7 +232,7 @@ def test_pipeline_trains_and_predicts_on_the_gpu_path(cp, tmp_path, monkeypatch)
     write_processed(tmp_path, n=80)
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
-    settings = ["EPOCHS=1", "SEED=3", "AUGMENT=1", "EMA_DECAY=0.9"]  # with the weight average's recalibration
+    settings = ["EPOCHS=1", "SEED=3", "AUGMENT=1", "ELASTIC=2", "EMA_DECAY=0.9"]  # the elastic warp and the weight average
     syncs = {}
     for device, batch in (("cpu", 16), ("gpu", 16), ("gpu", 32)):
         run = f"{device}{batch}"
