@@ -3,7 +3,9 @@ import argparse
 import contextlib
 import errno
 import functools
+import signal
 import sys
+import threading
 import warnings
 
 
@@ -31,13 +33,38 @@ def said_in_one_line(exc):
     return isinstance(exc, UserError) or (engine is not None and isinstance(exc, engine.EngineError))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop), raised like Ctrl-C so that `finally` blocks and context managers
+    run: a half-written output's temporary file is removed instead of left beside the output."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_exception():
+    """Within it, SIGTERM raises Terminated, where the default would end the process on the spot. Only where
+    Python may install handlers (the main thread) and nobody else has (train's own StopSignal nests inside)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def cli_main(fn):
-    """Wrap a stage's main(): UserError or EngineError -> 'error: ...' and exit 2; Ctrl-C -> exit 130."""
+    """Wrap a stage's main(): UserError or EngineError -> 'error: ...' and exit 2; Ctrl-C -> exit 130;
+    SIGTERM -> exit 143, after the same clean-up."""
 
     @functools.wraps(fn)
     def wrapper(argv=None):
         try:
-            with one_line_warnings():
+            with one_line_warnings(), sigterm_as_exception():
                 code = fn(argv)
         except MemoryError:
             print("error: out of memory (is an input far larger than the competition's?)", file=sys.stderr)
@@ -52,6 +79,9 @@ def cli_main(fn):
             where = f"{target}: " if target else ""
             print(f"error: {where}{exc.strerror}", file=sys.stderr)
             return 2
+        except Terminated:
+            print("terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -55,3 +55,21 @@ def test_stages_without_the_engine_do_not_load_it():
     r = subprocess.run([sys.executable, "-c", "import sys, pipeline.errors; print('pipeline.nn' in sys.modules)"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_sigterm_mid_write_removes_the_temporary_file_and_keeps_the_old_output(tmp_path):
+    # `kill PID` while a stage writes: the old output stays and no `.NAME.*.tmp` is left beside it
+    out = tmp_path / "submission.csv"
+    out.write_text("old\n")
+    code = ("import sys, time\nfrom pathlib import Path\nfrom pipeline.errors import cli_main\n"
+            "from pipeline.fileio import atomic_path\n@cli_main\ndef main(argv=None):\n"
+            f"    with atomic_path(Path({str(out)!r})) as tmp:\n        tmp.write_text('half')\n"
+            "        print('writing', flush=True)\n        time.sleep(60)\n"
+            "sys.exit(main())\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline() == "writing\n"
+    p.terminate()
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143 and err == "terminated\n", err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["submission.csv"] and out.read_text() == "old\n"
