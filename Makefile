@@ -8,6 +8,9 @@ CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(or
 # Each held as the text typed, never make code: make expands a command-line variable wherever it is read and
 # whenever it exports it to a recipe, so `MESSAGE='$(shell ...)'` ran its command even in `make help`.
 $(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
+# The same for the variables this Makefile reads when they come from the environment (`RUN=... make train`).
+READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV
+$(foreach v,$(READ_VARS),$(if $(filter environment,$(origin $(v))),$(eval override export $(v) := $$(value $(v)))))
 
 # The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names
 # one. Each is run, not just looked up: a pyenv shim is on PATH for versions it cannot start.

@@ -323,6 +323,18 @@ def test_make_code_in_a_value_is_never_run_by_make(tmp_path, variable):
         assert calls(box)[-1]["env"][f"PIPELINE_VAR_{variable}"] == value
 
 
+@pytest.mark.parametrize("variable", ["RUN", "PRESET", "VAL_FRACTION", "VENV", "MESSAGE", "SOURCE"])
+def test_make_code_in_an_environment_variable_is_never_run_by_make(tmp_path, variable):
+    # `RUN='$(shell ...)' make submit`: make expanded the variables it reads from the environment too
+    box = sandbox(tmp_path)
+    built(box)
+    mark = tmp_path / "pwned"
+    env = dict(os.environ, **{variable: f"1$(shell touch {mark})"})
+    for args in (["help"], ["-n", "train", "prepare", "ensemble", "kernel", "submit"], ["submit", "RUN=x"]):
+        sandbox_make(box, *args, env=env)
+        assert not mark.exists(), args
+
+
 @pytest.mark.parametrize("target,switch", [("ensemble", "TTA=yes"), ("kernel", "GPU=true"), ("kernel", "CONTINUE=2"),
                                            ("submit", "UPLOAD=maybe")])
 def test_a_switch_that_is_not_0_or_1_is_refused_not_read_as_0(tmp_path, target, switch):
