@@ -9,7 +9,8 @@ CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(or
 # whenever it exports it to a recipe, so `MESSAGE='$(shell ...)'` ran its command even in `make help`.
 $(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
 # The same for the variables this Makefile reads when they come from the environment (`RUN=... make train`).
-READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV
+READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV \
+  EPOCHS MAX_TIME DEVICE SEED
 $(foreach v,$(READ_VARS),$(if $(filter environment,$(origin $(v))),$(eval override export $(v) := $$(value $(v)))))
 
 # The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names

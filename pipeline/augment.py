@@ -21,7 +21,7 @@ def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False, e
     x: (N, H, W, C) float array in NHWC; returns a new array of the same shape and dtype.
     Pixels that map from outside the image are 0 (background). zoom_xy: draw the horizontal and vertical
     zoom independently, as Keras' ImageDataGenerator(zoom_range=...) does (the aspect ratio changes too).
-    elastic: also move every pixel by a smooth random field, at most `elastic` pixels along each axis
+    elastic: also move every pixel by a continuous random field, at most `elastic` pixels along each axis
     (an elastic distortion in the manner of Simard et al. 2003, from ELASTIC_GRID^2 control points).
     """
     xp = get_array_module(x)
@@ -45,7 +45,7 @@ def random_affine(x, rng, rotate_deg=10.0, zoom=0.1, shift=0.1, zoom_xy=False, e
     if elastic:  # drawn after everything else, so elastic=0 draws exactly as before
         grid = rng.uniform(-elastic, elastic, (2, n, ELASTIC_GRID, ELASTIC_GRID)).astype(x.dtype)
         up_y, up_x = xp.asarray(upsample_matrix(h, ELASTIC_GRID)), xp.asarray(upsample_matrix(w, ELASTIC_GRID))
-        field = up_y @ xp.asarray(grid) @ up_x.T  # (2, N, H, W), smooth
+        field = up_y @ xp.asarray(grid) @ up_x.T  # (2, N, H, W), continuous, linear between control points
         sy = sy + field[0]
         sx = sx + field[1]
     return bilinear_sample(x, sy, sx)

@@ -323,7 +323,8 @@ def test_make_code_in_a_value_is_never_run_by_make(tmp_path, variable):
         assert calls(box)[-1]["env"][f"PIPELINE_VAR_{variable}"] == value
 
 
-@pytest.mark.parametrize("variable", ["RUN", "PRESET", "VAL_FRACTION", "VENV", "MESSAGE", "SOURCE"])
+@pytest.mark.parametrize("variable", ["RUN", "PRESET", "VAL_FRACTION", "VENV", "MESSAGE", "SOURCE", "EPOCHS", "MAX_TIME",
+                                      "DEVICE", "SEED"])
 def test_make_code_in_an_environment_variable_is_never_run_by_make(tmp_path, variable):
     # `RUN='$(shell ...)' make submit`: make expanded the variables it reads from the environment too
     box = sandbox(tmp_path)

@@ -156,8 +156,8 @@ def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code in (143, 0), err  # 0 only if it finished before the signal landed
-    if code == 143:
-        assert "checkpoint saved" in err
+    if code == 143:  # in the loop: a checkpoint; after it (writing the outputs): a clean stop, finished on resume
+        assert "checkpoint saved" in err or err.endswith("terminated\n"), err
 
 
 def test_changed_config_on_resume_is_refused_unless_forced(reference, tmp_path):
