@@ -126,14 +126,17 @@ class Model:
             bn.buffers["running_mean"][...] = mean.astype(self.dtype)
             bn.buffers["running_var"][...] = self.xp.maximum(var, 0).astype(self.dtype)
 
-    def predict_proba(self, x, batch_size=1000):
+    def predict_proba(self, x, batch_size=1000, on_batch=None):
         """Class probabilities, numpy float32 (N, num_classes), in eval mode, batch by batch (through an
-        inference copy: BatchNorms folded)."""
+        inference copy: BatchNorms folded). on_batch(rows): called after each batch, e.g. a progress bar's
+        update."""
         model = self.for_inference()
         out = np.empty((len(x), self.num_classes), dtype=np.float32)
         for start in range(0, len(x), batch_size):
             logits = model.forward(x[start:start + batch_size], train=False)
             out[start:start + batch_size] = to_numpy(softmax(logits))
+            if on_batch is not None:
+                on_batch(len(logits))
         model.forget_activations()
         return out
 
