@@ -265,3 +265,11 @@ def test_the_lab_curve_blends_the_first_k_members_and_scores_them_on_the_key(tmp
     assert skipped == ["2"] and [r["k"] for r in rows] == [1, 2]
     assert {r["member_hidden"] for r in rows} == {r["chosen_hidden"] for r in rows} == {0.75}
     assert [r["chosen"] for r in rows] == ["best single", "mean of all"]
+
+
+def test_the_lab_extrapolation_recovers_a_curve_of_the_form_a_plus_b_over_k():
+    from bench import ensemble_curve
+    rows = [{"k": k, "mean_hidden": 1 - (0.003 + 0.0012 / k)} for k in range(1, 7)]
+    a, b, acc = ensemble_curve.extrapolate(rows)
+    assert a == pytest.approx(0.003) and b == pytest.approx(0.0012)
+    assert acc[8] == pytest.approx(1 - 0.003 - 0.0012 / 8) and acc[15] == pytest.approx(1 - 0.003 - 0.00008)
