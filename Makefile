@@ -97,13 +97,13 @@ $(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv \
 train: $(PROCESSED)/meta.json | $(VENV)/.installed ## train PRESET into runs/RUN (resumes an unfinished run, repairs a damaged one)
 	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
 
-$(RUNDIR)/summary.json: $(PROCESSED)/meta.json | $(VENV)/.installed
-	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
-
 predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (recomputed when the data or model changed)
 	$(PY) -m pipeline.predict --run $(RUN)
 
-$(RUNDIR)/test_probs.npz: $(RUNDIR)/summary.json $(PROCESSED)/meta.json | $(VENV)/.installed
+# Recomputed when the run or the data changed, but never trains, fetches or prepares: `make submit RUN=typo` is
+# refused in one line, where it trained the default preset for 30 minutes and uploaded it; an ensemble stopped
+# by MAX_TIME is blended from its finished members instead of trained on. `make train submit` trains first.
+$(RUNDIR)/test_probs.npz: $(wildcard $(RUNDIR)/summary.json $(PROCESSED)/meta.json) | $(VENV)/.installed
 	$(PY) -m pipeline.predict --run $(RUN)
 
 ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)

@@ -285,6 +285,28 @@ def test_report_of_a_missing_or_unfinished_run_never_trains(tmp_path):
         assert re.findall(r"-m (pipeline\.\w+)", result.stdout) == ["pipeline.report"], result.stdout
 
 
+def test_submit_never_trains_fetches_or_prepares(tmp_path):
+    # `make submit RUN=typo` trained the standard preset into runs/typo (30 minutes), then uploaded it; an ensemble
+    # stopped by MAX_TIME went back to training instead of blending its finished members
+    box = sandbox(tmp_path)
+    built(box)
+    (box / "runs" / "x" / "summary.json").unlink()  # x stopped before it delivered
+    for run in ("typo", "x"):
+        result = sandbox_make(box, "-n", "submit", f"RUN={run}")
+        assert result.returncode == 0, result.stderr
+        stages = re.findall(r"-m (pipeline\.\w+)", result.stdout)
+        assert stages[-1] == "pipeline.submit" and "pipeline.train" not in stages, result.stdout
+    (tmp_path / "fresh").mkdir()
+    fresh = sandbox(tmp_path / "fresh")  # nothing fetched yet: submit says what is missing instead
+    result = sandbox_make(fresh, "-n", "submit")
+    assert re.findall(r"-m (pipeline\.\w+)", result.stdout) == ["pipeline.predict", "pipeline.submit",
+                                                                  "pipeline.submit"], result.stdout
+    # `make train submit` still does it all, training first
+    result = sandbox_make(fresh, "-n", "train", "submit")
+    assert re.findall(r"-m (pipeline\.\w+)", result.stdout)[-4:] == ["pipeline.train", "pipeline.predict",
+                                                                       "pipeline.submit", "pipeline.submit"]
+
+
 @pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist")])
 def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, target, variable):
     # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset
