@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline import dataset, runs
 from pipeline.dataset import load_test_images
-from pipeline.errors import StageArgumentParser, cli_main
+from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.runs import TEST_PROBS
 
 
@@ -23,6 +23,17 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
     return p.parse_args(argv)
+
+
+def tta_tried(run):
+    """Whether the run's last blend tried test-time shifts (`make ensemble TTA=1`): a blend made again because
+    its members or the data changed tries them again, rather than dropping them unasked."""
+    try:
+        report = run.ensemble_report() or {}
+    except UserError:  # damaged: the blend is made again from scratch, as `make ensemble` would
+        return False
+    candidates = report.get("candidates")
+    return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("tta") is True for c in candidates)
 
 
 @cli_main
@@ -37,7 +48,13 @@ def main(argv=None):
         from pipeline import ensemble
 
         with run.lock("ensemble"):
-            report = ensemble.build(run.folder, select_device(args.device))
+            made_from = run.made_from()
+            n_test = dataset.load_meta().get("test_rows")
+            if isinstance(n_test, int) and run.cached_probs(TEST_PROBS, n_test, made_from) is not None:
+                # the blend of now, as `make ensemble` chose it (with TTA=1 perhaps): not redone without it
+                print(f"{run.folder / TEST_PROBS} is up to date (same blend, same members, same test data)")
+                return 0
+            report = ensemble.build(run.folder, select_device(args.device), tta=tta_tried(run))
         print(f"{run.folder / TEST_PROBS}: {report['strategy']} of {len(report['weights'])} members, "
               f"validation estimate {report['estimate']['accuracy']:.5f}")
         return 0

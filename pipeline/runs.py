@@ -354,6 +354,10 @@ class Run:
         if self.is_ensemble:
             path = self.folder / "ensemble.json"
             source["blend"] = file_sha256(path) if path.is_file() else None
+            # and every member's model: ensemble.json names its members but not their weights, so a member
+            # retrained, deleted or finished since the blend leaves the blend's probabilities stale
+            source["members"] = {m.name.rsplit("/", 1)[-1]: m.made_from(source["data"])["model"]
+                                 for m in self.members()}
         else:
             path = self.folder / "model.npz"
             source["model"] = file_sha256(path) if path.is_file() else None

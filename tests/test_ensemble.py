@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -273,3 +274,48 @@ def test_the_lab_extrapolation_recovers_a_curve_of_the_form_a_plus_b_over_k():
     a, b, acc = ensemble_curve.extrapolate(rows)
     assert a == pytest.approx(0.003) and b == pytest.approx(0.0012)
     assert acc[8] == pytest.approx(1 - 0.003 - 0.0012 / 8) and acc[15] == pytest.approx(1 - 0.003 - 0.00008)
+
+
+@pytest.mark.parametrize("change", ["retrained", "deleted", "finished since"])
+def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch, change):
+    # ensemble.json names its members but not their weights: a member retrained, deleted or finished after the
+    # blend left test_probs.npz looking fresh, and `make submit` uploaded the old blend
+    from pipeline import submit
+    from pipeline.errors import UserError
+    from pipeline.nn import build_model
+
+    run, _ = blend_project(tmp_path, monkeypatch)
+    with pytest.warns(UserWarning, match="unfinished members 2"):
+        ensemble.build(run)
+    assert runs.Run("ens").test_probs(12).shape == (12, 10)  # as blended: accepted
+    if change == "retrained":
+        save_npz(run / "members/1/model.npz", build_model("seed_small", seed=1, dtype=np.float32).state_dict())
+    elif change == "deleted":
+        shutil.rmtree(run / "members/0")
+    else:
+        save_npz(run / "members/2/model.npz", build_model("seed_small", seed=2, dtype=np.float32).state_dict())
+    with pytest.raises(UserError, match="made from another model"):
+        runs.Run("ens").test_probs(12)
+    assert submit.main(["--run", "ens", "--upload", "0"]) == 2
+    assert not (tmp_path / "submissions" / "submission.csv").exists()
+
+
+def test_predict_keeps_a_blend_that_is_up_to_date_and_tries_shifts_again_when_it_is_not(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # `make ensemble TTA=1` then `make train submit`: predict blended again without the shifts, unasked
+    from pipeline import predict
+    from pipeline.nn import build_model
+
+    run, _ = blend_project(tmp_path, monkeypatch)
+    with pytest.warns(UserWarning, match="unfinished members 2"):
+        ensemble.build(run, tta=True)
+    before = (run / "ensemble.json").read_bytes()
+    assert predict.main(["--run", "ens", "--device", "cpu"]) == 0
+    assert (run / "ensemble.json").read_bytes() == before  # up to date: kept as it was chosen
+    assert "is up to date" in capsys.readouterr().out
+    save_npz(run / "members/1/model.npz", build_model("seed_small", seed=1, dtype=np.float32).state_dict())
+    assert predict.main(["--run", "ens", "--device", "cpu"]) == 0  # (its warning goes to stderr, in one line)
+    assert "is up to date" not in capsys.readouterr().out  # blended again, for the new member model
+    blend = json.loads((run / "ensemble.json").read_text())
+    assert any(c["tta"] for c in blend["candidates"])  # the shifts were tried again
+    assert runs.Run("ens").test_probs(12).shape == (12, 10)
