@@ -87,7 +87,7 @@ def make_overrides(environ=None):
 def preset_path(name):
     known = ", ".join(sorted(p.stem for p in paths.configs().glob("*.toml")))
     path = paths.configs() / f"{name}.toml"
-    if not PRESET_NAME.match(str(name)) or not path.is_file():
+    if not PRESET_NAME.fullmatch(str(name)) or not path.is_file():
         raise UserError(f"unknown preset '{name}' (known: {known})")
     return path
 

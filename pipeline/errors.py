@@ -9,10 +9,11 @@ import threading
 import warnings
 
 
-# Failures of the machine, not of our code: said in one line like a UserError. EISDIR and ENOTDIR: a folder
-# stands where an output goes (submissions/submission.csv made a directory), or a file where a folder does.
+# Failures of the machine, not of our code: said in one line like a UserError. EISDIR, ENOTDIR and EEXIST: a
+# folder stands where an output goes (submissions/submission.csv made a directory), or a file where a folder
+# does (submissions itself a file: mkdir says EEXIST); ENAMETOOLONG: an --out name past the file system's limit.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE,
-                      errno.EISDIR, errno.ENOTDIR}
+                      errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 class UserError(Exception):

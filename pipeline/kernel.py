@@ -288,7 +288,7 @@ def bundle_source_of(notebook):
 def parse_kernel_id(kernel_id):
     """(owner, slug) of 'owner/slug'; UserError when it is not a valid Kaggle kernel id."""
     owner, _, slug = str(kernel_id).partition("/")
-    if not OWNER.match(owner) or not SLUG.match(slug) or not 5 <= len(slug) <= 50:
+    if not OWNER.fullmatch(owner) or not SLUG.fullmatch(slug) or not 5 <= len(slug) <= 50:
         raise UserError(f"kernel id '{kernel_id}' is not OWNER/SLUG (the slug: 5 to 50 lower-case letters, digits "
                         f"and single hyphens, e.g. yourname/{DEFAULT_SLUG})")
     return owner, slug

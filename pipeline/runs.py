@@ -45,7 +45,7 @@ RUN_CONTROL = ("max_time", "ckpt_every", "device")
 
 
 def check_name(name):
-    if not RUN_NAME.match(str(name)):
+    if not RUN_NAME.fullmatch(str(name)):  # fullmatch: `$` alone also matches before a final newline
         raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-' (or NAME/members/K)")
     return str(name)
 

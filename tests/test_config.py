@@ -44,8 +44,9 @@ def test_a_make_variable_in_the_wrong_case_or_twice_is_refused(bad, words):
 
 
 def test_unknown_preset_names_the_known_ones():
-    with pytest.raises(UserError, match="quick"):
-        build_config("nosuch")
+    for name in ("nosuch", "quick\n"):
+        with pytest.raises(UserError, match="quick"):
+            build_config(name)
 
 
 def test_resolved_config_round_trips_through_toml():
@@ -60,7 +61,8 @@ def test_run_names_accepted(name):
     assert run_dir(name).name == name.split("/")[-1]
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "night/members/x", "", ".hidden", "a b"])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "night/members/x", "", ".hidden", "a b", "night\n",
+                                  "night/members/3\n"])
 def test_run_names_refused(name):
     from pipeline.runs import run_dir
 

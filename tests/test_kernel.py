@@ -304,8 +304,9 @@ def test_kernel_id_sources(tmp_path, clean_env, monkeypatch, capsys):
     (clean_env / ".kaggle" / "kaggle.json").unlink()
     assert kernel.main(["--out", str(out)]) == 0  # regeneration keeps the folder's id
     assert json.loads((out / kernel.METADATA).read_text())["id"] == "alice/my-mnist-kernel"
-    assert kernel.main(["--id", "alice/BAD_slug", "--out", str(out)]) == 2
-    assert "not OWNER/SLUG" in capsys.readouterr().err
+    for bad in ("alice/BAD_slug", "alice/my-mnist-kernel\n", "alice\n/my-mnist-kernel"):  # `$` passed a final \n
+        assert kernel.main(["--id", bad, "--out", str(out)]) == 2
+        assert "not OWNER/SLUG" in capsys.readouterr().err
     assert SECRET not in (out / kernel.METADATA).read_text() + (out / kernel.NOTEBOOK).read_text()
 
 

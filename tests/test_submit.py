@@ -146,6 +146,20 @@ def test_a_folder_where_the_submission_goes_is_one_line(project, capsys):
     assert project.csv.is_dir() and [p.name for p in project.csv.parent.iterdir()] == ["submission.csv"]
 
 
+def test_a_file_where_the_submissions_folder_goes_or_a_name_too_long_is_one_line(project, capsys):
+    # both were tracebacks: mkdir's FileExistsError, and mkstemp's OSError for a name past the limit
+    long = project.csv.parent / ("a" * 300 + ".csv")
+    assert submit.main(["--run", "r1", "--upload", "0", "--out", str(long)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "File name too long" in err and err.count("\n") == 1, err
+    project.csv.parent.mkdir(parents=True, exist_ok=True)
+    project.csv.parent.rmdir()
+    project.csv.parent.write_text("a file")
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    assert capsys.readouterr().err == f"error: {project.csv.parent}: File exists\n"
+    assert project.csv.parent.read_text() == "a file"
+
+
 def test_write_submission_never_overwrites_with_invalid(tmp_path):
     path = tmp_path / "submission.csv"
     path.write_text(good_csv())
