@@ -282,10 +282,18 @@ class Run:
                 raise UserError(f"{path} line {line_no}: invalid JSON ({exc.msg}): {self._advice_train()}") from None
             if not isinstance(record, dict) or "epoch" not in record:
                 raise UserError(f"{path} line {line_no}: no 'epoch' field: {self._advice_train()}")
-            by_epoch[record["epoch"]] = record
+            epoch = record["epoch"]
+            if type(epoch) is not int or epoch < 0:  # noqa: E721 (a bool is an int, and no epoch)
+                raise UserError(f"{path} line {line_no}: epoch {json.dumps(epoch)} is not a whole number: "
+                                f"{self._advice_train()}")
+            odd = [k for k, v in record.items() if v is not None and type(v) not in (int, float)]  # noqa: E721
+            if odd:  # the figures are drawn from every field: a string there was a traceback in `make report`
+                raise UserError(f"{path} line {line_no}: {odd[0]} is {json.dumps(record[odd[0]])}, not a number: "
+                                f"{self._advice_train()}")
+            by_epoch[epoch] = record
         if not by_epoch:
             raise UserError(f"{path} has no epoch records: train the run first (`make train RUN={self.root.name}`)")
-        return [by_epoch[e] for e in sorted(by_epoch, key=lambda e: (not isinstance(e, int), e))]
+        return [by_epoch[e] for e in sorted(by_epoch)]
 
     def _npz(self, name, advice):
         path = self.folder / name
@@ -342,6 +350,12 @@ class Run:
         data = read_json_object(path, advice)
         if not {"strategy", "weights", "estimate"} <= set(data):
             raise UserError(f"{path} is damaged (not a blend record): {advice}")
+        number = (int, float)
+        weights, estimate = data["weights"], data["estimate"]
+        if not isinstance(data["strategy"], str) or not isinstance(weights, dict) or not isinstance(estimate, dict) \
+                or not all(type(w) in number for w in weights.values()) \
+                or type(estimate.get("accuracy")) not in number:  # a hand edit; every key there, wrong types
+            raise UserError(f"{path} is damaged (a field of the wrong type): {advice}")
         return data
 
     # ---------------------------------------------------------------- predictions and what they were made from

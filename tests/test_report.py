@@ -103,6 +103,12 @@ def test_load_metrics_keeps_last_record_of_a_repeated_epoch(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
     with pytest.raises(UserError, match="line 2"):
         report.load_metrics(tmp_path)
+    # valid JSON of the wrong types: each was a TypeError (in the sort, or in the figures)
+    for bad, words in [('{"epoch": [1]}', "epoch \\[1\\] is not"), ('{"epoch": 1.5}', "epoch 1.5 is not"),
+                       ('{"epoch": true}', "epoch true is not"), ('{"epoch": 2, "val_acc": "0.9"}', 'val_acc is "0.9"')]:
+        (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n' + bad + "\n")
+        with pytest.raises(UserError, match=f"line 2: {words}"):
+            report.load_metrics(tmp_path)
 
 
 def test_worst_misclassified_orders_by_true_class_probability():

@@ -287,6 +287,19 @@ def test_a_damaged_member_cache_or_ensemble_json_is_one_line_or_recomputed(root,
     assert submit.main(["--run", "night", "--upload", "0"]) == 0
 
 
+@pytest.mark.parametrize("edit", [{"estimate": None}, {"weights": 3}, {"weights": {"0": "1"}}, {"strategy": 5},
+                                  {"estimate": {"accuracy": "0.99"}}])
+def test_an_ensemble_json_with_a_field_of_the_wrong_type_is_one_line(root, capsys, edit):
+    # valid JSON with every key, but `"estimate": null` was an AttributeError in submit, `"weights": 3` a TypeError
+    night = ensemble_root(root)
+    assert predict_main("--run", "night") == 0
+    blend = json.loads((night / "ensemble.json").read_text())
+    (night / "ensemble.json").write_text(json.dumps({**blend, **edit}))
+    capsys.readouterr()
+    assert submit.main(["--run", "night", "--upload", "0"]) == 2
+    one_error_line(capsys, "ensemble.json is damaged", "make ensemble RUN=night")
+
+
 def test_a_member_name_on_a_single_run_is_refused(root, capsys):
     assert predict_main("--run", "base/members/0") == 2
     one_error_line(capsys, "runs/base is not an ensemble")
