@@ -12,11 +12,14 @@ An upload that succeeded is recorded in .uploaded.json beside the CSV (its sha25
 the existing CSV unless that very file was uploaded already, so `make submit` retries a failed upload
 and never repeats a successful one.
 """
+import contextlib
 import csv
 import io
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,21 +151,36 @@ def upload_record(path):
     return Path(path).parent / UPLOAD_RECORD
 
 
-def already_uploaded(path):
-    """The record of the upload of this very file (same sha256), or None."""
+def already_uploaded(path, sha):
+    """The record beside `path` of an upload of the bytes whose sha256 is `sha`, or None."""
     try:
         record = json.loads(upload_record(path).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("sha256") == runs.file_sha256(path) else None
+    return record if isinstance(record, dict) and record.get("sha256") == sha else None
 
 
-def upload(path, run_name, message, upload_wanted):
-    """Upload `path` (once: a success is recorded); returns the exit code."""
+@contextlib.contextmanager
+def private_copy(path):
+    """A copy of `path`, under its own name, in a temporary folder of this process: the bytes checked are the
+    bytes sent and recorded, even if another `make submit` replaces the CSV meanwhile."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-upload-") as folder:
+        copy = Path(folder) / Path(path).name
+        shutil.copyfile(path, copy)
+        yield copy
+
+
+def upload(path, run_name, message, upload_wanted, copy=None):
+    """Upload `path` (once: a success is recorded); returns the exit code. `copy`: its private copy, already
+    checked by the caller; the copy is what is sent, and its sha256 is what the record holds."""
     if not upload_wanted:
         print(f"{console.next_step('upload')}; {path} is ready")
         return 0
-    done = already_uploaded(path)
+    if copy is None:
+        with private_copy(path) as copy:
+            return upload(path, run_name, message, upload_wanted, copy)
+    sha = runs.file_sha256(copy)
+    done = already_uploaded(path, sha)
     if done:
         print(f"{path} was uploaded already ({done.get('time')}: {done.get('answer')}); nothing to do")
         return 0
@@ -173,8 +191,7 @@ def upload(path, run_name, message, upload_wanted):
               f"`kaggle competitions submit -c {COMPETITION} -f {shlex.quote(str(path))} -m {shlex.quote(message)}` "
               f"or set credentials and rerun `make submit RUN={run_name}`")
         return 0
-    sha = runs.file_sha256(path)
-    answer = kaggle_api.submit(path, message)  # UserError on failure: exit 2, the CSV stays, the next try uploads
+    answer = kaggle_api.submit(copy, message)  # UserError on failure: exit 2, the CSV stays, the next try uploads
     write_json(upload_record(path), {"sha256": sha, "run": run_name, "message": message, "answer": answer,
                                      "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"uploaded {path} ({message}): {answer}")
@@ -217,12 +234,13 @@ def main(argv=None):
             probs = run.test_probs(n_test)
         # the CSV on disk may be another run's (`python -m pipeline.submit --run other`) or older than the
         # predictions: it is uploaded under this run's name only when it holds this run's labels of now
-        labels = validate_submission(out, n_test)["Label"].to_numpy()
-        if not np.array_equal(labels, labels_from_probs(probs)):
-            raise UserError(f"{out} does not hold the labels of runs/{run.name}'s current predictions (written from "
-                            f"another run, or before they changed), so it was not uploaded: remove it, then "
-                            f"`make submit RUN={run.name}` writes it again")
-        return upload(out, run.name, message, args.upload)
+        with private_copy(out) as copy:
+            labels = validate_submission(copy, n_test)["Label"].to_numpy()
+            if not np.array_equal(labels, labels_from_probs(probs)):
+                raise UserError(f"{out} does not hold the labels of runs/{run.name}'s current predictions (written "
+                                f"from another run, or before they changed), so it was not uploaded: remove it, then "
+                                f"`make submit RUN={run.name}` writes it again")
+            return upload(out, run.name, message, args.upload, copy)
 
     n_test = count_test_rows()
     with run.lock("submit", shared=True):

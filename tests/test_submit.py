@@ -1,10 +1,12 @@
 """submit: validate_submission's rules, the CSV written from a run, and the upload paths (no network)."""
+import hashlib
 import io
 import json
 import os
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,7 +186,7 @@ def test_upload_success_message_names_run_and_accuracy(project, capsys, monkeypa
     assert submit.main(["--run", "r1", "--upload", "1", "--message", "try 3"]) == 0
     assert len(calls) == 1
     path, message = calls[0]
-    assert path == str(project.csv)
+    assert Path(path).name == project.csv.name  # a private copy, under the CSV's own name
     assert "r1" in message and "98.77%" in message and "seed_small" in message and "try 3" in message
     assert "Successfully submitted to Digit Recognizer" in capsys.readouterr().out
 
@@ -245,6 +247,32 @@ def test_a_failed_upload_is_retried_and_a_successful_one_never_repeated(project,
     assert len(sent) == 2 and sent[-1].startswith('v2 "best" $HOME | run r1') and calls == []
     record = json.loads((project.csv.parent / submit.UPLOAD_RECORD).read_text())
     assert record["answer"] == "Successfully submitted"
+
+
+def test_the_bytes_checked_are_the_bytes_uploaded_and_recorded(project, capsys, monkeypatch):
+    # a second `make submit RUN=r2` replacing submission.csv between the label check and the upload: r2's labels
+    # went up under r1's message, and the record said r1's file was uploaded
+    fake_kaggle_api(monkeypatch)
+    sent = []
+    sys.modules["pipeline.kaggle_api"].submit = lambda path, message: sent.append(Path(path).read_bytes()) or "ok"
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    checked = project.csv.read_bytes()
+    other = "ImageId,Label\n" + "".join(f"{i},7\n" for i in range(1, N_TEST + 1))
+    real = submit.validate_submission
+
+    def check_then_replaced(path, n_rows):
+        frame = real(path, n_rows)
+        project.csv.write_text(other)  # the other submit wins the race right after the check
+        return frame
+
+    monkeypatch.setattr(submit, "validate_submission", check_then_replaced)
+    assert submit.main(["--run", "r1", "--upload-only"]) == 0
+    record = json.loads((project.csv.parent / submit.UPLOAD_RECORD).read_text())
+    assert sent == [checked] and record["sha256"] == hashlib.sha256(checked).hexdigest()
+    monkeypatch.setattr(submit, "validate_submission", real)
+    capsys.readouterr()
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2  # r2's CSV is never sent as r1's
+    assert "not uploaded" in capsys.readouterr().err and len(sent) == 1
 
 
 def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeypatch):
