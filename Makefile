@@ -100,10 +100,13 @@ train: $(PROCESSED)/meta.json | $(VENV)/.installed ## train PRESET into runs/RUN
 predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (recomputed when the data or model changed)
 	$(PY) -m pipeline.predict --run $(RUN)
 
-# Recomputed when the run or the data changed, but never trains, fetches or prepares: `make submit RUN=typo` is
-# refused in one line, where it trained the default preset for 30 minutes and uploaded it; an ensemble stopped
-# by MAX_TIME is blended from its finished members instead of trained on. `make train submit` trains first.
-$(RUNDIR)/test_probs.npz: $(wildcard $(RUNDIR)/summary.json $(PROCESSED)/meta.json) | $(VENV)/.installed
+# Recomputed when the run (or a member of it) delivered since, or the data changed, but never trains, fetches
+# or prepares: `make submit RUN=typo` is refused in one line, where it trained the default preset for 30 minutes
+# and uploaded it; an ensemble stopped by MAX_TIME is blended from its finished members instead of trained on.
+# The files are listed when make starts, before a recipe runs: in `make train submit` the training itself is
+# the prerequisite, so what it delivers is predicted (predict does nothing when the probabilities are current).
+$(RUNDIR)/test_probs.npz: $(wildcard $(RUNDIR)/summary.json $(RUNDIR)/members/*/summary.json $(PROCESSED)/meta.json) \
+  $(filter train,$(MAKECMDGOALS)) | $(VENV)/.installed
 	$(PY) -m pipeline.predict --run $(RUN)
 
 ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)

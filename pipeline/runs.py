@@ -369,9 +369,10 @@ class Run:
             path = self.folder / "ensemble.json"
             source["blend"] = file_sha256(path) if path.is_file() else None
             # and every member's model: ensemble.json names its members but not their weights, so a member
-            # retrained, deleted or finished since the blend leaves the blend's probabilities stale
-            source["members"] = {m.name.rsplit("/", 1)[-1]: m.made_from(source["data"])["model"]
-                                 for m in self.members()}
+            # retrained, deleted or delivered since the blend leaves the blend's probabilities stale (one that
+            # only started training since has no model yet, and changes nothing)
+            models = {m.name.rsplit("/", 1)[-1]: m.made_from(source["data"])["model"] for m in self.members()}
+            source["members"] = {k: sha for k, sha in models.items() if sha is not None}
         else:
             path = self.folder / "model.npz"
             source["model"] = file_sha256(path) if path.is_file() else None

@@ -276,7 +276,7 @@ def test_the_lab_extrapolation_recovers_a_curve_of_the_form_a_plus_b_over_k():
     assert acc[8] == pytest.approx(1 - 0.003 - 0.0012 / 8) and acc[15] == pytest.approx(1 - 0.003 - 0.00008)
 
 
-@pytest.mark.parametrize("change", ["retrained", "deleted", "finished since"])
+@pytest.mark.parametrize("change", ["retrained", "deleted", "finished since", "started since"])
 def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch, change):
     # ensemble.json names its members but not their weights: a member retrained, deleted or finished after the
     # blend left test_probs.npz looking fresh, and `make submit` uploaded the old blend
@@ -292,8 +292,15 @@ def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch,
         save_npz(run / "members/1/model.npz", build_model("seed_small", seed=1, dtype=np.float32).state_dict())
     elif change == "deleted":
         shutil.rmtree(run / "members/0")
-    else:
-        save_npz(run / "members/2/model.npz", build_model("seed_small", seed=2, dtype=np.float32).state_dict())
+    elif change == "finished since":  # member 2 delivers: the blend would now include it
+        shutil.rmtree(run / "members/2")
+        held = np.arange(0, 40, 2)
+        write_member(run / "members/2", held, held % 10, onehot(held % 10), onehot(np.arange(12) % 10))
+        assert runs.Run("ens/members/2").finished
+    else:  # a member that only started training since changes nothing the blend used
+        (run / "members/3/checkpoints").mkdir(parents=True)
+        assert runs.Run("ens").test_probs(12).shape == (12, 10)
+        return
     with pytest.raises(UserError, match="made from another model"):
         runs.Run("ens").test_probs(12)
     assert submit.main(["--run", "ens", "--upload", "0"]) == 2

@@ -307,6 +307,21 @@ def test_submit_never_trains_fetches_or_prepares(tmp_path):
                                                                        "pipeline.submit", "pipeline.submit"]
 
 
+def test_what_training_delivers_is_predicted_before_it_is_submitted(tmp_path):
+    # make lists the files when it starts: a summary.json that `make train submit` writes was not a prerequisite
+    # yet, so an ensemble resumed and finished by that very command went to submit with its old blend
+    box = sandbox(tmp_path)
+    built(box)
+    stages = re.findall(r"-m (pipeline\.\w+)", sandbox_make(box, "-n", "train", "submit", "RUN=x").stdout)
+    assert stages == ["pipeline.train", "pipeline.predict", "pipeline.submit", "pipeline.submit"], stages
+    # a member delivered by an earlier `make train` (after a blend of the members finished then) is blended in
+    member = box / "runs" / "x" / "members" / "3" / "summary.json"
+    member.parent.mkdir(parents=True)
+    member.write_text("x")
+    stages = re.findall(r"-m (pipeline\.\w+)", sandbox_make(box, "-n", "submit", "RUN=x").stdout)
+    assert stages == ["pipeline.predict", "pipeline.submit", "pipeline.submit"], stages
+
+
 @pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist")])
 def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, target, variable):
     # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset
