@@ -170,15 +170,26 @@ def private_copy(path):
         yield copy
 
 
-def upload(path, run_name, message, upload_wanted, copy=None):
-    """Upload `path` (once: a success is recorded); returns the exit code. `copy`: its private copy, already
-    checked by the caller; the copy is what is sent, and its sha256 is what the record holds."""
+def upload_if_current(path, run, message, upload_wanted, n_test, probs):
+    """Upload the CSV at `path` under the run's name (once: a success is recorded), if it holds the labels of
+    `probs`, the run's predictions of now; returns the exit code. The CSV on disk may be another run's
+    (`python -m pipeline.submit --run other`), older than the predictions, or replaced by another submit since
+    it was written: the check is made on a private copy, and that copy is what is sent and recorded."""
     if not upload_wanted:
         print(f"{console.next_step('upload')}; {path} is ready")
         return 0
-    if copy is None:
-        with private_copy(path) as copy:
-            return upload(path, run_name, message, upload_wanted, copy)
+    with private_copy(path) as copy:
+        labels = validate_submission(copy, n_test)["Label"].to_numpy()
+        if not np.array_equal(labels, labels_from_probs(probs)):
+            raise UserError(f"{path} does not hold the labels of runs/{run.name}'s current predictions (written "
+                            f"from another run, or before they changed), so it was not uploaded: remove it, then "
+                            f"`make submit RUN={run.name}` writes it again")
+        return upload(path, run.name, message, copy)
+
+
+def upload(path, run_name, message, copy):
+    """Upload `copy`, the checked private copy of the CSV at `path`, unless the record beside `path` says these
+    bytes went up already; returns the exit code."""
     sha = runs.file_sha256(copy)
     done = already_uploaded(path, sha)
     if done:
@@ -232,15 +243,7 @@ def main(argv=None):
         with run.lock("submit", shared=True):
             message = run_message(run, args.message)
             probs = run.test_probs(n_test)
-        # the CSV on disk may be another run's (`python -m pipeline.submit --run other`) or older than the
-        # predictions: it is uploaded under this run's name only when it holds this run's labels of now
-        with private_copy(out) as copy:
-            labels = validate_submission(copy, n_test)["Label"].to_numpy()
-            if not np.array_equal(labels, labels_from_probs(probs)):
-                raise UserError(f"{out} does not hold the labels of runs/{run.name}'s current predictions (written "
-                                f"from another run, or before they changed), so it was not uploaded: remove it, then "
-                                f"`make submit RUN={run.name}` writes it again")
-            return upload(out, run.name, message, args.upload, copy)
+        return upload_if_current(out, run, message, args.upload, n_test, probs)
 
     n_test = count_test_rows()
     with run.lock("submit", shared=True):
@@ -252,7 +255,7 @@ def main(argv=None):
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
-    return upload(path, run.name, message, args.upload)
+    return upload_if_current(path, run, message, args.upload, n_test, probs)
 
 
 if __name__ == "__main__":

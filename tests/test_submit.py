@@ -273,6 +273,17 @@ def test_the_bytes_checked_are_the_bytes_uploaded_and_recorded(project, capsys, 
     capsys.readouterr()
     assert submit.main(["--run", "r1", "--upload-only"]) == 2  # r2's CSV is never sent as r1's
     assert "not uploaded" in capsys.readouterr().err and len(sent) == 1
+    # the same race in one call that writes and uploads: the other submit replaces the CSV just written
+    write = submit.write_submission
+
+    def written_then_replaced(frame, path, n_rows):
+        out = write(frame, path, n_rows)
+        project.csv.write_text(other)
+        return out
+
+    monkeypatch.setattr(submit, "write_submission", written_then_replaced)
+    assert submit.main(["--run", "r1", "--upload", "1"]) == 2
+    assert "not uploaded" in capsys.readouterr().err and len(sent) == 1
 
 
 def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeypatch):
