@@ -50,22 +50,30 @@ def parse_args(argv):
     if args.make_vars:
         args.overrides = make_overrides() + args.overrides
     env_force = [o for o in args.overrides if o.upper().startswith("FORCE=")]
-    if env_force and env_force[-1].split("=", 1)[1] not in ("", "0"):
-        args.force = True
+    if env_force:
+        value = env_force[-1].split("=", 1)[1]
+        if value not in ("", "0", "1"):  # `FORCE=no` forced: any other text than 0 did
+            raise UserError(f"FORCE='{value}' is not a switch: use FORCE=1 or FORCE=0")
+        args.force = args.force or value == "1"
     return args
 
 
 def parse_duration(text):
-    """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0 for empty)."""
+    """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0 for empty: no limit). A limit that reads as
+    zero is refused: it meant no limit at all, the opposite of what it says."""
     text = text.strip().lower()
     if not text:
         return 0.0
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
-    if not parts or "".join(a + b for a, b in parts) != text:
-        raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
-    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+        if not parts or "".join(a + b for a, b in parts) != text:
+            raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
+        seconds = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+    if seconds <= 0:
+        raise UserError(f"MAX_TIME: '{text}' is no time at all (leave MAX_TIME empty for no limit)")
+    return seconds
 
 
 def recorded_config(folder, force):
@@ -79,7 +87,10 @@ def recorded_config(folder, force):
     arrays = checkpoint.load_newest(folder / "checkpoints")
     recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else None
     if recorded is None:
-        return load_toml(saved_path, advice="remove it to start the run afresh") if saved_path.is_file() else {}
+        advice = (f"remove it, then `make train PRESET=<its preset> RUN={folder.name}` writes it again, checked "
+                  f"against the configs its members were trained with") if (folder / "members").is_dir() \
+            else "remove it to start the run afresh"
+        return load_toml(saved_path, advice=advice) if saved_path.is_file() else {}
     try:
         on_file = load_toml(saved_path) if saved_path.is_file() else None
     except UserError as exc:
@@ -228,6 +239,10 @@ def main(argv=None):
         preset, cfg = resolve_config(args, folder)
         if cfg.members > 1:
             return train_ensemble(folder, preset, cfg, args.force)
+        if (folder / "members").is_dir():  # an ensemble whose config.toml was removed: not a single net in it
+            raise UserError(f"runs/{folder.name} holds the members of an ensemble but no config of its own: give "
+                            f"its preset (`make train PRESET=overnight RUN={folder.name}`); the configs its members "
+                            f"were trained with are checked against it")
         return train_one(folder, preset, cfg, args.force)
 
 
@@ -239,13 +254,54 @@ def member_config(cfg, k):
     return dataclasses.replace(cfg, members=1, seed=cfg.seed + k)
 
 
+def check_members(folder, cfg, force):
+    """The ensemble's config.toml has no checkpoint behind it, its members' do: each member begun must have been
+    trained with the config the ensemble derives for it now. Otherwise config.toml was edited (or FORCE=1 asks
+    for another config): refused, or with FORCE=1 adopted for the members still to finish; a finished member
+    cannot change, so then it is refused too, rather than left with a config its ensemble no longer claims."""
+    root = folder / "members"
+    ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    for k in ks:
+        member = root / str(k)
+        saved = recorded_config(member, force)  # itself checked against the member's checkpoint
+        saved.pop("preset", None)
+        if not saved:
+            continue
+        trained = apply_values(TrainConfig(), saved, source=str(member / "config.toml"))
+        wanted = member_config(cfg, k)
+        for key in RUN_CONTROL:
+            setattr(trained, key, getattr(wanted, key))
+        changed = [key for key in wanted.to_dict() if getattr(trained, key) != getattr(wanted, key)]
+        if not changed:
+            continue
+        shown = ", ".join(f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in changed)
+        if not force:
+            raise UserError(f"runs/{folder.name}/members/{k} was trained with another config than the ensemble's "
+                            f"({shown}): config.toml was edited, or the settings changed; undo it, or FORCE=1 to "
+                            f"train the members still unfinished with the new values")
+        if runs.run_of(member).finished:
+            raise UserError(f"runs/{folder.name}/members/{k} has finished training with the old config, so FORCE=1 "
+                            f"cannot change the ensemble's ({shown}): train the new config under another RUN=")
+
+
 def train_ensemble(folder, preset, cfg, force):
     """Train the members one after another under runs/NAME/members/K/; each resumes as a single run does."""
     if cfg.members < 1:
         raise UserError(f"MEMBERS must be at least 1, got {cfg.members}")
+    deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
+    check_members(folder, cfg, force)
+    new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
-    deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
+    try:
+        return train_members(folder, preset, cfg, force, deadline)
+    except BaseException:
+        if new and not (folder / "members").exists():  # refused before a member began (a typo in ARCH=...):
+            (folder / "config.toml").unlink(missing_ok=True)  # no config left behind to refuse the retry with
+        raise
+
+
+def train_members(folder, preset, cfg, force, deadline):
     for k in range(cfg.members):
         mcfg = member_config(cfg, k)
         if deadline is not None:
@@ -254,7 +310,7 @@ def train_ensemble(folder, preset, cfg, force):
                 print(f"MAX_TIME reached before member {k}; {console.next_step('continue', run=folder.name)}",
                       file=sys.stderr)
                 return 3
-            mcfg.max_time = f"{left:.0f}s"
+            mcfg.max_time = f"{math.ceil(left)}s"  # at least 1 s: "0s" would read as no limit
         print(f"== member {k + 1}/{cfg.members} (seed {mcfg.seed})")
         code = train_one(folder / "members" / str(k), preset, mcfg, force, label=f"{folder.name}/members/{k}")
         if code:
@@ -295,13 +351,7 @@ def train_one(folder, preset, cfg, force, label=None):
     if run.finished:
         print(f"runs/{label} has finished training; nothing to do")
         return 0
-    if run.is_member and (folder / "config.toml").is_file():
-        check_member_config(folder, preset, cfg, force)
 
-    if cfg.select not in ("best", "last"):
-        raise UserError(f"SELECT: expected best or last, got '{cfg.select}'")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise UserError(f"EMA_DECAY: expected a value in [0, 1), got {cfg.ema_decay}")
     xp = select_device(cfg.device)
     configure_threads()  # the engine's threads, NumPy's BLAS held to one: before the first GEMM
     x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
@@ -473,17 +523,6 @@ def train_one(folder, preset, cfg, force, label=None):
 
     finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights)
     return 0
-
-
-def check_member_config(folder, preset, cfg, force):
-    """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked)."""
-    saved = recorded_config(folder, force)
-    saved.pop("preset", None)
-    current = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
-    for key in RUN_CONTROL:
-        setattr(current, key, getattr(cfg, key))
-    if current != cfg and not force:
-        raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
 
 
 def load_delivered(model, ckpt_dir, cfg, last_weights):

@@ -434,3 +434,48 @@ def test_the_run_knows_its_state(root):
 def test_a_setting_missing_from_an_older_recorded_config_counts_as_its_default():
     assert runs.config_changes({"lr": 1e-3}, {"lr": 1e-3, "ema_decay": 0.0}) == []
     assert runs.config_changes({"lr": 1e-3}, {"lr": 1e-3, "ema_decay": 0.999}) == ["ema_decay"]
+
+
+# ---------------------------------------------------------------- an ensemble's config, which no checkpoint backs
+
+ENSEMBLE = ["--preset", "quick", *FAST, "MEMBERS=2"]
+
+
+def test_an_edited_ensemble_config_is_refused_and_force_cannot_change_a_finished_member(root, capsys):
+    # the ensemble folder has no checkpoint: an edit of its config.toml was taken silently, and the members still
+    # to train trained with it while the finished ones kept the old values
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    path = root / "runs" / "ens" / "config.toml"
+    text = path.read_text()
+    path.write_text(text.replace("members = 2", "members = 3").replace("lr = 0.004", "lr = 0.5"))
+    capsys.readouterr()
+    assert train.main(["--run", "ens"]) == 2
+    one_error_line(capsys, "runs/ens/members/0 was trained with another config", "lr 0.004 -> 0.5", "FORCE=1")
+    assert train.main(["--run", "ens", "FORCE=1"]) == 2
+    one_error_line(capsys, "members/0 has finished training with the old config", "another RUN=")
+    assert not (root / "runs" / "ens" / "members" / "2").exists()
+    path.write_text(text.replace("members = 2", "members = 3"))  # more members of the same config: trained
+    assert train.main(["--run", "ens"]) == 0
+    assert runs.Run("ens/members/2").config().lr == 0.004 and runs.Run("ens/members/2").config().seed == 2
+
+
+def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
+    # `ARCH=typo` was refused after config.toml was written; the retry with the right name was then "another config"
+    assert train.main(["--run", "ens", *ENSEMBLE, "ARCH=seed_smal"]) == 2
+    assert "seed_smal" in capsys.readouterr().err
+    assert not (root / "runs" / "ens").exists()
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+
+
+def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, capsys):
+    # with config.toml removed (as the damaged-file message advised), `make train RUN=ens` trained a `standard`
+    # net into the ensemble's folder
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    (root / "runs" / "ens" / "config.toml").unlink()
+    capsys.readouterr()
+    assert train.main(["--run", "ens"]) == 2
+    one_error_line(capsys, "holds the members of an ensemble", "PRESET=")
+    assert not (root / "runs" / "ens" / "model.npz").exists()
+    assert train.main(["--run", "ens", *ENSEMBLE, "EPOCHS=2"]) == 2  # its members say which config it was
+    one_error_line(capsys, "epochs 1 -> 2")
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0 and (root / "runs" / "ens" / "config.toml").is_file()
