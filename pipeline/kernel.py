@@ -307,6 +307,9 @@ def read_metadata(folder):
         meta = json.loads(path.read_text())
     except ValueError as exc:
         raise UserError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("code_file", NOTEBOOK), str):  # a hand edit
+        raise UserError(f"{path} is not Kaggle's kernel metadata (an object with an id and a code_file name): "
+                        f"rebuild it (`make kernel`)")
     parse_kernel_id(meta.get("id", ""))
     return meta
 
@@ -477,8 +480,8 @@ def main(argv=None):
               f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")
         return 0
     if args.command == "push":
-        if args.max_polls < 1 or args.poll_interval < 0:
-            raise UserError("--max-polls must be at least 1 and --poll-interval not negative")
+        if args.max_polls < 1 or not 0 <= args.poll_interval <= 3600:  # nan and inf fail too: sleep() raised
+            raise UserError("--max-polls must be at least 1 and --poll-interval from 0 to 3600 seconds")
         return push(args.folder, args.poll_interval, args.max_polls)
     if args.command == "status":
         kernel_id = read_metadata(args.folder)["id"]

@@ -317,6 +317,9 @@ class Run:
         if idx.ndim != 1 or probs.shape != (len(idx), NUM_CLASSES) or y.shape != idx.shape:
             raise UserError(f"{path}: idx {idx.shape}, y {y.shape}, probs {probs.shape} do not agree: "
                             f"{self._advice_train()}")
+        if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):  # report's confusion matrix raised on them
+            raise UserError(f"{path}: a label outside 0-{NUM_CLASSES - 1} ({y.min()}..{y.max()}): "
+                            f"{self._advice_train()}")
         return idx, y, probs
 
     def model_state(self):

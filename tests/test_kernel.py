@@ -609,6 +609,25 @@ def test_push_waits_until_the_run_completes(fake, kernel_folder, capsys):
     assert SECRET not in out.out + out.err
 
 
+@pytest.mark.parametrize("edit", ["metadata a list", "code_file a number", "poll nan", "poll inf"])
+def test_a_hand_edited_metadata_or_an_endless_poll_interval_is_one_line_before_any_push(fake, kernel_folder, capsys,
+                                                                                        edit):
+    # each was a traceback: AttributeError, TypeError, and time.sleep's ValueError/OverflowError after the push
+    path = kernel_folder / kernel.METADATA
+    meta = json.loads(path.read_text())
+    args = ["push", "--folder", str(kernel_folder), "--poll-interval", "0"]
+    if edit == "metadata a list":
+        path.write_text(json.dumps([meta]))
+    elif edit == "code_file a number":
+        path.write_text(json.dumps({**meta, "code_file": 3}))
+    else:
+        args[-1] = edit.split()[1]
+    assert kernel.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert fake.requests == []
+
+
 def test_push_reports_a_failed_run_and_gives_up_after_max_polls(fake, kernel_folder, capsys):
     fake.kernel.statuses, fake.kernel.failure_message = ["RUNNING", "ERROR"], "CellExecutionError in cell 10"
     assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2

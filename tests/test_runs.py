@@ -212,10 +212,19 @@ def truncated(path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
+def label_ten(path):
+    """A readable val_predictions.npz with a label no digit has (report's confusion matrix raised on it)."""
+    d = load_npz(path)
+    d["y"] = d["y"].copy()
+    d["y"][0] = 10
+    save_npz(path, d)
+
+
 @pytest.mark.parametrize("name,damage,stage", [
     ("model.npz", garbage, "predict"), ("model.npz", truncated, "predict"), ("model.npz", garbage, "report"),
     ("model.npz", "delete", "predict"), ("model.npz", "delete", "report"),
-    ("val_predictions.npz", truncated, "report"), ("summary.json", garbage, "report"),
+    ("val_predictions.npz", truncated, "report"), ("val_predictions.npz", label_ten, "report"),
+    ("summary.json", garbage, "report"),
     ("metrics.jsonl", garbage, "report"), ("config.toml", garbage, "predict"), ("config.toml", garbage, "report"),
 ])
 def test_a_damaged_artifact_is_one_line_and_make_train_repairs_it(root, capsys, name, damage, stage):
