@@ -59,21 +59,16 @@ def parse_args(argv):
 
 
 def parse_duration(text):
-    """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0 for empty: no limit). A limit that reads as
-    zero is refused: it meant no limit at all, the opposite of what it says."""
+    """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0, like empty, for no limit)."""
     text = text.strip().lower()
     if not text:
         return 0.0
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        seconds = float(text)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
-        if not parts or "".join(a + b for a, b in parts) != text:
-            raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
-        seconds = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
-    if seconds <= 0:
-        raise UserError(f"MAX_TIME: '{text}' is no time at all (leave MAX_TIME empty for no limit)")
-    return seconds
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
 
 
 def recorded_config(folder, force):
@@ -239,10 +234,8 @@ def main(argv=None):
         preset, cfg = resolve_config(args, folder)
         if cfg.members > 1:
             return train_ensemble(folder, preset, cfg, args.force)
-        if (folder / "members").is_dir():  # an ensemble whose config.toml was removed: not a single net in it
-            raise UserError(f"runs/{folder.name} holds the members of an ensemble but no config of its own: give "
-                            f"its preset (`make train PRESET=overnight RUN={folder.name}`); the configs its members "
-                            f"were trained with are checked against it")
+        if (folder / "members").is_dir():  # never a single net into an ensemble's folder
+            raise UserError(single_net_in_an_ensemble(folder))
         return train_one(folder, preset, cfg, args.force)
 
 
@@ -254,13 +247,31 @@ def member_config(cfg, k):
     return dataclasses.replace(cfg, members=1, seed=cfg.seed + k)
 
 
+def single_net_in_an_ensemble(folder):
+    """What to say when a run with members/ resolves to MEMBERS=1: its config.toml was removed (as the message
+    for a damaged one advises), or MEMBERS=1 was asked for."""
+    if (folder / "config.toml").is_file():
+        return (f"runs/{folder.name} is an ensemble (it has members/): MEMBERS=1 would train a single net into it; "
+                f"keep its MEMBERS, or train the single net under another RUN=")
+    try:
+        preset = load_toml(folder / "members" / "0" / "config.toml").get("preset", "<its preset>")
+    except UserError:
+        preset = "<its preset>"
+    return (f"runs/{folder.name} holds the members of an ensemble but no config of its own: give its preset "
+            f"(`make train PRESET={preset} RUN={folder.name}`); the configs its members were trained with are "
+            f"checked against it")
+
+
 def check_members(folder, cfg, force):
     """The ensemble's config.toml has no checkpoint behind it, its members' do: each member begun must have been
-    trained with the config the ensemble derives for it now. Otherwise config.toml was edited (or FORCE=1 asks
-    for another config): refused, or with FORCE=1 adopted for the members still to finish; a finished member
-    cannot change, so then it is refused too, rather than left with a config its ensemble no longer claims."""
+    trained with the config the ensemble derives for it now. Otherwise config.toml was edited, or the settings
+    changed: refused, unless FORCE=1, which gives the new values to the members still to train; the finished
+    ones keep theirs, and a warning names them. With no member left to train, FORCE=1 is refused as it is for a
+    finished single run: it would change nothing but the config the ensemble claims."""
     root = folder / "members"
+    left = [k for k in range(cfg.members) if not runs.run_of(root / str(k)).finished]
     ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    kept = []
     for k in ks:
         member = root / str(k)
         saved = recorded_config(member, force)  # itself checked against the member's checkpoint
@@ -279,9 +290,14 @@ def check_members(folder, cfg, force):
             raise UserError(f"runs/{folder.name}/members/{k} was trained with another config than the ensemble's "
                             f"({shown}): config.toml was edited, or the settings changed; undo it, or FORCE=1 to "
                             f"train the members still unfinished with the new values")
+        if not left:
+            raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot change its config "
+                            f"({shown}): train the new config under another RUN=")
         if runs.run_of(member).finished:
-            raise UserError(f"runs/{folder.name}/members/{k} has finished training with the old config, so FORCE=1 "
-                            f"cannot change the ensemble's ({shown}): train the new config under another RUN=")
+            kept.append(str(k))
+    if kept:
+        warnings.warn(f"runs/{folder.name}: members {', '.join(kept)} finished with the old config and keep it; FORCE=1 "
+                      f"gives the new one to the members still to train", stacklevel=2)
 
 
 def train_ensemble(folder, preset, cfg, force):

@@ -450,22 +450,27 @@ def test_a_setting_missing_from_an_older_recorded_config_counts_as_its_default()
 ENSEMBLE = ["--preset", "quick", *FAST, "MEMBERS=2"]
 
 
-def test_an_edited_ensemble_config_is_refused_and_force_cannot_change_a_finished_member(root, capsys):
+def test_an_edited_ensemble_config_is_refused_and_force_leaves_finished_members_as_they_are(root, capsys):
     # the ensemble folder has no checkpoint: an edit of its config.toml was taken silently, and the members still
-    # to train trained with it while the finished ones kept the old values
+    # to train trained with it while the finished ones kept the old values, unsaid
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0
     path = root / "runs" / "ens" / "config.toml"
     text = path.read_text()
-    path.write_text(text.replace("members = 2", "members = 3").replace("lr = 0.004", "lr = 0.5"))
+    path.write_text(text.replace("members = 2", "members = 3"))  # more members of the same config: trained
+    assert train.main(["--run", "ens"]) == 0
+    assert runs.Run("ens/members/2").config().seed == 2
+    path.write_text(text.replace("members = 2", "members = 4").replace("lr = 0.004", "lr = 0.5"))
     capsys.readouterr()
     assert train.main(["--run", "ens"]) == 2
     one_error_line(capsys, "runs/ens/members/0 was trained with another config", "lr 0.004 -> 0.5", "FORCE=1")
+    assert not (root / "runs" / "ens" / "members" / "3").exists()
+    assert train.main(["--run", "ens", "FORCE=1"]) == 0  # on purpose: the members still to train take it
+    err = capsys.readouterr().err
+    assert "warning: runs/ens: members 0, 1, 2 finished with the old config and keep it" in err, err
+    assert [runs.Run(f"ens/members/{k}").config().lr for k in range(4)] == [0.004, 0.004, 0.004, 0.5]
+    path.write_text(path.read_text().replace("lr = 0.5", "lr = 0.1"))  # nothing left to train: nothing to force
     assert train.main(["--run", "ens", "FORCE=1"]) == 2
-    one_error_line(capsys, "members/0 has finished training with the old config", "another RUN=")
-    assert not (root / "runs" / "ens" / "members" / "2").exists()
-    path.write_text(text.replace("members = 2", "members = 3"))  # more members of the same config: trained
-    assert train.main(["--run", "ens"]) == 0
-    assert runs.Run("ens/members/2").config().lr == 0.004 and runs.Run("ens/members/2").config().seed == 2
+    one_error_line(capsys, "runs/ens has finished training, so FORCE=1 cannot change its config", "another RUN=")
 
 
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
@@ -483,8 +488,14 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
     (root / "runs" / "ens" / "config.toml").unlink()
     capsys.readouterr()
     assert train.main(["--run", "ens"]) == 2
-    one_error_line(capsys, "holds the members of an ensemble", "PRESET=")
+    one_error_line(capsys, "holds the members of an ensemble", "`make train PRESET=quick RUN=ens`")
     assert not (root / "runs" / "ens" / "model.npz").exists()
     assert train.main(["--run", "ens", *ENSEMBLE, "EPOCHS=2"]) == 2  # its members say which config it was
     one_error_line(capsys, "epochs 1 -> 2")
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0 and (root / "runs" / "ens" / "config.toml").is_file()
+    path = root / "runs" / "ens" / "config.toml"
+    path.write_text(path.read_text().replace("members = 2", "members = 1"))
+    capsys.readouterr()
+    assert train.main(["--run", "ens"]) == 2
+    one_error_line(capsys, "is an ensemble", "MEMBERS=1 would train a single net into it")
+    assert not (root / "runs" / "ens" / "model.npz").exists()

@@ -74,8 +74,7 @@ NO_CUPY = importlib.util.find_spec("cupy") is None
 
 
 @pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"], ["SELECT=worst"], ["EMA_DECAY=1"],
-                                 ["FORCE=no"], ["MAX_TIME=0"], ["MAX_TIME=0h"], ["LR_DECAY=1e200"],
-                                 ["MEMBERS=2", "SELECT=worst"], ["MEMBERS=2", "MAX_TIME=0m"],
+                                 ["FORCE=no"], ["LR_DECAY=1e200"],
                                  pytest.param(["DEVICE=gpu"], marks=pytest.mark.skipif(not NO_CUPY, reason="CuPy here"))])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
     write_processed(tmp_path)
