@@ -30,6 +30,8 @@ from pipeline.nn.threads import num_threads
 
 DEFAULT_PRESET = "standard"
 CHANCE_LEVEL = 0.2  # a delivered model below this validation accuracy learned next to nothing
+# An ensemble's recorded config (it has no checkpoint of its own to carry it): config.toml is its copy to read.
+ENSEMBLE_RECORD = ".config.json"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
 RUN_CONTROL = runs.RUN_CONTROL
 CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of work
@@ -71,26 +73,44 @@ def parse_duration(text):
     return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
 
 
+def ensemble_record(folder):
+    """The config an ensemble recorded in ENSEMBLE_RECORD (what a checkpoint is to a single run), or None."""
+    try:
+        record = json.loads((folder / ENSEMBLE_RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        warnings.warn(f"{folder / ENSEMBLE_RECORD} is damaged; config.toml is taken as it is", stacklevel=2)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_ensemble_config(folder, preset, cfg):
+    """Write the ensemble's config: the record train checks against, and config.toml, its copy to read."""
+    config = {"preset": preset, **cfg.to_dict()}
+    write_json(folder / ENSEMBLE_RECORD, config)
+    write_text(folder / "config.toml", to_toml(config))
+
+
 def recorded_config(folder, force):
     """The run's config as its checkpoint recorded it ({} for a new run), config.toml checked against it.
 
     config.toml is only a copy for people to read: an edited one is refused (FORCE=1 adopts the edit), a
-    damaged or missing one is restored from the checkpoint. Runs checkpointed before configs were recorded
+    damaged or missing one is restored from the checkpoint. An ensemble has no checkpoint of its own: its
+    record, ENSEMBLE_RECORD, stands in. Runs checkpointed (ensembles started) before configs were recorded
     fall back to config.toml.
     """
     saved_path = folder / "config.toml"
     arrays = checkpoint.load_newest(folder / "checkpoints")
-    recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else None
+    recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else ensemble_record(folder)
     if recorded is None:
-        advice = (f"remove it, then `make train PRESET=<its preset> RUN={folder.name}` writes it again, checked "
-                  f"against the configs its members were trained with") if (folder / "members").is_dir() \
-            else "remove it to start the run afresh"
-        return load_toml(saved_path, advice=advice) if saved_path.is_file() else {}
+        return load_toml(saved_path, advice="remove it to start the run afresh") if saved_path.is_file() else {}
     try:
         on_file = load_toml(saved_path) if saved_path.is_file() else None
     except UserError as exc:
         on_file = None
-        warnings.warn(f"{exc}; restoring it from the checkpoint", stacklevel=2)
+        warnings.warn(f"{exc}; restoring it from the {'checkpoint' if arrays is not None else 'ensemble record'}",
+                      stacklevel=2)
     if on_file is None:
         write_text(saved_path, to_toml(recorded))
         return dict(recorded)
@@ -99,10 +119,24 @@ def recorded_config(folder, force):
         changed.insert(0, "preset")
     if changed and not force:
         shown = ", ".join(f"{k} {recorded.get(k)!r} -> {on_file.get(k)!r}" for k in changed)
-        raise UserError(f"{saved_path} does not match the config in the run's checkpoint ({shown}): config.toml "
-                        f"was edited, or the checkpoint is another run's; undo the edit, or FORCE=1 to continue "
+        where = "checkpoint" if arrays is not None else "record"
+        raise UserError(f"{saved_path} does not match the config in the run's {where} ({shown}): config.toml "
+                        f"was edited, or the {where} is another run's; undo the edit, or FORCE=1 to continue "
                         f"with config.toml's values")
+    if changed and finished_members_note(folder):  # an ensemble: say which members the edit does not reach
+        print(f"FORCE: continuing runs/{folder.name} with config.toml's edited {', '.join(changed)}"
+              f"{finished_members_note(folder)}", file=sys.stderr)
     return dict(on_file) if changed else dict(recorded)
+
+
+def finished_members_note(folder):
+    """For a forced change of an ensemble: the finished members, which keep the config they were trained with."""
+    if not (folder / "members").is_dir():
+        return ""
+    done, _ = runs.run_of(folder).finished_members()
+    names = [m.name.rsplit("/", 1)[-1] for m in done]
+    return f"; finished member{'s' if len(names) > 1 else ''} {', '.join(names)} keep{'' if len(names) > 1 else 's'} " \
+           f"the config {'they were' if len(names) > 1 else 'it was'} trained with" if names else ""
 
 
 def resolve_config(args, folder):
@@ -125,13 +159,18 @@ def resolve_config(args, folder):
         changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
         if preset != saved_preset:
             changed.insert(0, "preset")
+        if changed == ["members"] and current.members > 1 and wanted.members > current.members:
+            # more members of the same config: what each one trains with is unchanged, so no FORCE is needed
+            print(f"runs/{folder.name}: from {current.members} to {wanted.members} members")
+            return preset, wanted
         if not args.force:
             raise UserError(f"runs/{folder.name} was started with another config (changed: {', '.join(changed)}); "
                             f"{console.next_step('restart', run=folder.name)}")
         if runs.run_of(folder).finished:  # it would answer "nothing to do" and keep its old config, exit 0
             raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot continue it with changed "
                             f"{', '.join(changed)}: train the new config under another RUN=")
-        print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}", file=sys.stderr)
+        print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}{finished_members_note(folder)}",
+              file=sys.stderr)
         return preset, wanted
     return preset, current
 
@@ -263,15 +302,11 @@ def single_net_in_an_ensemble(folder):
 
 
 def check_members(folder, cfg, force):
-    """The ensemble's config.toml has no checkpoint behind it, its members' do: each member begun must have been
-    trained with the config the ensemble derives for it now. Otherwise config.toml was edited, or the settings
-    changed: refused, unless FORCE=1, which gives the new values to the members still to train; the finished
-    ones keep theirs, and a warning names them. With no member left to train, FORCE=1 is refused as it is for a
-    finished single run: it would change nothing but the config the ensemble claims."""
+    """An ensemble without a record of its config (started before ensembles kept one, or the record removed with
+    config.toml): each member it has begun must have been trained with the config it derives now, unless FORCE=1
+    says otherwise. A finished member is never trained again, so this is the only place its config is read."""
     root = folder / "members"
-    left = [k for k in range(cfg.members) if not runs.run_of(root / str(k)).finished]
     ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-    kept = []
     for k in ks:
         member = root / str(k)
         saved = recorded_config(member, force)  # itself checked against the member's checkpoint
@@ -283,21 +318,11 @@ def check_members(folder, cfg, force):
         for key in RUN_CONTROL:
             setattr(trained, key, getattr(wanted, key))
         changed = [key for key in wanted.to_dict() if getattr(trained, key) != getattr(wanted, key)]
-        if not changed:
-            continue
-        shown = ", ".join(f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in changed)
-        if not force:
-            raise UserError(f"runs/{folder.name}/members/{k} was trained with another config than the ensemble's "
-                            f"({shown}): config.toml was edited, or the settings changed; undo it, or FORCE=1 to "
-                            f"train the members still unfinished with the new values")
-        if not left:
-            raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot change its config "
-                            f"({shown}): train the new config under another RUN=")
-        if runs.run_of(member).finished:
-            kept.append(str(k))
-    if kept:
-        warnings.warn(f"runs/{folder.name}: members {', '.join(kept)} finished with the old config and keep it; FORCE=1 "
-                      f"gives the new one to the members still to train", stacklevel=2)
+        if changed and not force:
+            shown = ", ".join(f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in changed)
+            raise UserError(f"runs/{folder.name}/members/{k} was trained with another config ({shown}), and the "
+                            f"ensemble keeps no record of its own: give the settings it was trained with, or FORCE=1 "
+                            f"to train the members still unfinished with these")
 
 
 def train_ensemble(folder, preset, cfg, force):
@@ -305,15 +330,17 @@ def train_ensemble(folder, preset, cfg, force):
     if cfg.members < 1:
         raise UserError(f"MEMBERS must be at least 1, got {cfg.members}")
     deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
-    check_members(folder, cfg, force)
+    if ensemble_record(folder) is None:
+        check_members(folder, cfg, force)
     new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+    record_ensemble_config(folder, preset, cfg)
     try:
         return train_members(folder, preset, cfg, force, deadline)
     except BaseException:
         if new and not (folder / "members").exists():  # refused before a member began (a typo in ARCH=...):
-            (folder / "config.toml").unlink(missing_ok=True)  # no config left behind to refuse the retry with
+            for name in ("config.toml", ENSEMBLE_RECORD):  # no config left behind to refuse the retry with
+                (folder / name).unlink(missing_ok=True)
         raise
 
 
@@ -367,6 +394,8 @@ def train_one(folder, preset, cfg, force, label=None):
     if run.finished:
         print(f"runs/{label} has finished training; nothing to do")
         return 0
+    if run.is_member and (folder / "config.toml").is_file():
+        check_member_config(folder, cfg, force)
 
     xp = select_device(cfg.device)
     configure_threads()  # the engine's threads, NumPy's BLAS held to one: before the first GEMM
@@ -539,6 +568,18 @@ def train_one(folder, preset, cfg, force, label=None):
 
     finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, last_weights)
     return 0
+
+
+def check_member_config(folder, cfg, force):
+    """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked; this
+    catches an ensemble from before its config was recorded, whose config.toml was edited)."""
+    saved = recorded_config(folder, force)
+    saved.pop("preset", None)
+    current = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
+    for key in RUN_CONTROL:
+        setattr(current, key, getattr(cfg, key))
+    if current != cfg and not force:
+        raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
 
 
 def load_delivered(model, ckpt_dir, cfg, last_weights):

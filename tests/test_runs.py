@@ -450,27 +450,24 @@ def test_a_setting_missing_from_an_older_recorded_config_counts_as_its_default()
 ENSEMBLE = ["--preset", "quick", *FAST, "MEMBERS=2"]
 
 
-def test_an_edited_ensemble_config_is_refused_and_force_leaves_finished_members_as_they_are(root, capsys):
+def test_an_edited_ensemble_config_is_refused_and_a_forced_one_is_remembered(root, capsys):
     # the ensemble folder has no checkpoint: an edit of its config.toml was taken silently, and the members still
     # to train trained with it while the finished ones kept the old values, unsaid
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0
-    path = root / "runs" / "ens" / "config.toml"
-    text = path.read_text()
-    path.write_text(text.replace("members = 2", "members = 3"))  # more members of the same config: trained
-    assert train.main(["--run", "ens"]) == 0
+    assert train.main(["--run", "ens", "MEMBERS=3"]) == 0  # more members of the same config: no FORCE needed
     assert runs.Run("ens/members/2").config().seed == 2
-    path.write_text(text.replace("members = 2", "members = 4").replace("lr = 0.004", "lr = 0.5"))
+    path = root / "runs" / "ens" / "config.toml"
+    path.write_text(path.read_text().replace("members = 3", "members = 4").replace("lr = 0.004", "lr = 0.5"))
     capsys.readouterr()
     assert train.main(["--run", "ens"]) == 2
-    one_error_line(capsys, "runs/ens/members/0 was trained with another config", "lr 0.004 -> 0.5", "FORCE=1")
+    one_error_line(capsys, "config.toml does not match the config in the run's record", "lr 0.004 -> 0.5", "FORCE=1")
     assert not (root / "runs" / "ens" / "members" / "3").exists()
     assert train.main(["--run", "ens", "FORCE=1"]) == 0  # on purpose: the members still to train take it
     err = capsys.readouterr().err
-    assert "warning: runs/ens: members 0, 1, 2 finished with the old config and keep it" in err, err
+    assert "finished members 0, 1, 2 keep the config they were trained with" in err, err
     assert [runs.Run(f"ens/members/{k}").config().lr for k in range(4)] == [0.004, 0.004, 0.004, 0.5]
-    path.write_text(path.read_text().replace("lr = 0.5", "lr = 0.1"))  # nothing left to train: nothing to force
-    assert train.main(["--run", "ens", "FORCE=1"]) == 2
-    one_error_line(capsys, "runs/ens has finished training, so FORCE=1 cannot change its config", "another RUN=")
+    assert train.main(["--run", "ens"]) == 0  # the forced config is the record now: no FORCE=1 every night
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
@@ -485,7 +482,10 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
     # with config.toml removed (as the damaged-file message advised), `make train RUN=ens` trained a `standard`
     # net into the ensemble's folder
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    (root / "runs" / "ens" / "config.toml").unlink()  # restored from the record
+    assert train.main(["--run", "ens"]) == 0 and (root / "runs" / "ens" / "config.toml").is_file()
     (root / "runs" / "ens" / "config.toml").unlink()
+    (root / "runs" / "ens" / train.ENSEMBLE_RECORD).unlink()  # as an ensemble from before the record
     capsys.readouterr()
     assert train.main(["--run", "ens"]) == 2
     one_error_line(capsys, "holds the members of an ensemble", "`make train PRESET=quick RUN=ens`")
@@ -496,6 +496,8 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
     path = root / "runs" / "ens" / "config.toml"
     path.write_text(path.read_text().replace("members = 2", "members = 1"))
     capsys.readouterr()
-    assert train.main(["--run", "ens"]) == 2
-    one_error_line(capsys, "is an ensemble", "MEMBERS=1 would train a single net into it")
+    assert train.main(["--run", "ens", "FORCE=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("FORCE: continuing runs/ens with config.toml's edited members") and len(err) == 2, err
+    assert err[1].startswith("error: runs/ens is an ensemble") and "MEMBERS=1 would train a single net" in err[1]
     assert not (root / "runs" / "ens" / "model.npz").exists()
