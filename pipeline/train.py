@@ -308,21 +308,11 @@ def check_members(folder, cfg, force):
     root = folder / "members"
     ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
     for k in ks:
-        member = root / str(k)
-        saved = recorded_config(member, force)  # itself checked against the member's checkpoint
-        saved.pop("preset", None)
-        if not saved:
-            continue
-        trained = apply_values(TrainConfig(), saved, source=str(member / "config.toml"))
-        wanted = member_config(cfg, k)
-        for key in RUN_CONTROL:
-            setattr(trained, key, getattr(wanted, key))
-        changed = [key for key in wanted.to_dict() if getattr(trained, key) != getattr(wanted, key)]
+        changed = member_changes(root / str(k), member_config(cfg, k), force)
         if changed and not force:
-            shown = ", ".join(f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in changed)
-            raise UserError(f"runs/{folder.name}/members/{k} was trained with another config ({shown}), and the "
-                            f"ensemble keeps no record of its own: give the settings it was trained with, or FORCE=1 "
-                            f"to train the members still unfinished with these")
+            raise UserError(f"runs/{folder.name}/members/{k} was trained with another config ({', '.join(changed)}), "
+                            f"and the ensemble keeps no record of its own: give the settings it was trained with, or "
+                            f"FORCE=1 to train the members still unfinished with these")
 
 
 def train_ensemble(folder, preset, cfg, force):
@@ -570,15 +560,21 @@ def train_one(folder, preset, cfg, force, label=None):
     return 0
 
 
-def check_member_config(folder, cfg, force):
-    """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked; this
-    catches an ensemble from before its config was recorded, whose config.toml was edited)."""
+def member_changes(folder, wanted, force):
+    """How the config a member was trained with (checked against its checkpoint) differs from `wanted`, the one
+    its ensemble derives for it now, RUN_CONTROL aside: ["lr 0.004 -> 0.5", ...]; [] for a member not begun."""
     saved = recorded_config(folder, force)
     saved.pop("preset", None)
-    current = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
-    for key in RUN_CONTROL:
-        setattr(current, key, getattr(cfg, key))
-    if current != cfg and not force:
+    if not saved:
+        return []
+    trained = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
+    return [f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in wanted.to_dict()
+            if key not in RUN_CONTROL and getattr(trained, key) != getattr(wanted, key)]
+
+
+def check_member_config(folder, cfg, force):
+    """A member's saved config must be the one its ensemble derives now (the ensemble's own was checked)."""
+    if member_changes(folder, cfg, force) and not force:
         raise UserError(f"{folder} was trained with another config; FORCE=1 continues with the new one")
 
 
