@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = -1              # -1: use the split written by prepare; else resplit train.csv
     val_fraction: float = 0.1
+    bag: float = 1.0                  # < 1: train on this fraction of the training rows, a draw of its own per seed
     device: str = "auto"              # auto | cpu | gpu
     early_stop_patience: int = 0      # 0: off
     early_stop_metric: str = "val_acc"
@@ -115,7 +116,7 @@ RANGES = {
     "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "elastic": (0.0, 14.0, True), "seed": (0, None, True),
     "split_seed": (-1, None, True),
     "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),
-    "members": (1, None, True), "ema_decay": (0.0, 1.0, False),
+    "members": (1, None, True), "ema_decay": (0.0, 1.0, False), "bag": (0.0, 1.0, True),
 }
 CHOICES = {"early_stop_metric": ("val_acc", "val_loss"), "select": ("best", "last")}
 

@@ -38,6 +38,7 @@ CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of wor
 # Clean training images whose statistics the BatchNorms of the weight average get (about 4 % of an epoch's
 # work for deotte): per channel that is 5 000 to 3.4 million values, plenty for a mean and a variance.
 CALIBRATION_ROWS = 5000
+BAG_STREAM = 0xBA6  # the bag's own random stream, apart from the seed's others (weights, batches, augmentation)
 
 
 def parse_args(argv):
@@ -193,8 +194,23 @@ def load_data(cfg, xp):
     if len(val_idx) == 0:
         raise UserError("the validation split is empty, so no epoch could be judged: train.csv needs at least "
                         "2 rows of a digit (run `make prepare` again with more data)")
+    train_idx = bagged(train_idx, cfg.bag, cfg.seed)
     # labels stay on the host: the loss checks them there for free, and they are small
     return xp.asarray(x[train_idx]), y[train_idx], xp.asarray(x[val_idx]), y[val_idx], val_idx
+
+
+def bagged(train_idx, bag, seed):
+    """The training rows a net sees: all of them, or (bag < 1) its own random fraction `bag` of them, drawn from
+    its seed. Deotte's members each train on a random 90 % of train.csv; here every member of an ensemble still
+    holds out the same validation rows, so blends stay compared like for like, and the rows a member leaves
+    out besides those are simply unused."""
+    if bag >= 1.0:
+        return train_idx
+    n = int(round(len(train_idx) * bag))
+    if n < 1:
+        raise UserError(f"BAG={bag} leaves none of the {len(train_idx)} training rows to train on")
+    rng = np.random.default_rng([seed, BAG_STREAM])  # a stream of its own: weights and batches draw as before
+    return np.sort(rng.choice(train_idx, size=n, replace=False))
 
 
 def evaluate(model, x, y, batch_size=1000):
