@@ -1,6 +1,7 @@
 """Training stage behaviour beyond resume: early stopping, batching, user errors."""
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,11 +71,30 @@ def test_max_time_durations(text, seconds):
     assert train.parse_duration(text) == seconds
 
 
+def test_a_bag_is_its_own_seeded_fraction_of_the_training_rows():
+    rows = np.arange(1000, 1400)
+    assert train.bagged(rows, 1.0, 0) is rows
+    a, again, other = train.bagged(rows, 0.9, 0), train.bagged(rows, 0.9, 0), train.bagged(rows, 0.9, 1)
+    assert len(a) == 360 and np.all(np.diff(a) > 0) and np.isin(a, rows).all()
+    assert np.array_equal(a, again) and not np.array_equal(a, other)
+    assert len(np.intersect1d(a, other)) < 360  # two members' bags differ by a few dozen rows, not by nothing
+
+
+def test_a_bagged_net_trains_on_its_bag_and_keeps_the_shared_validation_rows(tmp_path):
+    write_processed(tmp_path)
+    sizes = {}
+    for run, bag in [("whole", []), ("bagged", ["BAG=0.5"])]:
+        code, out, err = finish(run_train(tmp_path, run, extra=[*bag, "EPOCHS=1"]))
+        assert code == 0, err
+        sizes[run] = [int(n) for n in re.search(r"(\d+) train / (\d+) validation images", out).groups()]
+    assert sizes["bagged"] == [sizes["whole"][0] // 2, sizes["whole"][1]] and sizes["whole"][0] % 2 == 0
+
+
 NO_CUPY = importlib.util.find_spec("cupy") is None
 
 
 @pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"], ["SELECT=worst"], ["EMA_DECAY=1"],
-                                 ["FORCE=no"], ["LR_DECAY=1e200"],
+                                 ["FORCE=no"], ["LR_DECAY=1e200"], ["BAG=0"], ["BAG=1.5"],
                                  pytest.param(["DEVICE=gpu"], marks=pytest.mark.skipif(not NO_CUPY, reason="CuPy here"))])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
     write_processed(tmp_path)
