@@ -118,6 +118,7 @@ RANGES = {
     "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),
     "members": (1, None, True), "ema_decay": (0.0, 1.0, False), "bag": (0.0, 1.0, True),
 }
+ABOVE_LOWEST = {"bag"}  # settings whose lowest value itself is refused: a fraction of nothing trains nothing
 CHOICES = {"early_stop_metric": ("val_acc", "val_loss"), "select": ("best", "last")}
 
 
@@ -127,9 +128,12 @@ def check_values(cfg):
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{name.upper()}: expected a finite number, got {value}")
-        if value < low or (high is not None and (value > high or (value == high and not high_ok))):
+        above = name in ABOVE_LOWEST
+        if value < low or (above and value == low) or \
+                (high is not None and (value > high or (value == high and not high_ok))):
             top = "" if high is None else f", at most {high}" if high_ok else f", below {high}"
-            raise UserError(f"{name.upper()}: expected a value of at least {low}{top}, got {value}")
+            raise UserError(f"{name.upper()}: expected a value {'above' if above else 'of at least'} {low}{top}, "
+                            f"got {value}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name.upper()}: expected {' or '.join(allowed)}, got '{getattr(cfg, name)}'")

@@ -229,7 +229,8 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
         "",
         f"- architecture: `{summary.get('arch', config.arch)}`, optimizer `{config.optimizer}` "
         f"(lr {config.lr:g}, schedule `{config.schedule}`), batch {config.batch_size}, "
-        f"augment {'on' if config.augment else 'off'}, seed {config.seed}",
+        f"augment {'on' if config.augment else 'off'}, seed {config.seed}"
+        f"{f', on a bag of {config.bag:.0%} of the training rows' if config.bag < 1 else ''}",
         f"- **validation accuracy of the delivered model: {_percent(summary.get('best_val_acc'))}** "
         f"({'the weight average of ' if summary.get('weight_average') else ''}epoch {summary.get('best_epoch', '?')}, "
         f"{'the last' if summary.get('select') == 'last' else 'the best by validation'}; "

@@ -207,8 +207,9 @@ def bagged(train_idx, bag, seed):
     if bag >= 1.0:
         return train_idx
     n = int(round(len(train_idx) * bag))
-    if n < 1:
-        raise UserError(f"BAG={bag} leaves none of the {len(train_idx)} training rows to train on")
+    if n < 2:  # a BatchNorm in training needs two values per channel, and the last ones see one pixel an image
+        raise UserError(f"BAG={bag} leaves {n} of the {len(train_idx)} training rows to train on: at least 2 are "
+                        f"needed")
     rng = np.random.default_rng([seed, BAG_STREAM])  # a stream of its own: weights and batches draw as before
     return np.sort(rng.choice(train_idx, size=n, replace=False))
 
@@ -295,10 +296,10 @@ def main(argv=None):
 
 
 def member_config(cfg, k):
-    """Member k of an ensemble: its own seed (weights, data order, dropout, augmentation), and the ensemble's
-    split, so that every member holds out the same validation rows and blends are compared like for like
-    (pipeline.ensemble). Deep ensembles gain their diversity from the seed; bagging costs each member data
-    (Lakshminarayanan et al. 2017)."""
+    """Member k of an ensemble: its own seed (weights, data order, dropout, augmentation and, with BAG < 1, its
+    bag of the training rows), and the ensemble's split, so that every member holds out the same validation rows
+    and blends are compared like for like (pipeline.ensemble). Deep ensembles gain their diversity from the
+    seed (Lakshminarayanan et al. 2017); Deotte's also from bags (docs/EXPERIMENTS.md, E10)."""
     return dataclasses.replace(cfg, members=1, seed=cfg.seed + k)
 
 

@@ -18,7 +18,7 @@ N_TRAIN = 40
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_fake_run(root, name="r1", epochs=3):
+def make_fake_run(root, name="r1", epochs=3, bag=1.0):
     """A finished run under root/runs/NAME plus root/data/processed/train.npz, built by hand (no training)."""
     from pipeline.nn import build_model
 
@@ -30,7 +30,7 @@ def make_fake_run(root, name="r1", epochs=3):
 
     folder = root / "runs" / name
     folder.mkdir(parents=True)
-    (folder / "config.toml").write_text(to_toml(TrainConfig(arch="seed_small", epochs=epochs).to_dict()))
+    (folder / "config.toml").write_text(to_toml(TrainConfig(arch="seed_small", epochs=epochs, bag=bag).to_dict()))
     save_npz(folder / "model.npz", build_model("seed_small", seed=0, dtype=np.float32).state_dict())
     records = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 1 - 0.1 / e, "val_loss": 1.2 / e,
                 "val_acc": 1 - 0.12 / e, "lr": 1e-3 * 0.5 ** (e - 1), "images_per_s": 500.0,
@@ -68,9 +68,17 @@ def test_report_writes_every_file_and_report_md_last(run, capsys):
     assert os.stat(out / "report.md").st_mtime_ns >= max(os.stat(out / n).st_mtime_ns for n in FIGURES)
     assert "93.75%" in md and "1h 02m 05s" in md and "3 of 3" in md
     assert "17 images" not in md and "20 images, 3 misclassified" in md
+    assert "bag" not in md
     assert "| 1 | 1.0000 | 0.5000 | 0.6667 | 2 |" in md  # class 1: one of two found, never predicted wrongly
     assert sorted(p.name for p in out.iterdir()) == sorted(FIGURES + ["report.md"])  # no temp files
     assert "report.md" in capsys.readouterr().out
+
+
+def test_report_says_a_net_trained_on_a_bag(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    make_fake_run(tmp_path, "bagged", bag=0.9)
+    assert report.main(["--run", "bagged"]) == 0
+    assert "on a bag of 90% of the training rows" in (tmp_path / "runs" / "bagged" / "report" / "report.md").read_text()
 
 
 def test_report_leaves_pyplot_and_its_backend_alone(run, tmp_path):

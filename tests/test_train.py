@@ -78,6 +78,8 @@ def test_a_bag_is_its_own_seeded_fraction_of_the_training_rows():
     assert len(a) == 360 and np.all(np.diff(a) > 0) and np.isin(a, rows).all()
     assert np.array_equal(a, again) and not np.array_equal(a, other)
     assert len(np.intersect1d(a, other)) < 360  # two members' bags differ by a few dozen rows, not by nothing
+    with pytest.raises(train.UserError, match="leaves 1 of the 400"):  # one image: no BatchNorm statistics
+        train.bagged(rows, 0.002, 0)
 
 
 def test_a_bagged_net_trains_on_its_bag_and_keeps_the_shared_validation_rows(tmp_path):
@@ -94,7 +96,7 @@ NO_CUPY = importlib.util.find_spec("cupy") is None
 
 
 @pytest.mark.parametrize("bad", [["EPOCHS=x"], ["NOPE=1"], ["MAX_TIME=soon"], ["SELECT=worst"], ["EMA_DECAY=1"],
-                                 ["FORCE=no"], ["LR_DECAY=1e200"], ["BAG=0"], ["BAG=1.5"],
+                                 ["FORCE=no"], ["LR_DECAY=1e200"], ["BAG=0"], ["BAG=1.5"], ["BAG=1e-9"],
                                  pytest.param(["DEVICE=gpu"], marks=pytest.mark.skipif(not NO_CUPY, reason="CuPy here"))])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, bad):
     write_processed(tmp_path)
