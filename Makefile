@@ -123,8 +123,8 @@ $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
 	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message "$$PIPELINE_VAR_MESSAGE"
 
-score: | $(VENV)/.installed ## accuracy of submissions/submission.csv (as it is) against the offline answer key
-	$(PY) -m pipeline.score --submission $(SUBMISSION)
+score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key (refused when stale; RUN= checks its run)
+	$(PY) -m pipeline.score --submission $(SUBMISSION) $(if $(filter command line environment override,$(origin RUN)),--run $(RUN))
 
 report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN
 

@@ -5,7 +5,8 @@
 The key `ImageId,Label,mnist_test` is written by the offline mnist source; real Kaggle data has none.
 This is the ONLY module that reads it: training and model selection never see the test labels.
 Prints accuracy (all rows and the official MNIST test rows), per-class precision/recall/F1 and the
-confusion matrix, and saves them as score.json beside the submission.
+confusion matrix, and saves them as score.json beside the submission. The default submission must hold the
+current predictions of the run `make submit` wrote it from (or of RUN=, when given).
 """
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import dataset, paths
+from pipeline import dataset, paths, runs, submit
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import write_json
 from pipeline.submit import validate_submission
@@ -115,6 +116,37 @@ def score_submission(submission_path, key_path, test_rows=None):
     return {"submission": str(submission_path), "key": str(key_path), **score}
 
 
+def submission_run(submission, run_name):
+    """The run whose current predictions the CSV must hold: RUN= when given, else the run that `make submit`
+    recorded for the default submission; None for a CSV of unknown origin. A CSV written from another run, or
+    from this run before it changed, is refused: its score would be read as the run's of now."""
+    recorded = None
+    if submission.resolve() == submit.default_out().resolve():
+        try:
+            recorded = (submission.parent / submit.RUN_RECORD).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            recorded = None
+    if run_name and recorded and run_name != recorded:
+        raise UserError(f"{submission} was written from runs/{recorded}, not runs/{run_name}: "
+                        f"`make submit RUN={run_name}` writes that run's, then `make score`")
+    name = run_name or recorded
+    if name is None:
+        return None
+    if not run_name and not runs.Run(name).folder.is_dir():
+        print(f"warning: {submission} was written from runs/{name}, which is gone: scored as it is", file=sys.stderr)
+        return None
+    run = runs.Run.existing(name)
+    n_test = submit.count_test_rows()
+    with run.lock("score", shared=True):
+        probs = run.test_probs(n_test)  # made from the data and model of now
+    labels = validate_submission(submission, n_test)["Label"].to_numpy()
+    if not np.array_equal(labels, submit.labels_from_probs(probs)):
+        raise UserError(f"{submission} does not hold runs/{name}'s current predictions (written from another run, "
+                        f"or before they changed), so its score would not be that run's: "
+                        f"`make submit RUN={name}` writes it again")
+    return name
+
+
 def format_accuracy(score):
     lines = []
     for title, part in (("accuracy, all test rows", score), ("accuracy, official MNIST", score["official_mnist_test"])):
@@ -145,6 +177,8 @@ def parse_args(argv):
     p.add_argument("--submission", type=Path, default=None, help="default submissions/submission.csv")
     p.add_argument("--key", type=Path, default=None, help="default data/raw/test_labels.csv")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default score.json beside the submission)")
+    p.add_argument("--run", default=None, help="the run the submission must come from (default: the one "
+                   "`make submit` recorded; none for another CSV)")
     return p.parse_args(argv)
 
 
@@ -156,10 +190,15 @@ def main(argv=None):
     if not submission.is_file():
         what = "is not a file" if submission.exists() else "does not exist"  # a folder: not "missing"
         raise UserError(f"{submission} {what}: `make submit` writes submissions/submission.csv")
+    out = args.out or submission.parent / submit.SCORE_RECORD
+    if out.resolve() in (submission.resolve(), key.resolve()):
+        raise UserError(f"--out {out} is the {'submission' if out.resolve() == submission.resolve() else 'key'} "
+                        f"itself: give another path for the JSON")
     score = score_submission(submission, key, prepared_test_rows() if args.key is None else None)
-    out = args.out or submission.parent / "score.json"
+    name = submission_run(submission, args.run)
+    score = {**score, "run": name, "submission_sha256": runs.file_sha256(submission)}
     write_json(out, score)
-    print(f"score of {submission} against {key}")
+    print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")
     print(format_accuracy(score))
     print()
     print(format_per_class(score["per_class"]))

@@ -35,6 +35,7 @@ COMPETITION = "digit-recognizer"
 UPLOAD_RECORD = ".uploaded.json"
 # The run the default submission was written from: the Makefile rewrites the CSV when RUN names another.
 RUN_RECORD = ".run"
+SCORE_RECORD = "score.json"  # pipeline.score's, beside the submission: stale once the CSV is written anew
 
 
 def labels_from_probs(probs):
@@ -253,6 +254,7 @@ def main(argv=None):
     path = write_submission(build_submission(labels), out, n_test)
     if out == default_out():
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
+        (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
     return upload_if_current(path, run, message, args.upload, n_test, probs)

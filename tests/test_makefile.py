@@ -177,6 +177,9 @@ def test_score_judges_the_submission_that_exists(tmp_path):
     result = sandbox_make(box, "score")  # PRESET and RUN default to standard, which was never trained
     assert result.returncode == 0, result.stderr
     assert [c["argv"][:2] for c in calls(box)] == [["-m", "pipeline.score"]]
+    assert "--run" not in calls(box)[0]["argv"]  # the run submit recorded is the one the CSV must come from
+    assert sandbox_make(box, "score", "RUN=r1").returncode == 0
+    assert calls(box)[-1]["argv"][-2:] == ["--run", "r1"]  # RUN= given: the CSV must be that run's
 
 
 def test_ensemble_creates_the_venv_first(tmp_path):

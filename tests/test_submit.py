@@ -310,3 +310,59 @@ def test_make_submit_never_uploads_a_csv_written_from_another_run(project, capsy
     assert err.count("\n") == 1 and "not uploaded" in err and "make submit RUN=r1" in err, err
     assert calls == []
     assert submit.main(["--run", "r2", "--upload-only"]) == 0 and len(calls) == 1
+
+
+# ---------------------------------------------------------------- score: the submission of which run
+
+def scored(project, capsys, *args):
+    """pipeline.score on the default submission against a key that matches r1's labels: (code, out, err)."""
+    from pipeline import score
+
+    key = project.root / "data" / "raw" / "test_labels.csv"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},{y},1\n" for i, y in enumerate(project.labels)))
+    capsys.readouterr()
+    code = score.main(["--submission", str(project.csv), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_score_names_the_run_and_refuses_a_csv_that_is_not_its_current_predictions(project, capsys):
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    code, out, err = scored(project, capsys)
+    assert code == 0, err
+    saved = json.loads((project.csv.parent / submit.SCORE_RECORD).read_text())
+    assert saved["run"] == "r1" and saved["accuracy"] == 1.0 and "(run r1)" in out
+    assert saved["submission_sha256"] == hashlib.sha256(project.csv.read_bytes()).hexdigest()
+
+    probs = np.full((N_TEST, 10), 0.05, np.float32)
+    probs[:, 7] = 0.55
+    runs.Run("r1").write_probs(probs)  # r1 predicted again (trained on, say) since the CSV was written
+    code, _, err = scored(project, capsys)
+    assert code == 2 and err.count("\n") == 1 and "current predictions" in err and "make submit RUN=r1" in err, err
+
+    shutil.copytree(project.run, project.root / "runs" / "r2")
+    code, _, err = scored(project, capsys, "--run", "r2")  # `make score RUN=r2`: the CSV is r1's
+    assert code == 2 and err.count("\n") == 1 and "written from runs/r1, not runs/r2" in err, err
+
+
+def test_a_new_submission_drops_the_old_score_and_a_gone_run_is_said(project, capsys):
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    assert scored(project, capsys)[0] == 0
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0  # the CSV written anew: its score is not known yet
+    assert not (project.csv.parent / submit.SCORE_RECORD).exists()
+    shutil.rmtree(project.run)
+    code, out, err = scored(project, capsys)
+    assert code == 0 and "runs/r1, which is gone" in err and "of no known run" in out, err
+    assert json.loads((project.csv.parent / submit.SCORE_RECORD).read_text())["run"] is None
+
+
+@pytest.mark.parametrize("target", ["submission", "key"])
+def test_score_never_writes_its_json_over_the_submission_or_the_key(project, capsys, target):
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    path = project.csv if target == "submission" else project.root / "data" / "raw" / "test_labels.csv"
+    scored(project, capsys)
+    before = path.read_bytes()
+    code, _, err = scored(project, capsys, "--out", str(path))
+    assert code == 2 and err.count("\n") == 1 and f"is the {target} itself" in err, err
+    assert path.read_bytes() == before
