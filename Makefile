@@ -86,11 +86,13 @@ $(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
 
 prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
 
-# Rebuilt too when VAL_FRACTION asks for another split than the one meta.json records: dates cannot tell.
-PREPARED_FRACTION := $(shell sed -n 's/^ *"val_fraction": *\([^,]*\),*$$/\1/p' $(PROCESSED)/meta.json 2>/dev/null)
-$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv \
-  $(if $(value VAL_FRACTION),$(if $(filter $(PREPARED_FRACTION),$(value VAL_FRACTION)),,FORCE)) | $(VENV)/.installed
-	$(PY) -m pipeline.prepare $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
+# Dates cannot tell whether data/processed holds data/raw (an unzip or `cp -p` gives new CSVs old dates), nor
+# whether VAL_FRACTION asks for another split: where a goal may prepare, prepare is asked, and compares the CSVs'
+# sha256 and the split with meta.json (well under a second when nothing changed). predict and submit never
+# prepare: submit refuses a test.csv that is not the one prepared.
+$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv $(if $(filter prepare train,$(MAKECMDGOALS)),FORCE) \
+  | $(VENV)/.installed
+	$(PY) -m pipeline.prepare --if-needed $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
 # The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and
 # what its outputs were made from, which file dates cannot tell.

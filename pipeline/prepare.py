@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline import dataset, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import save_npz, write_json
+from pipeline.fileio import file_sha256, save_npz, write_json
 
 PIXELS = 784
 TEST_HEADER = tuple(f"pixel{i}" for i in range(PIXELS))
@@ -36,6 +36,7 @@ BOM = b"\xef\xbb\xbf"
 QUOTED_NUMBER = re.compile(rb'(?<![^,\n])"([0-9]*)"(?![^,\n])')   # a whole field "123", quotes dropped
 NOT_CSV_DIGITS = re.compile(rb"[^0-9,\n]")
 MAX_SHOWN = 24                                                     # characters of a bad value to quote
+VAL_FRACTION = 0.1                                                 # share of each digit held out, by default
 
 
 def shown(path) -> str:
@@ -221,9 +222,36 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", type=Path, default=None, help="folder with train.csv and test.csv (default: data/raw)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/processed)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out (default: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of each class held out (default: {VAL_FRACTION}; with --if-needed, the prepared one)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default: 0)")
+    p.add_argument("--if-needed", action="store_true",
+                   help="do nothing when the output already holds these CSVs (by sha256), split this way")
     return p
+
+
+def prepared_meta(out_dir):
+    """meta.json of an earlier prepare into out_dir, or None."""
+    try:
+        return dataset.load_meta(out_dir)
+    except UserError:
+        return None
+
+
+def up_to_date(raw_dir, out_dir, val_fraction, split_seed):
+    """Whether out_dir already holds train.csv and test.csv as they are now, split as asked (val_fraction None:
+    as it was). By content, not by date: an unzip, `cp -p` or `rsync -a` gives new CSVs old dates."""
+    meta = prepared_meta(out_dir)
+    if meta is None:
+        return False
+    if not all((out_dir / name).is_file() for name in ("train.npz", "test.npz", "split.npz")):
+        return False
+    if meta.get("split_seed") != split_seed or val_fraction not in (None, meta.get("val_fraction")):
+        return False
+    try:
+        return all(meta.get(f"{name}_sha256") == file_sha256(raw_dir / f"{name}.csv") for name in ("train", "test"))
+    except OSError:
+        return False  # a CSV missing or unreadable: preparing says which, in one line
 
 
 @cli_main
@@ -232,6 +260,12 @@ def main(argv=None):
     raw_dir = args.raw or paths.data_raw()
     out_dir = args.out or paths.data_processed()
 
+    if args.if_needed and up_to_date(raw_dir, out_dir, args.val_fraction, args.split_seed):
+        print(f"{shown(out_dir)} already holds {shown(raw_dir)}'s train.csv and test.csv (by sha256); nothing to do")
+        return 0
+    if args.val_fraction is None:  # with --if-needed, new CSVs keep the split asked for before
+        recorded = (prepared_meta(out_dir) or {}).get("val_fraction") if args.if_needed else None
+        args.val_fraction = recorded if isinstance(recorded, float) and 0 < recorded < 1 else VAL_FRACTION
     train_path, test_path = raw_dir / "train.csv", raw_dir / "test.csv"
     print(f"reading {shown(train_path)}")
     train, train_sha = read_digit_csv(train_path, TRAIN_HEADER)

@@ -33,7 +33,7 @@ import numpy as np
 from pipeline import console, paths
 from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
-from pipeline.fileio import load_npz, read_json_object, save_npz
+from pipeline.fileio import file_sha256, load_npz, read_json_object, save_npz
 
 # A run, or one member of an ensemble run ("night/members/3").
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
@@ -63,14 +63,6 @@ def data_fingerprint():
         raise UserError(f"{path} is missing: run `make prepare` first") from None
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}: run `make prepare` again") from None
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_probs(probs, n_rows, what="probabilities"):

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline import dataset, paths, runs, submit
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import write_json
+from pipeline.fileio import file_sha256, write_json
 from pipeline.submit import validate_submission
 
 KEY_COLUMNS = ["ImageId", "Label", "mnist_test"]
@@ -196,7 +196,7 @@ def main(argv=None):
                         f"itself: give another path for the JSON")
     score = score_submission(submission, key, prepared_test_rows() if args.key is None else None)
     name = submission_run(submission, args.run)
-    score = {**score, "run": name, "submission_sha256": runs.file_sha256(submission)}
+    score = {**score, "run": name, "submission_sha256": file_sha256(submission)}
     write_json(out, score)
     print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")
     print(format_accuracy(score))

@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import write_json, write_text
+from pipeline.fileio import file_sha256, write_json, write_text
 
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
@@ -191,7 +191,7 @@ def upload_if_current(path, run, message, upload_wanted, n_test, probs):
 def upload(path, run_name, message, copy):
     """Upload `copy`, the checked private copy of the CSV at `path`, unless the record beside `path` says these
     bytes went up already; returns the exit code."""
-    sha = runs.file_sha256(copy)
+    sha = file_sha256(copy)
     done = already_uploaded(path, sha)
     if done:
         print(f"{path} was uploaded already ({done.get('time')}: {done.get('answer')}); nothing to do")
@@ -225,10 +225,16 @@ def default_out():
 
 
 def count_test_rows():
-    """The number of test images, from meta.json."""
-    n_test = dataset.load_meta().get("test_rows")
+    """The number of test images, from meta.json; refused when data/raw/test.csv is not the test.csv prepared (new
+    CSVs unzipped with old dates: make cannot tell, and predictions of the old ones would be submitted)."""
+    meta = dataset.load_meta()
+    n_test = meta.get("test_rows")
     if not isinstance(n_test, int):
         raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
+    raw = paths.data_raw() / "test.csv"
+    if "test_sha256" in meta and raw.is_file() and file_sha256(raw) != meta["test_sha256"]:
+        raise UserError(f"{raw} changed since it was prepared, so the predictions answer another test.csv: "
+                        f"`make prepare`, then `make submit` predicts it anew")
     return n_test
 
 

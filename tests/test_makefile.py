@@ -316,7 +316,8 @@ def test_what_training_delivers_is_predicted_before_it_is_submitted(tmp_path):
     box = sandbox(tmp_path)
     built(box)
     stages = re.findall(r"-m (pipeline\.\w+)", sandbox_make(box, "-n", "train", "submit", "RUN=x").stdout)
-    assert stages == ["pipeline.train", "pipeline.predict", "pipeline.submit", "pipeline.submit"], stages
+    assert stages == ["pipeline.prepare", "pipeline.train", "pipeline.predict", "pipeline.submit",
+                      "pipeline.submit"], stages
     # a member delivered by an earlier `make train` (after a blend of the members finished then) is blended in
     member = box / "runs" / "x" / "members" / "3" / "summary.json"
     member.parent.mkdir(parents=True)
@@ -335,15 +336,17 @@ def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, ta
     assert f"write {variable.split('=')[0].upper()}=" in result.stderr and calls(box) == []
 
 
-def test_prepare_with_another_val_fraction_splits_again(tmp_path):
-    # `make prepare VAL_FRACTION=0.3` after a first prepare said "Nothing to be done" and kept the 0.1 split
+def test_prepare_and_train_ask_prepare_whatever_the_dates_say(tmp_path):
+    # `make prepare VAL_FRACTION=0.3` after a first prepare said "Nothing to be done" and kept the 0.1 split; CSVs
+    # unzipped with their old dates were never prepared (prepare compares contents and the split itself)
     box = sandbox(tmp_path)
     built(box)
-    (box / "data" / "processed" / "meta.json").write_text('{\n  "test_rows": 3,\n  "val_fraction": 0.1\n}\n')
-    for value, runs_prepare in (("0.3", True), ("0.1", False), (None, False)):
-        result = sandbox_make(box, "-n", "prepare", *([f"VAL_FRACTION={value}"] if value else []))
+    for goal, value in (("prepare", "0.3"), ("prepare", None), ("train", None)):
+        result = sandbox_make(box, goal, *([f"VAL_FRACTION={value}"] if value else []))
         assert result.returncode == 0, result.stderr
-        assert ("pipeline.prepare" in result.stdout) == runs_prepare, (value, result.stdout)
+        argv = [c["argv"] for c in calls(box) if "pipeline.prepare" in c["argv"]][-1]
+        assert argv[2:] == ["--if-needed", *(["--val-fraction", value] if value else [])], argv
+    assert len([c for c in calls(box) if "pipeline.prepare" in c["argv"]]) == 3
 
 
 @pytest.mark.parametrize("variable", ["MESSAGE", "FOO", "EPOCHS", "PRESET", "RUN", "TTA", "GPU", "SEED", "VAL_FRACTION",

@@ -297,3 +297,23 @@ def test_a_test_csv_with_another_row_count_than_the_sample_submission_is_refused
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"has {N_TEST - 1} rows but" in err and f"has {N_TEST}:" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_if_needed_compares_contents_and_the_split_not_dates(prepared, capsys):
+    raw, out, before = prepared
+    meta = out / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(raw, out, "--if-needed") == 0 and run(raw, out, "--if-needed", "--val-fraction", "0.1") == 0
+    assert "nothing to do" in capsys.readouterr().out and meta.stat().st_mtime_ns == stamp
+    assert run(raw, out, "--if-needed", "--val-fraction", "0.3") == 0  # another split asked for
+    assert json.loads(meta.read_text())["val_fraction"] == 0.3
+    assert run(raw, out, "--if-needed") == 0 and json.loads(meta.read_text())["val_fraction"] == 0.3  # kept
+    old = os.stat(raw / "test.csv")
+    write_raw(raw, test=csv_text(TEST_HEADER, TEST[::-1]))  # new test.csv, unzipped with its old date
+    os.utime(raw / "test.csv", ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert run(raw, out, "--if-needed") == 0
+    assert json.loads(meta.read_text())["test_sha256"] == hashlib.sha256((raw / "test.csv").read_bytes()).hexdigest()
+    assert json.loads(meta.read_text())["val_fraction"] == 0.3  # the split asked for before, on the new CSVs
+    (out / "split.npz").unlink()  # an output lost: prepared again
+    assert run(raw, out, "--if-needed") == 0 and (out / "split.npz").is_file()

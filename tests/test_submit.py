@@ -366,3 +366,21 @@ def test_score_never_writes_its_json_over_the_submission_or_the_key(project, cap
     code, _, err = scored(project, capsys, "--out", str(path))
     assert code == 2 and err.count("\n") == 1 and f"is the {target} itself" in err, err
     assert path.read_bytes() == before
+
+
+def test_a_test_csv_replaced_since_it_was_prepared_is_never_answered(project, capsys):
+    # new CSVs unzipped with their old dates: make saw data/processed up to date and submitted the old predictions
+    raw = project.root / "data" / "raw" / "test.csv"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("pixel0\n0\n")
+    meta = project.root / "data" / "processed" / "meta.json"
+    meta.write_text(json.dumps({"train_rows": 20, "test_rows": N_TEST,
+                                "test_sha256": hashlib.sha256(raw.read_bytes()).hexdigest()}))
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])  # made from the data of now
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    raw.write_text("pixel0\n1\n")
+    capsys.readouterr()
+    for args in (["--upload", "0"], ["--upload-only"]):
+        assert submit.main(["--run", "r1", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "changed since it was prepared" in err, err
