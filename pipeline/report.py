@@ -272,14 +272,23 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
 def write_report(folder):
     """Write every figure of the run in `folder` into folder/report/, then report.md; returns its path."""
     run = runs.run_of(folder)
+    if run.is_ensemble:  # its blend has no curves or filters of its own: each member has
+        done, _ = run.finished_members()
+        names = ", ".join(m.name.rsplit("/", 1)[-1] for m in done) or "none finished yet"
+        raise UserError(f"runs/{run.name} is an ensemble: report one of its members, `make report "
+                        f"RUN={run.name}/members/K` (K: {names}); `make ensemble RUN={run.name}` shows the blend")
     config = run.config()
     summary = run.summary()
     metrics = run.metrics()
     kernel = first_conv_kernel(run.model_state())
     idx, y, probs = run.val_predictions()
-    images, _ = dataset.load_train()
+    images, labels = dataset.load_train()
     if len(idx) and (idx.min() < 0 or idx.max() >= len(images)):
         raise UserError(f"{folder / 'val_predictions.npz'} indexes rows beyond train.npz: rerun `make prepare` and retrain")
+    trained_on = summary.get("train_sha256")  # runs from before it was recorded: their labels must still match
+    if (trained_on and trained_on != dataset.load_meta().get("train_sha256")) or not np.array_equal(labels[idx], y):
+        raise UserError(f"runs/{run.name} was trained on another train.csv than data/processed holds now, so its "
+                        f"validation images cannot be drawn: prepare that train.csv again, or retrain the run")
 
     out = folder / "report"
     confusion = confusion_matrix(y, probs.argmax(axis=1))

@@ -630,6 +630,7 @@ def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, la
         "epochs_done": len(history), "wall_time_s": state["wall_time_s"], "finished": True,
         "select": cfg.select, "weight_average": bool(cfg.ema_decay),
         "data_fingerprint": runs.data_fingerprint(),
+        "train_sha256": state["data"].get("train_sha256"),  # the train.csv its validation rows index (report)
         "train_images_per_s": float(np.median([r["images_per_s"] for r in history])) if history else None,
     })
     print(f"runs/{label}: {'last' if cfg.select == 'last' else 'best'} epoch {best_epoch}"

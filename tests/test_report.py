@@ -139,3 +139,31 @@ def test_format_duration():
     assert report.format_duration(59.6) == "1m 00s"
     assert report.format_duration(3725) == "1h 02m 05s"
     assert report.format_duration(None) == "unknown"
+
+
+def test_a_run_of_another_train_csv_is_refused_not_drawn_with_other_images(run, tmp_path, capsys):
+    # `make fetch SOURCE=kaggle && make prepare` after practising offline: worst.png showed other digits under the
+    # old run's labels and confidences
+    processed = tmp_path / "data" / "processed"
+    d = dict(np.load(processed / "train.npz"))
+    save_npz(processed / "train.npz", {"x": d["x"], "y": (d["y"] + 1) % 10})  # same row count, other data
+    assert report.main(["--run", "r1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another train.csv" in err, err
+    save_npz(processed / "train.npz", d)  # labels as they were, but the run recorded another train.csv's hash
+    (processed / "meta.json").write_text(json.dumps({"train_sha256": "0" * 64}))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "train_sha256": "1" * 64}))
+    assert report.main(["--run", "r1"]) == 2 and "another train.csv" in capsys.readouterr().err
+    (run / "summary.json").write_text(json.dumps({**summary, "train_sha256": "0" * 64}))
+    assert report.main(["--run", "r1"]) == 0, capsys.readouterr().err
+
+
+def test_an_ensemble_says_which_members_to_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    make_fake_run(tmp_path, "night/members/0")
+    (tmp_path / "runs" / "night" / "members" / "1").mkdir()  # unfinished
+    assert report.main(["--run", "night"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RUN=night/members/K` (K: 0)" in err, err
+    assert report.main(["--run", "night/members/0"]) == 0
