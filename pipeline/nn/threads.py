@@ -117,7 +117,8 @@ def _thread_pool():
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="pipeline-nn")
+            # at least one worker: split() may be asked for parts with one engine thread (PIPELINE_NN_THREADS=1)
+            _pool = ThreadPoolExecutor(max_workers=max(1, num_threads() - 1), thread_name_prefix="pipeline-nn")
         return _pool
 
 
