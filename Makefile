@@ -84,19 +84,16 @@ fetch: | $(VENV)/.installed ## download the competition data (SOURCE=auto|kaggle
 $(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
 	$(PY) -m pipeline.fetch --source "$$PIPELINE_VAR_SOURCE"
 
-prepare: $(PROCESSED)/meta.json ## validate, normalize and split the data
-
 # Dates cannot tell whether data/processed holds data/raw (an unzip or `cp -p` gives new CSVs old dates), nor
-# whether VAL_FRACTION asks for another split: where a goal may prepare, prepare is asked, and compares the CSVs'
-# sha256 and the split with meta.json (well under a second when nothing changed). predict and submit never
-# prepare: submit refuses a test.csv that is not the one prepared.
-$(PROCESSED)/meta.json: $(RAW)/train.csv $(RAW)/test.csv $(if $(filter prepare train,$(MAKECMDGOALS)),FORCE) \
-  | $(VENV)/.installed
+# whether VAL_FRACTION asks for another split: prepare is always asked, and compares the CSVs' sha256 and the
+# split with meta.json (well under a second when nothing changed). predict and submit never prepare: submit
+# refuses a test.csv that is not the one prepared.
+prepare: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed ## validate, normalize and split the data (again when the CSVs or VAL_FRACTION changed)
 	$(PY) -m pipeline.prepare --if-needed $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
 # The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and
 # what its outputs were made from, which file dates cannot tell.
-train: $(PROCESSED)/meta.json | $(VENV)/.installed ## train PRESET into runs/RUN (resumes an unfinished run, repairs a damaged one)
+train: prepare | $(VENV)/.installed ## train PRESET into runs/RUN (resumes an unfinished run, repairs a damaged one)
 	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
 
 predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (recomputed when the data or model changed)

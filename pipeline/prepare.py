@@ -37,6 +37,7 @@ QUOTED_NUMBER = re.compile(rb'(?<![^,\n])"([0-9]*)"(?![^,\n])')   # a whole fiel
 NOT_CSV_DIGITS = re.compile(rb"[^0-9,\n]")
 MAX_SHOWN = 24                                                     # characters of a bad value to quote
 VAL_FRACTION = 0.1                                                 # share of each digit held out, by default
+SPLIT_SEED = 0
 
 
 def shown(path) -> str:
@@ -224,7 +225,8 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/processed)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"share of each class held out (default: {VAL_FRACTION}; with --if-needed, the prepared one)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default: 0)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the stratified split (default: 0; with --if-needed, the prepared one)")
     p.add_argument("--if-needed", action="store_true",
                    help="do nothing when the output already holds these CSVs (by sha256), split this way")
     return p
@@ -246,8 +248,10 @@ def up_to_date(raw_dir, out_dir, val_fraction, split_seed):
         return False
     if not all((out_dir / name).is_file() for name in ("train.npz", "test.npz", "split.npz")):
         return False
-    if meta.get("split_seed") != split_seed or val_fraction not in (None, meta.get("val_fraction")):
+    if split_seed not in (None, meta.get("split_seed")) or val_fraction not in (None, meta.get("val_fraction")):
         return False
+    if any(dataset.raw_csv_problem(raw_dir / f"{name}.csv") for name in ("train", "test")):
+        return False  # a FIFO or a device would be hashed forever: preparing says what is wrong, in one line
     try:
         return all(meta.get(f"{name}_sha256") == file_sha256(raw_dir / f"{name}.csv") for name in ("train", "test"))
     except OSError:
@@ -263,9 +267,14 @@ def main(argv=None):
     if args.if_needed and up_to_date(raw_dir, out_dir, args.val_fraction, args.split_seed):
         print(f"{shown(out_dir)} already holds {shown(raw_dir)}'s train.csv and test.csv (by sha256); nothing to do")
         return 0
-    if args.val_fraction is None:  # with --if-needed, new CSVs keep the split asked for before
-        recorded = (prepared_meta(out_dir) or {}).get("val_fraction") if args.if_needed else None
-        args.val_fraction = recorded if isinstance(recorded, float) and 0 < recorded < 1 else VAL_FRACTION
+    # with --if-needed, new CSVs keep the split asked for before
+    recorded = (prepared_meta(out_dir) or {}) if args.if_needed else {}
+    if args.val_fraction is None:
+        fraction = recorded.get("val_fraction")
+        args.val_fraction = fraction if isinstance(fraction, float) and 0 < fraction < 1 else VAL_FRACTION
+    if args.split_seed is None:
+        seed = recorded.get("split_seed")
+        args.split_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else SPLIT_SEED
     train_path, test_path = raw_dir / "train.csv", raw_dir / "test.csv"
     print(f"reading {shown(train_path)}")
     train, train_sha = read_digit_csv(train_path, TRAIN_HEADER)

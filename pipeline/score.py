@@ -5,9 +5,10 @@
 The key `ImageId,Label,mnist_test` is written by the offline mnist source; real Kaggle data has none.
 This is the ONLY module that reads it: training and model selection never see the test labels.
 Prints accuracy (all rows and the official MNIST test rows), per-class precision/recall/F1 and the
-confusion matrix, and saves them as score.json beside the submission. The default submission must hold the
-current predictions of the run `make submit` wrote it from (or of RUN=, when given).
+confusion matrix, and saves them as score.json beside the submission, naming the run `make submit` wrote it
+from (RUN=, when given, must be that run).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from pipeline import dataset, paths, runs, submit
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import file_sha256, write_json
+from pipeline.fileio import file_sha256, read_json_object, write_json
 from pipeline.submit import validate_submission
 
 KEY_COLUMNS = ["ImageId", "Label", "mnist_test"]
@@ -97,11 +98,16 @@ def load_answer_key(path):
 
 
 def prepared_test_rows():
-    """test.csv's row count as prepare recorded it, or None before any prepare."""
+    """test.csv's row count as prepare recorded it, or None before any prepare. The key answers data/raw/test.csv:
+    one replaced since it was prepared is another than the submission answers."""
     try:
-        return dataset.load_meta().get("test_rows")
+        meta = dataset.load_meta()
     except UserError:
         return None
+    if submit.test_csv_replaced(meta):
+        raise UserError(f"{paths.data_raw() / 'test.csv'} changed since it was prepared, so the key answers another "
+                        f"test.csv than the submission: `make prepare`, then `make submit RUN=...` and `make score`")
+    return meta.get("test_rows")
 
 
 def score_submission(submission_path, key_path, test_rows=None):
@@ -116,35 +122,36 @@ def score_submission(submission_path, key_path, test_rows=None):
     return {"submission": str(submission_path), "key": str(key_path), **score}
 
 
-def submission_run(submission, run_name):
-    """The run whose current predictions the CSV must hold: RUN= when given, else the run that `make submit`
-    recorded for the default submission; None for a CSV of unknown origin. A CSV written from another run, or
-    from this run before it changed, is refused: its score would be read as the run's of now."""
-    recorded = None
+def submission_origin(submission, sha, run_name):
+    """(run name or None, a note) for the CSV at `submission` whose bytes have `sha`: the run `make submit`
+    wrote it from, by the record it keeps beside the default submission. RUN= given (run_name) must be that run:
+    a score read as one run's would be another's. A run changed since (trained on, blended, data prepared again)
+    is said, not refused: the CSV holds its predictions of then, perhaps the ones uploaded."""
+    record = None
     if submission.resolve() == submit.default_out().resolve():
         try:
-            recorded = (submission.parent / submit.RUN_RECORD).read_text().strip() or None
-        except (OSError, UnicodeDecodeError):
-            recorded = None
-    if run_name and recorded and run_name != recorded:
-        raise UserError(f"{submission} was written from runs/{recorded}, not runs/{run_name}: "
+            record = read_json_object(submission.parent / submit.SUBMISSION_RECORD, "")
+        except (OSError, UserError):
+            record = None
+    written_from = record.get("run") if record and record.get("sha256") == sha else None
+    if run_name and written_from != run_name:
+        how = (f"it was written from runs/{written_from}" if written_from else
+               "it was edited, replaced or written by hand since" if record else "no `make submit` recorded it")
+        raise UserError(f"{submission} is not the CSV `make submit` wrote from runs/{run_name} ({how}): "
                         f"`make submit RUN={run_name}` writes that run's, then `make score`")
-    name = run_name or recorded
-    if name is None:
-        return None
-    if not run_name and not runs.Run(name).folder.is_dir():
-        print(f"warning: {submission} was written from runs/{name}, which is gone: scored as it is", file=sys.stderr)
-        return None
-    run = runs.Run.existing(name)
-    n_test = submit.count_test_rows()
-    with run.lock("score", shared=True):
-        probs = run.test_probs(n_test)  # made from the data and model of now
-    labels = validate_submission(submission, n_test)["Label"].to_numpy()
-    if not np.array_equal(labels, submit.labels_from_probs(probs)):
-        raise UserError(f"{submission} does not hold runs/{name}'s current predictions (written from another run, "
-                        f"or before they changed), so its score would not be that run's: "
-                        f"`make submit RUN={name}` writes it again")
-    return name
+    if written_from is None:
+        if record:
+            print(f"warning: {submission} changed since `make submit` wrote it from runs/{record.get('run')}: "
+                  f"scored as it is", file=sys.stderr)
+        return None, ""
+    run = runs.Run(written_from)
+    if not run.folder.is_dir():
+        return written_from, f"runs/{written_from} is gone since"
+    if json.dumps(run.made_from(), sort_keys=True) != json.dumps(record.get("made_from"), sort_keys=True):
+        return written_from, (f"runs/{written_from} changed since (trained on, blended, or its data prepared "
+                              f"again): this is its score as of {record.get('time')}; `make submit "
+                              f"RUN={written_from}` writes its predictions of now")
+    return written_from, ""
 
 
 def format_accuracy(score):
@@ -194,11 +201,15 @@ def main(argv=None):
     if out.resolve() in (submission.resolve(), key.resolve()):
         raise UserError(f"--out {out} is the {'submission' if out.resolve() == submission.resolve() else 'key'} "
                         f"itself: give another path for the JSON")
-    score = score_submission(submission, key, prepared_test_rows() if args.key is None else None)
-    name = submission_run(submission, args.run)
-    score = {**score, "run": name, "submission_sha256": file_sha256(submission)}
+    with submit.private_copy(submission) as copy:  # one CSV scored, hashed and named, whatever a submit does
+        sha = file_sha256(copy)
+        name, note = submission_origin(submission, sha, args.run)
+        score = score_submission(copy, key, prepared_test_rows() if args.key is None else None)
+    score = {**score, "submission": str(submission), "run": name, "submission_sha256": sha}
     write_json(out, score)
     print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")
+    if note:
+        print(f"note: {note}")
     print(format_accuracy(score))
     print()
     print(format_per_class(score["per_class"]))

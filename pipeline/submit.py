@@ -36,6 +36,7 @@ UPLOAD_RECORD = ".uploaded.json"
 # The run the default submission was written from: the Makefile rewrites the CSV when RUN names another.
 RUN_RECORD = ".run"
 SCORE_RECORD = "score.json"  # pipeline.score's, beside the submission: stale once the CSV is written anew
+SUBMISSION_RECORD = ".submission.json"  # the run, predictions and bytes of the CSV written: what score names
 
 
 def labels_from_probs(probs):
@@ -224,18 +225,24 @@ def default_out():
     return paths.submissions() / "submission.csv"
 
 
-def count_test_rows():
+def count_test_rows(run):
     """The number of test images, from meta.json; refused when data/raw/test.csv is not the test.csv prepared (new
-    CSVs unzipped with old dates: make cannot tell, and predictions of the old ones would be submitted)."""
+    CSVs unzipped with old dates: make cannot tell, and the run's predictions of the old ones would be submitted)."""
     meta = dataset.load_meta()
     n_test = meta.get("test_rows")
     if not isinstance(n_test, int):
         raise UserError(f"{paths.data_processed() / 'meta.json'} has no test_rows: rerun `make prepare`")
-    raw = paths.data_raw() / "test.csv"
-    if "test_sha256" in meta and raw.is_file() and file_sha256(raw) != meta["test_sha256"]:
-        raise UserError(f"{raw} changed since it was prepared, so the predictions answer another test.csv: "
-                        f"`make prepare`, then `make submit` predicts it anew")
+    if test_csv_replaced(meta):
+        raise UserError(f"{paths.data_raw() / 'test.csv'} changed since it was prepared, so the predictions answer "
+                        f"another test.csv: `make prepare`, then `make submit RUN={run.name}` predicts it anew")
     return n_test
+
+
+def test_csv_replaced(meta):
+    """Whether data/raw/test.csv is not the one prepared into `meta` (new CSVs unzipped with their old dates:
+    make cannot tell). Without the CSV (a Kaggle kernel, a test.csv of one's own) there is nothing to compare."""
+    raw = paths.data_raw() / "test.csv"
+    return "test_sha256" in meta and raw.is_file() and file_sha256(raw) != meta["test_sha256"]
 
 
 @cli_main
@@ -246,20 +253,23 @@ def main(argv=None):
     if args.upload_only:
         if not out.is_file():
             raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
-        n_test = count_test_rows()
+        n_test = count_test_rows(run)
         with run.lock("submit", shared=True):
             message = run_message(run, args.message)
             probs = run.test_probs(n_test)
         return upload_if_current(out, run, message, args.upload, n_test, probs)
 
-    n_test = count_test_rows()
+    n_test = count_test_rows(run)
     with run.lock("submit", shared=True):
         message = run_message(run, args.message)
+        made_from = run.made_from()
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
     path = write_submission(build_submission(labels), out, n_test)
     if out == default_out():
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
+        write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": file_sha256(path),
+                                                    "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")

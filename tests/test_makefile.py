@@ -347,6 +347,9 @@ def test_prepare_and_train_ask_prepare_whatever_the_dates_say(tmp_path):
         argv = [c["argv"] for c in calls(box) if "pipeline.prepare" in c["argv"]][-1]
         assert argv[2:] == ["--if-needed", *(["--val-fraction", value] if value else [])], argv
     assert len([c for c in calls(box) if "pipeline.prepare" in c["argv"]]) == 3
+    # asking prepare makes nothing downstream look stale: `make -n` says what a real run does
+    stages = re.findall(r"-m (pipeline\.\w+)", sandbox_make(box, "-n", "prepare", "submit", "RUN=x").stdout)
+    assert stages == ["pipeline.prepare", "pipeline.submit"], stages
 
 
 @pytest.mark.parametrize("variable", ["MESSAGE", "FOO", "EPOCHS", "PRESET", "RUN", "TTA", "GPU", "SEED", "VAL_FRACTION",

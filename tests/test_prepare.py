@@ -317,3 +317,15 @@ def test_if_needed_compares_contents_and_the_split_not_dates(prepared, capsys):
     assert json.loads(meta.read_text())["val_fraction"] == 0.3  # the split asked for before, on the new CSVs
     (out / "split.npz").unlink()  # an output lost: prepared again
     assert run(raw, out, "--if-needed") == 0 and (out / "split.npz").is_file()
+    assert run(raw, out, "--split-seed", "3") == 0 and run(raw, out, "--if-needed") == 0
+    assert json.loads(meta.read_text())["split_seed"] == 3  # `make train` keeps a split seed asked for by hand
+
+
+def test_if_needed_on_a_fifo_says_what_is_wrong_instead_of_hashing_forever(prepared, capsys):
+    raw, out, before = prepared
+    (raw / "train.csv").unlink()
+    os.mkfifo(raw / "train.csv")
+    assert run(raw, out, "--if-needed") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FIFO" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

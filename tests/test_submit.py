@@ -327,34 +327,40 @@ def scored(project, capsys, *args):
     return code, out, err
 
 
-def test_score_names_the_run_and_refuses_a_csv_that_is_not_its_current_predictions(project, capsys):
+def test_score_names_the_run_even_while_it_trains_and_says_when_it_changed_since(project, capsys):
     assert submit.main(["--run", "r1", "--upload", "0"]) == 0
-    code, out, err = scored(project, capsys)
+    with runs.Run("r1").lock("train"):  # `make train RUN=r1` resumed after the submit: the CSV is still r1's
+        code, out, err = scored(project, capsys)
     assert code == 0, err
     saved = json.loads((project.csv.parent / submit.SCORE_RECORD).read_text())
-    assert saved["run"] == "r1" and saved["accuracy"] == 1.0 and "(run r1)" in out
+    assert saved["run"] == "r1" and saved["accuracy"] == 1.0 and "(run r1)" in out and "note" not in out
     assert saved["submission_sha256"] == hashlib.sha256(project.csv.read_bytes()).hexdigest()
 
-    probs = np.full((N_TEST, 10), 0.05, np.float32)
-    probs[:, 7] = 0.55
-    runs.Run("r1").write_probs(probs)  # r1 predicted again (trained on, say) since the CSV was written
-    code, _, err = scored(project, capsys)
-    assert code == 2 and err.count("\n") == 1 and "current predictions" in err and "make submit RUN=r1" in err, err
+    (project.run / "model.npz").write_bytes(b"trained on since")  # r1 delivered another model
+    code, out, err = scored(project, capsys)
+    assert code == 0 and "(run r1)" in out and "runs/r1 changed since" in out and "make submit RUN=r1" in out, err
 
     shutil.copytree(project.run, project.root / "runs" / "r2")
     code, _, err = scored(project, capsys, "--run", "r2")  # `make score RUN=r2`: the CSV is r1's
-    assert code == 2 and err.count("\n") == 1 and "written from runs/r1, not runs/r2" in err, err
+    assert code == 2 and err.count("\n") == 1 and "it was written from runs/r1" in err, err
+    assert scored(project, capsys, "--run", "r1")[0] == 0
+
+    project.csv.write_text(project.csv.read_text().replace("1,3", "1,8"))  # edited by hand
+    code, _, err = scored(project, capsys, "--run", "r1")
+    assert code == 2 and err.count("\n") == 1 and "edited, replaced or written by hand" in err, err
+    code, out, err = scored(project, capsys)
+    assert code == 0 and "changed since `make submit` wrote it from runs/r1" in err and "of no known run" in out
 
 
-def test_a_new_submission_drops_the_old_score_and_a_gone_run_is_said(project, capsys):
+def test_a_new_submission_drops_the_old_score_and_a_run_gone_since_is_said(project, capsys):
     assert submit.main(["--run", "r1", "--upload", "0"]) == 0
     assert scored(project, capsys)[0] == 0
     assert submit.main(["--run", "r1", "--upload", "0"]) == 0  # the CSV written anew: its score is not known yet
     assert not (project.csv.parent / submit.SCORE_RECORD).exists()
     shutil.rmtree(project.run)
     code, out, err = scored(project, capsys)
-    assert code == 0 and "runs/r1, which is gone" in err and "of no known run" in out, err
-    assert json.loads((project.csv.parent / submit.SCORE_RECORD).read_text())["run"] is None
+    assert code == 0 and "(run r1)" in out and "runs/r1 is gone since" in out, err
+    assert json.loads((project.csv.parent / submit.SCORE_RECORD).read_text())["run"] == "r1"
 
 
 @pytest.mark.parametrize("target", ["submission", "key"])
@@ -383,4 +389,6 @@ def test_a_test_csv_replaced_since_it_was_prepared_is_never_answered(project, ca
     for args in (["--upload", "0"], ["--upload-only"]):
         assert submit.main(["--run", "r1", *args]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "changed since it was prepared" in err, err
+        assert err.count("\n") == 1 and "changed since it was prepared" in err and "submit RUN=r1" in err, err
+    code, _, err = scored(project, capsys)  # the key answers the new test.csv, the CSV the old one
+    assert code == 2 and err.count("\n") == 1 and "the key answers another test.csv" in err, err
