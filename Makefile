@@ -87,7 +87,8 @@ $(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
 # Dates cannot tell whether data/processed holds data/raw (an unzip or `cp -p` gives new CSVs old dates), nor
 # whether VAL_FRACTION asks for another split: prepare is always asked, and compares the CSVs' sha256 and the
 # split with meta.json (well under a second when nothing changed). predict and submit never prepare: submit
-# refuses a test.csv that is not the one prepared.
+# refuses a test.csv that is not the one prepared. (`make -n prepare submit` cannot know whether prepare will
+# write: it lists what the dates of now ask for, and a real run predicts again after a prepare that wrote.)
 prepare: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed ## validate, normalize and split the data (again when the CSVs or VAL_FRACTION changed)
 	$(PY) -m pipeline.prepare --if-needed $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
@@ -122,7 +123,7 @@ $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
 	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message "$$PIPELINE_VAR_MESSAGE"
 
-score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key (refused when stale; RUN= checks its run)
+score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key, naming its run (RUN= must be that run)
 	$(PY) -m pipeline.score --submission $(SUBMISSION) $(if $(filter command line environment override,$(origin RUN)),--run $(RUN))
 
 report: $(RUNDIR)/report/report.md ## figures and tables of runs/RUN

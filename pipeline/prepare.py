@@ -11,7 +11,8 @@ An error is one line naming the file, the data row (1-based, the header not coun
 number in the file, and the column:  data/raw/train.csv: row 17 (line 18), column pixel301: value 256
 is outside 0..255.
 
-Outputs follow the layout in pipeline.dataset; meta.json is written last (it is the Makefile's target).
+Outputs follow the layout in pipeline.dataset; meta.json is written last: present means complete,
+and its date is what later stages compare with (`make submit` predicts again after a prepare).
 """
 import argparse
 import csv

@@ -133,21 +133,29 @@ def submission_origin(submission, sha, run_name):
             record = read_json_object(submission.parent / submit.SUBMISSION_RECORD, "")
         except (OSError, UserError):
             record = None
-    written_from = record.get("run") if record and record.get("sha256") == sha else None
+    if record and not runs.RUN_NAME.fullmatch(str(record.get("run"))):
+        record = None  # damaged: as if there were none
+    written_from = record["run"] if record and record.get("sha256") == sha else None
     if run_name and written_from != run_name:
-        how = (f"it was written from runs/{written_from}" if written_from else
-               "it was edited, replaced or written by hand since" if record else "no `make submit` recorded it")
-        raise UserError(f"{submission} is not the CSV `make submit` wrote from runs/{run_name} ({how}): "
-                        f"`make submit RUN={run_name}` writes that run's, then `make score`")
+        if written_from:  # `make submit RUN=run_name` writes the CSV anew: .run names another run
+            raise UserError(f"{submission} was written from runs/{written_from}, not runs/{run_name}: "
+                            f"`make submit RUN={run_name}` writes that run's, then `make score RUN={run_name}`")
+        how = "it was edited, replaced or written by hand since" if record else "no `make submit` recorded it"
+        raise UserError(f"{submission} is not a CSV `make submit` wrote from runs/{run_name} ({how}): remove it, "
+                        f"then `make submit RUN={run_name}` writes that run's")
     if written_from is None:
         if record:
-            print(f"warning: {submission} changed since `make submit` wrote it from runs/{record.get('run')}: "
+            print(f"warning: {submission} changed since `make submit` wrote it from runs/{record['run']}: "
                   f"scored as it is", file=sys.stderr)
         return None, ""
     run = runs.Run(written_from)
     if not run.folder.is_dir():
         return written_from, f"runs/{written_from} is gone since"
-    if json.dumps(run.made_from(), sort_keys=True) != json.dumps(record.get("made_from"), sort_keys=True):
+    try:
+        now = run.made_from()
+    except UserError as exc:  # the data or the run cannot be read now: the CSV is still the one recorded
+        return written_from, f"whether runs/{written_from} changed since cannot be told ({exc})"
+    if json.dumps(now, sort_keys=True) != json.dumps(record.get("made_from"), sort_keys=True):
         return written_from, (f"runs/{written_from} changed since (trained on, blended, or its data prepared "
                               f"again): this is its score as of {record.get('time')}; `make submit "
                               f"RUN={written_from}` writes its predictions of now")

@@ -14,6 +14,7 @@ and never repeats a successful one.
 """
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import shlex
@@ -28,7 +29,7 @@ import pandas as pd
 
 from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import file_sha256, write_json, write_text
+from pipeline.fileio import file_sha256, write_bytes, write_json, write_text
 
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
@@ -121,11 +122,13 @@ def _first(mask):
 
 
 def write_submission(df, path, n_test):
-    """Validate the exact CSV text, then write it atomically; an invalid one leaves `path` untouched."""
+    """Validate the exact CSV text, then write it atomically; an invalid one leaves `path` untouched. Returns the
+    sha256 of the bytes written (what is on disk a moment later may be another submit's)."""
     text = df.to_csv(index=False, lineterminator="\n")
     validate_submission(io.StringIO(text), n_test, name=f"{path} (not written)")
-    write_text(path, text)
-    return Path(path)
+    data = text.encode("utf-8")
+    write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def upload_message(run_name, summary, extra=""):
@@ -265,10 +268,11 @@ def main(argv=None):
         made_from = run.made_from()
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
-    path = write_submission(build_submission(labels), out, n_test)
-    if out == default_out():
+    sha = write_submission(build_submission(labels), out, n_test)
+    path = out
+    if out.resolve() == default_out().resolve():  # however it is spelled: `--out ./submissions/submission.csv`
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
-        write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": file_sha256(path),
+        write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha,
                                                     "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)

@@ -97,7 +97,7 @@ def test_every_target_dry_runs_and_calls_existing_modules(target):
 
 
 def test_command_line_overrides_reach_train(tmp_path):
-    out = make("-n", "-W", "data/processed/meta.json", "train", "PRESET=quick", "EPOCHS=3", "RUN=myrun").stdout
+    out = make("-n", "train", "PRESET=quick", "EPOCHS=3", "RUN=myrun").stdout
     line = next(l for l in out.splitlines() if "pipeline.train" in l)
     assert "--preset quick" in line and "--run myrun" in line and "--make-vars" in line
     box = sandbox(tmp_path)
@@ -108,7 +108,7 @@ def test_command_line_overrides_reach_train(tmp_path):
 
 
 def test_resume_without_preset_keeps_the_runs_own():
-    out = make("-n", "-W", "data/processed/meta.json", "train", "RUN=old").stdout
+    out = make("-n", "train", "RUN=old").stdout
     line = next(l for l in out.splitlines() if "pipeline.train" in l)
     assert "--preset" not in line and "--run old" in line
 

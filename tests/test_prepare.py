@@ -208,7 +208,7 @@ def test_outputs_hold_the_csv_exactly(prepared):
     assert meta["split_seed"] == 0 and meta["val_fraction"] == 0.1
     assert meta["train_sha256"] == hashlib.sha256((raw / "train.csv").read_bytes()).hexdigest()
     assert meta["test_sha256"] == hashlib.sha256((raw / "test.csv").read_bytes()).hexdigest()
-    # meta.json is the Makefile target: it must be the newest output
+    # meta.json is what the Makefile compares dates with: it must be the newest output
     assert all((out / "meta.json").stat().st_mtime_ns >= p.stat().st_mtime_ns for p in out.iterdir())
 
 

@@ -342,12 +342,13 @@ def test_score_names_the_run_even_while_it_trains_and_says_when_it_changed_since
 
     shutil.copytree(project.run, project.root / "runs" / "r2")
     code, _, err = scored(project, capsys, "--run", "r2")  # `make score RUN=r2`: the CSV is r1's
-    assert code == 2 and err.count("\n") == 1 and "it was written from runs/r1" in err, err
+    assert code == 2 and err.count("\n") == 1 and "written from runs/r1, not runs/r2" in err, err
     assert scored(project, capsys, "--run", "r1")[0] == 0
 
     project.csv.write_text(project.csv.read_text().replace("1,3", "1,8"))  # edited by hand
     code, _, err = scored(project, capsys, "--run", "r1")
     assert code == 2 and err.count("\n") == 1 and "edited, replaced or written by hand" in err, err
+    assert "remove it, then `make submit RUN=r1`" in err
     code, out, err = scored(project, capsys)
     assert code == 0 and "changed since `make submit` wrote it from runs/r1" in err and "of no known run" in out
 
@@ -392,3 +393,35 @@ def test_a_test_csv_replaced_since_it_was_prepared_is_never_answered(project, ca
         assert err.count("\n") == 1 and "changed since it was prepared" in err and "submit RUN=r1" in err, err
     code, _, err = scored(project, capsys)  # the key answers the new test.csv, the CSV the old one
     assert code == 2 and err.count("\n") == 1 and "the key answers another test.csv" in err, err
+
+
+def test_the_record_holds_the_bytes_this_submit_wrote_however_out_is_spelled(project, capsys, monkeypatch):
+    monkeypatch.chdir(project.root)
+    written = {}
+    real = submit.write_bytes
+
+    def write_then_swap(path, data):  # another submit replaces the CSV right after this one wrote it
+        real(path, data)
+        written["sha"] = hashlib.sha256(data).hexdigest()
+        Path(path).write_text("ImageId,Label\n" + "".join(f"{i + 1},7\n" for i in range(N_TEST)))
+
+    monkeypatch.setattr(submit, "write_bytes", write_then_swap)
+    assert submit.main(["--run", "r1", "--upload", "0", "--out", "./submissions/submission.csv"]) == 0
+    record = json.loads((project.csv.parent / submit.SUBMISSION_RECORD).read_text())
+    assert record["run"] == "r1" and record["sha256"] == written["sha"]
+    assert (project.csv.parent / submit.RUN_RECORD).read_text() == "r1\n"
+    code, out, err = scored(project, capsys)  # the swapped CSV is nobody's as far as anyone knows
+    assert code == 0 and "of no known run" in out and "changed since `make submit` wrote it" in err, err
+
+
+def test_a_damaged_record_or_unreadable_data_never_stops_a_score(project, capsys):
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    record_path = project.csv.parent / submit.SUBMISSION_RECORD
+    record = json.loads(record_path.read_text())
+    (project.root / "data" / "processed" / "meta.json").unlink()  # mid-prepare: the run's data cannot be told
+    code, out, err = scored(project, capsys)
+    assert code == 0 and "(run r1)" in out and "cannot be told" in out, err
+    for bad in ("", "../x", ["r1"]):
+        record_path.write_text(json.dumps({**record, "run": bad}))
+        code, out, err = scored(project, capsys)
+        assert code == 0 and "of no known run" in out, err
