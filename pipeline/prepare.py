@@ -241,12 +241,9 @@ def prepared_meta(out_dir):
         return None
 
 
-def up_to_date(raw_dir, out_dir, val_fraction, split_seed):
-    """Whether out_dir already holds train.csv and test.csv as they are now, split as asked (val_fraction None:
-    as it was). By content, not by date: an unzip, `cp -p` or `rsync -a` gives new CSVs old dates."""
-    meta = prepared_meta(out_dir)
-    if meta is None:
-        return False
+def up_to_date(meta, raw_dir, out_dir, val_fraction, split_seed):
+    """Whether out_dir, prepared into `meta`, already holds train.csv and test.csv as they are now, split as asked
+    (None: as it was). By content, not by date: an unzip, `cp -p` or `rsync -a` gives new CSVs old dates."""
     if not all((out_dir / name).is_file() for name in ("train.npz", "test.npz", "split.npz")):
         return False
     if split_seed not in (None, meta.get("split_seed")) or val_fraction not in (None, meta.get("val_fraction")):
@@ -265,11 +262,11 @@ def main(argv=None):
     raw_dir = args.raw or paths.data_raw()
     out_dir = args.out or paths.data_processed()
 
-    if args.if_needed and up_to_date(raw_dir, out_dir, args.val_fraction, args.split_seed):
+    recorded = (prepared_meta(out_dir) or {}) if args.if_needed else {}
+    if recorded and up_to_date(recorded, raw_dir, out_dir, args.val_fraction, args.split_seed):
         print(f"{shown(out_dir)} already holds {shown(raw_dir)}'s train.csv and test.csv (by sha256); nothing to do")
         return 0
     # with --if-needed, new CSVs keep the split asked for before
-    recorded = (prepared_meta(out_dir) or {}) if args.if_needed else {}
     if args.val_fraction is None:
         fraction = recorded.get("val_fraction")
         args.val_fraction = fraction if isinstance(fraction, float) and 0 < fraction < 1 else VAL_FRACTION

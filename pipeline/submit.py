@@ -269,15 +269,14 @@ def main(argv=None):
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
     sha = write_submission(build_submission(labels), out, n_test)
-    path = out
     if out.resolve() == default_out().resolve():  # however it is spelled: `--out ./submissions/submission.csv`
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
         write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha,
                                                     "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
-    print(f"{path}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
-    return upload_if_current(path, run, message, args.upload, n_test, probs)
+    print(f"{out}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
+    return upload_if_current(out, run, message, args.upload, n_test, probs)
 
 
 if __name__ == "__main__":
