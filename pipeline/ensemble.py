@@ -46,6 +46,25 @@ def finished_members(folder):
     return done, skipped
 
 
+OTHER_TRAIN_ADVICE = ("blend only members trained on one train.csv: prepare the one they were trained on again, or "
+                      "train an ensemble on this one under a new RUN=")
+
+
+def check_one_train_csv(members):
+    """Every member was trained on the same train.csv (by the sha256 its summary records; members from before it
+    was recorded are checked by their labels in shared_holdout). A blend of members trained on different ones
+    would be judged on one member's labels, and the others would look like noise."""
+    trained_on = {}
+    for m in members:
+        trained_on.setdefault(runs.run_of(m).summary().get("train_sha256"), []).append(m.name)
+    trained_on.pop(None, None)
+    if len(trained_on) > 1:
+        groups = "; ".join(f"members {', '.join(sorted(names, key=int))} on {sha[:12]}"
+                           for sha, names in trained_on.items())
+        raise UserError(f"runs/{members[0].parent.parent.name}: members were trained on different train.csv files "
+                        f"({groups}): {OTHER_TRAIN_ADVICE}")
+
+
 def shift_images(x, dy, dx):
     """Shift NHWC images by whole pixels, filling with background (0)."""
     out = np.zeros_like(x)
@@ -98,6 +117,9 @@ def shared_holdout(outputs, min_rows=MIN_SHARED_ROWS):
         pos = np.searchsorted(idx, rows, sorter=np.argsort(idx, kind="stable"))
         order = np.argsort(idx, kind="stable")[pos]
         P.append(probs[order])
+        if y is not None and not np.array_equal(labels[order], y):  # members from before summaries named train.csv
+            raise UserError(f"the members disagree on the labels of the validation rows they share: they were trained "
+                            f"on different train.csv files; {OTHER_TRAIN_ADVICE}")
         y = labels[order] if y is None else y
     return rows.astype(np.int64), np.asarray(y, np.int64), np.stack(P).astype(np.float32)
 
@@ -152,7 +174,7 @@ def mcnemar_p(right, reference_right):
     many of the rows where the two disagree (bool arrays, one entry per row)."""
     wins = int(np.sum(right & ~reference_right))
     n = wins + int(np.sum(~right & reference_right))
-    return math.fsum(math.comb(n, j) for j in range(wins, n + 1)) / 2 ** n
+    return sum(math.comb(n, j) for j in range(wins, n + 1)) / 2 ** n  # exact integers: no float overflow
 
 
 def greedy_selection(P, y, start, rounds):
@@ -198,13 +220,18 @@ def build(folder, xp=np, tta=False):
     Candidates are compared on one half of the validation rows every member held out; the other half gives
     the reported estimate, which took no part in the choice."""
     members, skipped = finished_members(folder)
+    check_one_train_csv(members)
     data = runs.data_fingerprint()  # before the images are read: prepare is not locked out meanwhile
-    x_train, _ = dataset.load_train()
+    x_train, y_train = dataset.load_train()
     x_test = dataset.load_test_images()
     results = []
     for use_tta in ([False, True] if tta else [False]):
         outs = [member_outputs(m, x_train, x_test, xp, use_tta, data) for m in members]
         rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
+        if use_tta and not np.array_equal(y_train[rows], y):  # shifts are judged on today's images of those rows
+            raise UserError(f"runs/{folder.name}'s members were trained on another train.csv than the prepared one: "
+                            f"test-time shifts would be judged on other images than their labels; blend without "
+                            f"TTA, or prepare the train.csv they were trained on again")
         results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
     chosen = results[0]
     if tta:  # test-time shifts too must beat the plain blend on the choice half by more than chance allows

@@ -366,7 +366,9 @@ class Run:
             # and every member's model: ensemble.json names its members but not their weights, so a member
             # retrained, deleted or delivered since the blend leaves the blend's probabilities stale (one that
             # only started training since has no model yet, and changes nothing)
-            models = {m.name.rsplit("/", 1)[-1]: m.made_from(source["data"])["model"] for m in self.members()}
+            # (only finished members: a blend uses no other, so one finished since, or repaired, makes it stale)
+            models = {m.name.rsplit("/", 1)[-1]: m.made_from(source["data"])["model"] for m in self.members()
+                      if m.finished}
             source["members"] = {k: sha for k, sha in models.items() if sha is not None}
         else:
             path = self.folder / "model.npz"

@@ -351,7 +351,24 @@ def train_ensemble(folder, preset, cfg, force):
         raise
 
 
+def check_members_train_csv(folder, cfg):
+    """Members still to train would learn the train.csv prepared now; a finished member that learnt another one
+    could not be blended with them (pipeline.ensemble refuses it), so the ensemble is refused before hours of
+    training rather than after."""
+    now = dataset.load_meta().get("train_sha256")
+    finished = [runs.run_of(folder / "members" / str(k)) for k in range(cfg.members)]
+    if not now or all(m.finished for m in finished):
+        return
+    other = [m.name.rsplit("/", 1)[-1] for m in finished
+             if m.finished and m.summary().get("train_sha256") not in (None, now)]
+    if other:
+        raise UserError(f"runs/{folder.name}/members/{', '.join(other)} learnt another train.csv than the one "
+                        f"prepared now, and an ensemble blends members of one train.csv: prepare the one they "
+                        f"learnt again to continue, or train on this one under a new RUN=")
+
+
 def train_members(folder, preset, cfg, force, deadline):
+    check_members_train_csv(folder, cfg)
     for k in range(cfg.members):
         mcfg = member_config(cfg, k)
         if deadline is not None:

@@ -78,6 +78,12 @@ def test_mcnemar_p_counts_only_the_rows_where_the_two_disagree(wins, losses, p):
     assert ensemble.mcnemar_p(right, reference) == pytest.approx(p)
 
 
+def test_mcnemar_p_stays_exact_where_floats_would_overflow():
+    # a collapsed member disagrees with the mean of all on most of 2 000 choice rows: comb(n, j) > 1e308
+    right = np.array([False] * 1500 + [True] * 500)
+    assert 0.0 <= ensemble.mcnemar_p(right, ~right) <= 1.0 and ensemble.mcnemar_p(~right, right) < 1e-100
+
+
 def test_best_single_topk_and_greedy_choices():
     rng = np.random.default_rng(0)
     n, k = 400, 4
@@ -179,6 +185,36 @@ def test_test_time_shifts_are_kept_only_when_they_beat_the_plain_blend_beyond_ch
     assert report["tta"] is kept
 
 
+def test_members_trained_on_different_train_csv_files_are_refused_in_one_line(tmp_path, monkeypatch):
+    # `make fetch SOURCE=kaggle` between members: the blend was judged on member 0's labels and dropped the rest
+    run, _ = blend_project(tmp_path, monkeypatch)
+    for k, sha in (("0", "a" * 64), ("1", "b" * 64)):
+        summary = run / "members" / k / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "train_sha256": sha}))
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="different train.csv files .*members 0 on aaaa"):
+        ensemble.build(run)
+    assert not (run / "ensemble.json").exists()
+
+
+def test_members_from_before_summaries_named_train_csv_are_checked_by_their_labels(tmp_path, monkeypatch):
+    run, _ = blend_project(tmp_path, monkeypatch)
+    held = np.arange(0, 40, 2)
+    other = (held % 10 + 3) % 10
+    save_npz(run / "members/1/val_predictions.npz", {"idx": held, "y": other, "probs": onehot(other)})
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="disagree on the labels"):
+        ensemble.build(run)
+
+
+def test_test_time_shifts_on_a_train_csv_changed_since_the_members_are_refused(tmp_path, monkeypatch):
+    run, _ = blend_project(tmp_path, monkeypatch)
+    y_now = (np.arange(40) % 10 + 1) % 10  # another train.csv of the same length: its images answer other labels
+    save_npz(tmp_path / "data/processed/train.npz", {"x": np.zeros((40, 28, 28, 1), np.float32), "y": y_now})
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="test-time shifts"):
+        ensemble.build(run, tta=True)
+    with pytest.warns(UserWarning):
+        ensemble.build(run)  # without shifts the members' own validation rows and labels still judge them
+
+
 def test_member_caches_of_other_test_data_are_recomputed(tmp_path, monkeypatch):
     run, test_labels = blend_project(tmp_path, monkeypatch)
     # prepare ran again on another test.csv of the same length: every cache is stale
@@ -276,7 +312,7 @@ def test_the_lab_extrapolation_recovers_a_curve_of_the_form_a_plus_b_over_k():
     assert acc[8] == pytest.approx(1 - 0.003 - 0.0012 / 8) and acc[15] == pytest.approx(1 - 0.003 - 0.00008)
 
 
-@pytest.mark.parametrize("change", ["retrained", "deleted", "finished since", "started since"])
+@pytest.mark.parametrize("change", ["retrained", "deleted", "finished since", "repaired since", "started since"])
 def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch, change):
     # ensemble.json names its members but not their weights: a member retrained, deleted or finished after the
     # blend left test_probs.npz looking fresh, and `make submit` uploaded the old blend
@@ -285,6 +321,9 @@ def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch,
     from pipeline.nn import build_model
 
     run, _ = blend_project(tmp_path, monkeypatch)
+    model = build_model("seed_small", seed=2, dtype=np.float32).state_dict()
+    if change == "repaired since":  # killed after model.npz, before summary.json: skipped by the blend
+        save_npz(run / "members/2/model.npz", model)
     with pytest.warns(UserWarning, match="unfinished members 2"):
         ensemble.build(run)
     assert runs.Run("ens").test_probs(12).shape == (12, 10)  # as blended: accepted
@@ -296,6 +335,14 @@ def test_a_blend_whose_members_changed_is_never_submitted(tmp_path, monkeypatch,
         shutil.rmtree(run / "members/2")
         held = np.arange(0, 40, 2)
         write_member(run / "members/2", held, held % 10, onehot(held % 10), onehot(np.arange(12) % 10))
+        assert runs.Run("ens/members/2").finished
+    elif change == "repaired since":  # `make train` repairs it with the very same model bytes: the blend must grow
+        finished = tmp_path / "done"
+        write_member(finished, np.arange(0, 40, 2), np.arange(0, 40, 2) % 10, onehot(np.arange(0, 40, 2) % 10),
+                     onehot(np.arange(12) % 10))
+        for name in ("config.toml", "metrics.jsonl", "summary.json"):
+            shutil.copy(finished / name, run / "members/2" / name)
+        save_npz(run / "members/2/model.npz", model)
         assert runs.Run("ens/members/2").finished
     else:  # a member that only started training since changes nothing the blend used
         (run / "members/3/checkpoints").mkdir(parents=True)

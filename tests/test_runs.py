@@ -470,6 +470,22 @@ def test_an_edited_ensemble_config_is_refused_and_a_forced_one_is_remembered(roo
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_an_ensemble_is_not_continued_on_another_train_csv(root, capsys):
+    # `make fetch SOURCE=kaggle` between members: the new members learnt the new train.csv unsaid, and the blend
+    # then judged them on the old one's labels
+    meta_path = root / "data" / "processed" / "meta.json"
+    meta = {**json.loads(meta_path.read_text()), "train_sha256": "a" * 64}
+    meta_path.write_text(json.dumps(meta))
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    assert runs.Run("ens/members/1").summary()["train_sha256"] == "a" * 64
+    meta_path.write_text(json.dumps({**meta, "train_sha256": "f" * 64}))
+    capsys.readouterr()
+    assert train.main(["--run", "ens"]) == 0  # nothing left to train: nothing to refuse
+    assert train.main(["--run", "ens", "MEMBERS=3"]) == 2
+    one_error_line(capsys, "runs/ens/members/0, 1 learnt another train.csv", "new RUN=")
+    assert not (root / "runs" / "ens" / "members" / "2").exists()
+
+
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
     # `ARCH=typo` was refused after config.toml was written; the retry with the right name was then "another config"
     assert train.main(["--run", "ens", *ENSEMBLE, "ARCH=seed_smal"]) == 2
