@@ -175,20 +175,25 @@ def private_copy(path):
         yield copy
 
 
-def upload_if_current(path, run, message, upload_wanted, n_test, probs):
+def upload_if_current(path, run, message, upload_wanted, n_test, probs, just_written=False):
     """Upload the CSV at `path` under the run's name (once: a success is recorded), if it holds the labels of
     `probs`, the run's predictions of now; returns the exit code. The CSV on disk may be another run's
     (`python -m pipeline.submit --run other`), older than the predictions, or replaced by another submit since
-    it was written: the check is made on a private copy, and that copy is what is sent and recorded."""
-    if not upload_wanted:
+    it was written: the check is made on a private copy, and that copy is what is sent and recorded. A CSV not
+    to be uploaded is checked too (it is called ready), unless this process has `just_written` it."""
+    if just_written and not upload_wanted:
         print(f"{console.next_step('upload')}; {path} is ready")
         return 0
     with private_copy(path) as copy:
         labels = validate_submission(copy, n_test)["Label"].to_numpy()
-        if not np.array_equal(labels, labels_from_probs(probs)):
+        if not np.array_equal(labels, labels_from_probs(probs)):  # checked even when it is not to be uploaded:
             raise UserError(f"{path} does not hold the labels of runs/{run.name}'s current predictions (written "
-                            f"from another run, or before they changed), so it was not uploaded: remove it, then "
+                            f"from another run, or before they changed), so it is not "
+                            f"{'uploaded' if upload_wanted else 'ready'}: remove it, then "
                             f"`make submit RUN={run.name}` writes it again")
+        if not upload_wanted:  # it is called ready below, and a user uploads it by hand
+            print(f"{console.next_step('upload')}; {path} is ready")
+            return 0
         return upload(path, run.name, message, copy)
 
 
@@ -268,15 +273,19 @@ def main(argv=None):
         made_from = run.made_from()
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
+    default = out.resolve() == default_out().resolve()  # however it is spelled: `--out ./submissions/submission.csv`
+    if default and out.parent.is_dir():  # a write cut short leaves no record naming a run: make writes it again
+        (out.parent / RUN_RECORD).unlink(missing_ok=True)
+        (out.parent / SUBMISSION_RECORD).unlink(missing_ok=True)
     sha = write_submission(build_submission(labels), out, n_test)
-    if out.resolve() == default_out().resolve():  # however it is spelled: `--out ./submissions/submission.csv`
+    if default:
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
         write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha,
                                                     "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{out}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
-    return upload_if_current(out, run, message, args.upload, n_test, probs)
+    return upload_if_current(out, run, message, args.upload, n_test, probs, just_written=True)
 
 
 if __name__ == "__main__":

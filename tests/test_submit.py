@@ -310,6 +310,25 @@ def test_make_submit_never_uploads_a_csv_written_from_another_run(project, capsy
     assert err.count("\n") == 1 and "not uploaded" in err and "make submit RUN=r1" in err, err
     assert calls == []
     assert submit.main(["--run", "r2", "--upload-only"]) == 0 and len(calls) == 1
+    assert submit.main(["--run", "r1", "--upload-only", "--upload", "0"]) == 2  # nor calls it ready (UPLOAD=0)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not ready" in err and "make submit RUN=r1" in err, err
+
+
+def test_a_csv_write_cut_short_leaves_no_record_that_names_a_run(project, monkeypatch):
+    # Ctrl-C between the CSV and submissions/.run: the CSV held r2's labels, .run still said r1, and
+    # `make submit RUN=r1 UPLOAD=0` called r2's file ready
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    shutil.copytree(project.run, project.root / "runs" / "r2")
+
+    def cut_short(*args, **kwargs):
+        project.csv.write_text("half a CSV")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "write_submission", cut_short)
+    assert submit.main(["--run", "r2", "--upload", "0"]) != 0
+    for record in (submit.RUN_RECORD, submit.SUBMISSION_RECORD):
+        assert not (project.csv.parent / record).exists(), record  # the Makefile rewrites a CSV without them
 
 
 # ---------------------------------------------------------------- score: the submission of which run
