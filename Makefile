@@ -41,6 +41,10 @@ endif
 ifneq ($(call not_a_name,$(RUN)),)
 $(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-' (or NAME/members/K))
 endif
+# VENV is pasted into every recipe (as $(PY)): a path of name characters and '/', nothing bash would read as code.
+ifneq ($(or $(if $(strip $(VENV)),,empty),$(subst $(eval) ,<space>,$(call strip_chars,$(subst /,,$(VENV)),$(name_chars)))),)
+$(error VENV='$(VENV)' is not a folder name: use letters, digits, '.', '_', '-' and '/')
+endif
 # Make's variables are case-sensitive: `make submit run=x` would leave RUN as it was and submit another run.
 $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
   $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\

@@ -382,6 +382,23 @@ def test_make_code_in_an_environment_variable_is_never_run_by_make(tmp_path, var
         assert not mark.exists(), args
 
 
+@pytest.mark.parametrize("value", ["x`touch {mark}`", "$$(touch {mark})", "my venv"])
+@pytest.mark.parametrize("where", ["command line", "environment"])
+def test_a_venv_path_that_bash_would_read_as_code_is_refused(tmp_path, value, where):
+    # VENV reached every recipe unquoted (as $(PY)): bash ran a command substitution in it
+    box = sandbox(tmp_path)
+    built(box)
+    mark = tmp_path / "pwned"
+    value = value.format(mark=mark)
+    if where == "command line":
+        result = sandbox_make(box, "submit", "RUN=x", f"VENV={value}")
+    else:
+        result = sandbox_make(box, "submit", "RUN=x", env=dict(os.environ, VENV=value.replace("$$", "$")))
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and "is not a folder name" in result.stderr, \
+        result.stderr
+    assert not mark.exists() and calls(box) == []
+
+
 @pytest.mark.parametrize("target,switch", [("ensemble", "TTA=yes"), ("kernel", "GPU=true"), ("kernel", "CONTINUE=2"),
                                            ("submit", "UPLOAD=maybe")])
 def test_a_switch_that_is_not_0_or_1_is_refused_not_read_as_0(tmp_path, target, switch):
