@@ -196,9 +196,10 @@ def deliver_best_so_far(folder, device=None):
     """After training stopped at its time budget: model.npz and val_predictions.npz from the best checkpoint.
 
     The newest checkpoint stands in when no epoch has ended yet. summary.json is not written, so the run
-    stays unfinished and the next `train` continues it. Ensemble runs are left alone (their finished
-    members are blended). `device`: where to evaluate (default: the run's own). Returns model.npz's path,
-    or None when there was nothing to deliver.
+    stays unfinished and the next `train` continues it. An ensemble with a finished member is left alone (its
+    finished members are blended); one stopped before any member finished delivers the member in training
+    (members train one after another), so that a submission is still written. `device`: where to evaluate
+    (default: the run's own). Returns model.npz's path, or None when there was nothing to deliver.
     """
     import numpy as np
 
@@ -209,7 +210,13 @@ def deliver_best_so_far(folder, device=None):
 
     folder = Path(folder)
     ckpt_dir = folder / "checkpoints"
-    if runs.run_of(folder).is_ensemble or not ckpt_dir.is_dir():
+    run = runs.run_of(folder)
+    if run.is_ensemble:
+        started = [m for m in run.members() if (m.folder / "checkpoints").is_dir()]
+        if run.finished_members()[0] or not started:
+            return None
+        return deliver_best_so_far(started[0].folder, device)
+    if not ckpt_dir.is_dir():
         return None
     newest = checkpoint.load_newest(ckpt_dir)
     if newest is None and not (ckpt_dir / checkpoint.BEST).is_file():
@@ -235,13 +242,32 @@ def deliver_best_so_far(folder, device=None):
     return folder / "model.npz"
 
 
+def submission_run(folder):
+    """The run to predict and submit: the run itself, or for an ensemble stopped before any member finished,
+    the member delivered so far (deliver_best_so_far)."""
+    from pipeline import runs
+
+    run = runs.run_of(folder)
+    if not run.is_ensemble or run.finished_members()[0]:
+        return run
+    delivered = [m for m in run.members() if (m.folder / "model.npz").is_file()]
+    if not delivered:
+        raise StageFailed(f"runs/{run.name}: no member has finished or delivered a checkpoint, so there is nothing "
+                          f"to submit: run the Train cell again (or give it a longer MAX_TIME)")
+    return delivered[0]
+
+
 def select(folder, device=None):
     """Say which model the submission comes from; for an ensemble run, choose its blend first (on `device`,
     default auto). Returns the line."""
     from pipeline import ensemble, runs
 
     run = runs.run_of(folder)
-    if run.is_ensemble:  # blend the finished members by held-out validation
+    source = submission_run(folder)
+    if source.name != run.name:  # no member has finished: the one in training, delivered so far
+        line = f"{source.name}'s checkpoint delivered so far (no member has finished yet; training continues " \
+               f"when the Train cell runs again)"
+    elif run.is_ensemble:  # blend the finished members by held-out validation
         run_stage(ensemble.main, ["--run", run.name, *(["--device", device] if device else [])])
         chosen = run.ensemble_report()
         line = f"{chosen['strategy']} of {len(chosen['weights'])} members, validation estimate " \
@@ -259,17 +285,19 @@ def select(folder, device=None):
 
 
 def report_folder(folder):
-    """The run whose curves to show: the run itself, or for an ensemble its best finished member."""
+    """The run whose curves to show: the run itself, or for an ensemble its best finished member (the member
+    delivered so far when none has finished). None, with a line saying so, when no epoch has ended yet."""
     from pipeline import runs
 
     folder = Path(folder)
     run = runs.run_of(folder)
-    if not run.is_ensemble:
-        return folder
-    done = run.finished_members()[0]
-    if not done:
-        return folder
-    return max(done, key=lambda m: m.summary().get("best_val_acc") or 0.0).folder
+    done = run.finished_members()[0] if run.is_ensemble else []
+    chosen = max(done, key=lambda m: m.summary().get("best_val_acc") or 0.0) if done else submission_run(folder)
+    if not (chosen.folder / "metrics.jsonl").is_file():
+        print(f"runs/{chosen.name}: no epoch has ended yet, so there are no curves to report; the submission "
+              f"comes from its newest checkpoint")
+        return None
+    return chosen.folder
 
 
 # ---------------------------------------------------------------- the report, inline

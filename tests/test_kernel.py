@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import fetch, kaggle_env, kernel, train
+from pipeline import fetch, kaggle_env, kernel, runs, train
 from pipeline.errors import UserError
 from tests.fake_kaggle import FakeKaggle, KernelState, isolate, point_client_at, proxy_env
 from tests.tiny_mnist import make_tiny_wheel
@@ -438,6 +438,42 @@ def test_select_blends_an_ensemble_and_reports_its_best_member(tiny_competition,
     accs = [json.loads((folder / "members" / k / "summary.json").read_text())["best_val_acc"] for k in "01"]
     assert kaggle_env.report_folder(folder) == folder / "members" / str(int(np.argmax(accs)))
     assert kaggle_env.report_folder(folder / "members" / "0") == folder / "members" / "0"
+
+
+def test_an_ensemble_out_of_time_before_any_member_finished_still_submits(tiny_competition, tmp_path, capsys):
+    # the notebook's Select cell raised "no member has finished training yet": no submission.csv at all
+    from pipeline import predict, prepare, submit
+
+    assert prepare.main(["--raw", str(tiny_competition)]) == 0
+    args = ["--preset", "quick", "--run", "ens", "EPOCHS=40", "MEMBERS=2", "DEVICE=cpu", "BATCH_SIZE=32"]
+    assert train.main([*args, "MAX_TIME=1s"]) == 3  # member 0 stops within its first epochs
+    folder = tmp_path / "root" / "runs" / "ens"
+    assert not runs.Run("ens/members/0").finished and not (folder / "members" / "1").exists()
+    assert kaggle_env.deliver_best_so_far(folder) == folder / "members" / "0" / "model.npz"
+    assert "ens/members/0's checkpoint delivered so far" in kaggle_env.select(folder)
+    source = kaggle_env.submission_run(folder).name
+    assert source == "ens/members/0"
+    assert predict.main(["--run", source, "--device", "cpu"]) == 0
+    out = tmp_path / "submission.csv"
+    assert submit.main(["--run", source, "--upload", "0", "--out", str(out)]) == 0 and out.is_file()
+    capsys.readouterr()
+    shown = kaggle_env.report_folder(folder)  # the member in training, if an epoch ended; else one line
+    assert shown == (folder / "members" / "0" if (folder / "members/0/metrics.jsonl").is_file() else None)
+    assert shown or "no epoch has ended yet" in capsys.readouterr().out
+    assert train.main(args) == 0  # and the ensemble continues where it stopped, then blends as usual
+    assert kaggle_env.submission_run(folder).name == "ens" and "members, validation estimate" in \
+        kaggle_env.select(folder)
+
+
+def test_a_single_net_out_of_time_before_its_first_epoch_reports_in_one_line(tiny_competition, tmp_path, capsys):
+    from pipeline import prepare
+
+    assert prepare.main(["--raw", str(tiny_competition)]) == 0
+    assert train.main(["--preset", "quick", "--run", "one", "EPOCHS=1", "DEVICE=cpu", "BATCH_SIZE=32",
+                       "MAX_TIME=0.001s"]) == 3
+    folder = tmp_path / "root" / "runs" / "one"
+    assert kaggle_env.deliver_best_so_far(folder) == folder / "model.npz"
+    assert kaggle_env.submission_run(folder).name == "one" and kaggle_env.report_folder(folder) is None
 
 
 def test_the_report_is_shown_as_markdown_html_tables_and_figures():
