@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -51,6 +52,7 @@ DEFAULT_TITLE = "Digit Recognizer NumPy CNN"   # Kaggle derives the slug from th
 GPU_MACHINE_SHAPE = "NvidiaTeslaT4"
 # The settings cell's variables, in the order of kaggle_env.settings()'s arguments.
 SETTINGS = ("PRESET", "EPOCHS", "MAX_TIME", "DEVICE", "SEED")
+COMPETITION_TEST_ROWS = 28000  # Kaggle's test.csv: the rows a kernel's submission.csv answers
 SOURCE_LIMIT = 1_000_000  # Kaggle refuses a kernel source over 1 MB
 # The modules the notebook's cells import; the bundle is these plus everything they import from pipeline.
 ENTRY_MODULES = ("pipeline.console", "pipeline.kaggle_env", "pipeline.prepare", "pipeline.train",
@@ -358,6 +360,48 @@ def generate(out, kernel_id, settings=None, gpu=False, continue_run=False):
     return out / METADATA, out / NOTEBOOK
 
 
+def built_options(folder):
+    """{NAME: value}: the `make kernel` variables that rebuild the kernel in `folder` as it is (its settings
+    cell, hand edits included, its session, whether it continues its own output, its id)."""
+    import nbformat
+
+    meta = read_metadata(folder)
+    notebook = Path(folder) / meta.get("code_file", NOTEBOOK)
+    try:
+        nb = nbformat.reads(notebook.read_text(encoding="utf-8"), as_version=4)
+        cells = [c.source for c in nb.cells if c.cell_type == "code" and "settings" in c.metadata.get("tags", [])]
+        values = {name: ast.literal_eval(node.value) for name, node in _assignments(cells[0]).items()}
+    except (OSError, ValueError, SyntaxError, IndexError, UserError) as exc:
+        raise UserError(f"{notebook} has no readable settings cell ({exc}): build it again (`make kernel`, with "
+                        f"the settings you want)") from None
+    options = {name: value for name, value in values.items() if value is not None}
+    options["GPU"] = int(bool(meta.get("enable_gpu")))
+    options["CONTINUE"] = int(meta["id"] in meta.get("kernel_sources", []))
+    options["KAGGLE_KERNEL_ID"] = meta["id"]
+    return options
+
+
+def rebuild_command(options):
+    return "make kernel " + " ".join(f"{name}={shlex.quote(str(value))}" for name, value in options.items()
+                                     if (name not in ("GPU", "CONTINUE") or value))
+
+
+def refuse_options_the_build_lacks(folder, environ):
+    """`make kernel-push GPU=1 PRESET=quick` over an existing build pushed the build as it was, unsaid: push takes
+    no options, so a variable given to it must be what the build already holds."""
+    given = {name: environ.get(f"PIPELINE_VAR_{name}", "") for name in environ.get("PIPELINE_MAKE_VARS", "").split()
+             if name in (*SETTINGS, "GPU", "CONTINUE", "KAGGLE_KERNEL_ID")}
+    if not given:
+        return
+    built = built_options(folder)
+    differ = [name for name, value in given.items() if str(built.get(name, "")) != value]
+    if differ:
+        now = ", ".join(f"{name}={built.get(name, '(the preset default)')}" for name in differ)
+        wanted = {**built, **{name: given[name] for name in differ}}
+        raise UserError(f"{folder} was built with {now}, and push sends the build as it is: build it with what you "
+                        f"gave first (`{rebuild_command(wanted)}`), then push")
+
+
 # ---------------------------------------------------------------- Kaggle
 
 def push(folder, poll_interval=POLL_INTERVAL, max_polls=MAX_POLLS, retries=kaggle_api.RETRIES,
@@ -371,7 +415,8 @@ def push(folder, poll_interval=POLL_INTERVAL, max_polls=MAX_POLLS, retries=kaggl
     if not notebook.is_file():
         raise UserError(f"{notebook} is missing: build the kernel first (`make kernel`)")
     if bundle_source_of(notebook) != bundle_cell(bundle_files()):
-        raise UserError(f"{notebook} does not bundle the current pipeline/ sources: rebuild it (`make kernel`)")
+        raise UserError(f"{notebook} does not bundle the current pipeline/ sources: rebuild it as it was built "
+                        f"(`{rebuild_command(built_options(folder))}`)")
     user = kaggle_api.kernel_owner()
     if user and user != owner:
         raise UserError(f"{folder / METADATA} names kernel '{kernel_id}' but the credentials are {user}'s: "
@@ -396,8 +441,10 @@ def push(folder, poll_interval=POLL_INTERVAL, max_polls=MAX_POLLS, retries=kaggl
     return 3
 
 
-def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_api.BASE_DELAY):
-    """Download the kernel run's submission.csv (and log) into `out`, checked before it is moved in."""
+def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_api.BASE_DELAY,
+                    expected_rows=COMPETITION_TEST_ROWS):
+    """Download the kernel run's submission.csv (and log) into `out`, checked before it is moved in: one row
+    for each of the competition's test images, whatever data this machine has prepared."""
     from pipeline.submit import validate_submission
 
     kernel_id = read_metadata(folder)["id"]
@@ -411,7 +458,7 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
             got = ", ".join(p.name for p in files) or "nothing"
             raise UserError(f"the output of kernel '{kernel_id}' has no submission.csv (got: {got}): has its run "
                             f"completed? (`python -m pipeline.kernel status`)")
-        rows = max(len(csv.read_bytes().splitlines()) - 1, 0)
+        rows = expected_rows
         validate_submission(csv, rows, name=f"submission.csv of kernel '{kernel_id}'")
         logs = [p for p in files if p.suffix == ".log"]
         if logs:
@@ -475,6 +522,13 @@ def main(argv=None):
         given = {"PRESET": args.preset, "EPOCHS": args.epochs, "MAX_TIME": args.max_time, "DEVICE": args.device,
                  "SEED": args.seed}
         settings = {name: value for name, value in given.items() if value is not None}
+        device = check_settings(settings)["DEVICE"]
+        if device == "gpu" and not args.gpu:  # the Setup cell would fail after the push and the queue
+            raise UserError("DEVICE=gpu asks for a GPU that a CPU session lacks: add GPU=1 (a T4 session), or use "
+                            "DEVICE=auto")
+        if device == "cpu" and args.gpu:
+            raise UserError("GPU=1 with DEVICE=cpu would spend Kaggle's weekly GPU quota on a CPU run: drop GPU=1, "
+                            "or use DEVICE=auto")
         meta, notebook = generate(args.out, kernel_id, settings, args.gpu, args.continue_run)
         print(f"wrote {meta} ({kernel_id}, {'a T4 GPU' if args.gpu else 'a CPU'} session"
               f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")
@@ -482,6 +536,7 @@ def main(argv=None):
     if args.command == "push":
         if args.max_polls < 1 or not 0 <= args.poll_interval <= 3600:  # nan and inf fail too: sleep() raised
             raise UserError("--max-polls must be at least 1 and --poll-interval from 0 to 3600 seconds")
+        refuse_options_the_build_lacks(args.folder, os.environ)
         return push(args.folder, args.poll_interval, args.max_polls)
     if args.command == "status":
         kernel_id = read_metadata(args.folder)["id"]

@@ -705,11 +705,42 @@ def test_push_refuses_a_stale_notebook_and_another_owner(fake, kernel_folder, ca
     notebook = kernel_folder / kernel.NOTEBOOK
     notebook.write_text(notebook.read_text().replace("Our pipeline package", "Edited by hand"))
     assert kernel.main(["push", "--folder", str(kernel_folder)]) == 2
-    assert "does not bundle the current pipeline/ sources: rebuild it (`make kernel`)" in capsys.readouterr().err
+    assert "does not bundle the current pipeline/ sources: rebuild it as it was built (`make kernel PRESET=standard " \
+           f"MAX_TIME=10h DEVICE=auto SEED=0 KAGGLE_KERNEL_ID={KERNEL_ID}`)" in capsys.readouterr().err
+    # a hand-edited setting, a T4 session and the kernel's own output are in the command: following it keeps them
+    kernel.generate(kernel_folder, KERNEL_ID, {"PRESET": "quick", "EPOCHS": 4}, gpu=True, continue_run=True)
+    notebook.write_text(notebook.read_text().replace("Our pipeline package", "Edited by hand")
+                        .replace('SEED = 0', 'SEED = 5'))
+    assert kernel.main(["push", "--folder", str(kernel_folder)]) == 2
+    assert "(`make kernel PRESET=quick EPOCHS=4 MAX_TIME=10h DEVICE=auto SEED=5 GPU=1 CONTINUE=1 " \
+           f"KAGGLE_KERNEL_ID={KERNEL_ID}`)" in capsys.readouterr().err
     kernel.generate(kernel_folder, f"someone-else/{kernel.DEFAULT_SLUG}")
     assert kernel.main(["push", "--folder", str(kernel_folder)]) == 2
     assert f"the credentials are {USER}'s" in capsys.readouterr().err
     assert fake.rpcs() == []  # nothing was sent
+
+
+def test_push_refuses_make_variables_the_build_does_not_hold(fake, kernel_folder, capsys, monkeypatch):
+    # `make kernel-push GPU=1 PRESET=quick` over an existing build pushed a CPU `standard` kernel, unsaid
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "GPU PRESET")
+    monkeypatch.setenv("PIPELINE_VAR_GPU", "1")
+    monkeypatch.setenv("PIPELINE_VAR_PRESET", "quick")
+    assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "built with GPU=0, PRESET=standard" in err, err
+    assert f"(`make kernel PRESET=quick MAX_TIME=10h DEVICE=auto SEED=0 GPU=1 KAGGLE_KERNEL_ID={KERNEL_ID}`)" in err
+    assert fake.rpcs() == []
+    kernel.generate(kernel_folder, KERNEL_ID, {"PRESET": "quick"}, gpu=True)  # what the message asks for
+    fake.kernel.statuses = ["COMPLETE"]
+    assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [(["--device", "gpu"], "add GPU=1"),
+                                           (["--device", "cpu", "--gpu"], "weekly GPU quota")])
+def test_a_device_the_session_cannot_serve_is_refused_before_the_push(tmp_path, capsys, args, message):
+    assert kernel.main(["generate", "--id", KERNEL_ID, "--out", str(tmp_path / "k"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "k").exists()
 
 
 def test_push_errors_are_one_line(fake, kernel_folder, capsys):
@@ -733,7 +764,7 @@ def test_output_downloads_the_submission(fake, kernel_folder, tmp_path, capsys):
     fake.kernel.log = '[{"data": "epoch 1/30 ..."}]'
     fake.cut_short("/blobs/kernels/", times=1)  # one broken transfer: tried again
     out = tmp_path / "root" / "submissions" / "kernel"
-    assert kernel.download_output(kernel_folder, out, base_delay=0.001) == (out / "submission.csv", 7)
+    assert kernel.download_output(kernel_folder, out, base_delay=0.001, expected_rows=7) == (out / "submission.csv", 7)
     assert "download cut short" in capsys.readouterr().err
     assert (out / "submission.csv").read_bytes() == _submission(7)
     assert (out / "kernel.log").read_text() == fake.kernel.log
@@ -747,16 +778,20 @@ def test_output_without_a_valid_submission_writes_nothing(fake, kernel_folder, t
     fake.kernel.outputs = {"other.txt": b"x"}
     assert kernel.main(["output", "--folder", str(kernel_folder)]) == 2
     assert "has no submission.csv" in capsys.readouterr().err
-    fake.kernel.outputs = {"submission.csv": b"ImageId,Label\n1,12\n"}
+    fake.kernel.outputs = {"submission.csv": b"ImageId,Label\n1,12\n" + _submission(28000).split(b"\n", 2)[2]}
     assert kernel.main(["output", "--folder", str(kernel_folder)]) == 2
     assert "Label must be 0..9" in capsys.readouterr().err
+    fake.kernel.outputs = {"submission.csv": _submission(7)}  # a truncated CSV was "checked" against its own rows
+    assert kernel.main(["output", "--folder", str(kernel_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "28000" in err, err
     assert not out.exists() or not any(out.iterdir())
     assert sorted(p.name for p in out.parent.iterdir()) in ([], ["kernel"])
 
 
 def test_push_and_output_from_the_command_line_through_a_proxy(tmp_path, kernel_folder):
     """Fresh processes: KAGGLE_API_ENVIRONMENT=LOCALHOST sends the client to http://localhost/api, HTTP_PROXY to us."""
-    kernel_state = KernelState(statuses=["RUNNING", "COMPLETE"], outputs={"submission.csv": _submission(3)})
+    kernel_state = KernelState(statuses=["RUNNING", "COMPLETE"], outputs={"submission.csv": _submission(28000)})
     with FakeKaggle(username=USER, key=SECRET, kernel=kernel_state) as server:
         env = proxy_env(server, os.environ)
         env.update(KAGGLE_USERNAME=USER, KAGGLE_KEY=SECRET, PYTHONPATH=str(REPO))
@@ -768,7 +803,7 @@ def test_push_and_output_from_the_command_line_through_a_proxy(tmp_path, kernel_
         assert SECRET not in result.stdout + result.stderr
     assert all(r.proxied and r.path.startswith(("/api/v1/", "/blobs/")) for r in server.requests)
     assert server.rpcs()[:2] == ["SaveKernel", "GetKernelSessionStatus"]
-    assert (tmp_path / "root" / "submissions" / "kernel" / "submission.csv").read_bytes() == _submission(3)
+    assert (tmp_path / "root" / "submissions" / "kernel" / "submission.csv").read_bytes() == _submission(28000)
     for path in (tmp_path / "root").rglob("*"):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
 
