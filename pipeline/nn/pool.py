@@ -132,13 +132,16 @@ def maxpool2x2_backward(dout, cache):
     dx = xp.empty((n, 2 * ho, 2 * wo, c), dtype=dout.dtype)
     pairs = dx.reshape(n, ho, 2, 2 * wo, c)
 
-    def route(r):
+    def route(r):  # each half by its own mask: a subtraction would read a view interleaved with its output,
+        # which CuPy copies first (NumPy proves the two apart)
         dcol = scratch("pool.dcol", (dout[r].shape[0], ho, wo, 2, c), dout.dtype, xp)
+        left = xp.logical_not(from_right[r], out=scratch("pool.left", from_right[r].shape, bool, xp))
         xp.multiply(dout[r], from_right[r], out=dcol[:, :, :, 1])
-        xp.subtract(dout[r], dcol[:, :, :, 1], out=dcol[:, :, :, 0])
+        xp.multiply(dout[r], left, out=dcol[:, :, :, 0])
         dcol = dcol.reshape(-1, ho, 2 * wo, c)
+        top = xp.logical_not(from_bottom[r], out=scratch("pool.top", from_bottom[r].shape, bool, xp))
         xp.multiply(dcol, from_bottom[r], out=pairs[r, :, 1])
-        xp.subtract(dcol, pairs[r, :, 1], out=pairs[r, :, 0])
+        xp.multiply(dcol, top, out=pairs[r, :, 0])
 
     parallel_rows(route, n, dx)
     if dx.shape != tuple(x_shape):  # odd H or W: the last row/column was never in a window
