@@ -255,6 +255,40 @@ def test_pipeline_trains_and_predicts_on_the_gpu_path(cp, tmp_path, monkeypatch)
                                load_npz(tmp_path / "runs" / "cpu16" / "test_probs.npz")["probs"], atol=1e-4)
 
 
+def test_the_standard_recipe_stops_resumes_delivers_and_blends_on_the_gpu_path(cp, tmp_path, monkeypatch):
+    """The recipe of `standard` and `overnight` (deotte_relu_bn, label smoothing, x/y zoom, the weight average,
+    the last epoch) on DEVICE=gpu: a run stopped by MAX_TIME delivers its checkpoint as the Kaggle notebook does,
+    then resumes to the very weights of an uninterrupted run; an ensemble blends with test-time shifts there."""
+    if not hasattr(cp, "_ledger"):
+        pytest.skip("runs the pipeline against the fake (a real GPU run is `make train DEVICE=gpu`)")
+    from pipeline import ensemble, kaggle_env, train
+    from pipeline.fileio import load_npz
+    from tests.test_resume import write_processed
+
+    write_processed(tmp_path, n=80)
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    args = ["--preset", "standard", "EPOCHS=2", "BATCH_SIZE=16", "DEVICE=gpu"]
+    assert train.main(["--run", "whole", *args]) == 0
+    assert train.main(["--run", "cut", *args, "MAX_TIME=0.001s"]) == 3  # stops after its first step
+    folder = tmp_path / "runs" / "cut"
+    assert kaggle_env.deliver_best_so_far(folder, "gpu") == folder / "model.npz"
+    assert train.main(["--run", "cut", *args]) == 0
+    whole, cut = load_npz(tmp_path / "runs" / "whole" / "model.npz"), load_npz(folder / "model.npz")
+    assert all(whole[k].tobytes() == cut[k].tobytes() for k in whole)
+
+    assert train.main(["--preset", "overnight", "--run", "ens", "MEMBERS=2", "EPOCHS=1", "BATCH_SIZE=16",
+                       "DEVICE=gpu"]) == 0
+    cp._ledger.reset()
+    assert ensemble.main(["--run", "ens", "--device", "gpu", "--tta"]) == 0
+    assert cp._ledger.overlap_copies == []
+    gpu_blend = load_npz(tmp_path / "runs" / "ens" / "test_probs.npz")["probs"]
+    for member in ("0", "1"):  # predicted on the CPU instead: the same blend
+        for cache in ("test_probs.npz", "test_probs_tta.npz"):
+            (tmp_path / "runs" / "ens" / "members" / member / cache).unlink()
+    assert ensemble.main(["--run", "ens", "--device", "cpu", "--tta"]) == 0
+    np.testing.assert_allclose(gpu_blend, load_npz(tmp_path / "runs" / "ens" / "test_probs.npz")["probs"], atol=1e-4)
+
+
 def test_the_fake_is_as_strict_as_cupy(monkeypatch):
     """The behaviours of CuPy that tests/fakecupy.py promises, so that the tests above mean something."""
     cp = fakecupy.install(monkeypatch)
