@@ -46,23 +46,42 @@ def finished_members(folder):
     return done, skipped
 
 
-OTHER_TRAIN_ADVICE = ("blend only members trained on one train.csv: prepare the one they were trained on again, or "
-                      "train an ensemble on this one under a new RUN=")
-
-
-def check_one_train_csv(members):
-    """Every member was trained on the same train.csv (by the sha256 its summary records; members from before it
-    was recorded are checked by their labels in shared_holdout). A blend of members trained on different ones
-    would be judged on one member's labels, and the others would look like noise."""
-    trained_on = {}
+def trained_on(members):
+    """{train.csv sha256: [member names]} from the members' summaries; members from before it was recorded are
+    left out (shared_holdout checks them by their labels)."""
+    found = {}
     for m in members:
-        trained_on.setdefault(runs.run_of(m).summary().get("train_sha256"), []).append(m.name)
-    trained_on.pop(None, None)
-    if len(trained_on) > 1:
-        groups = "; ".join(f"members {', '.join(sorted(names, key=int))} on {sha[:12]}"
-                           for sha, names in trained_on.items())
-        raise UserError(f"runs/{members[0].parent.parent.name}: members were trained on different train.csv files "
-                        f"({groups}): {OTHER_TRAIN_ADVICE}")
+        found.setdefault(runs.run_of(m).summary().get("train_sha256"), []).append(m.name)
+    found.pop(None, None)
+    return found
+
+
+def check_one_train_csv(folder, members):
+    """Every member was trained on the same train.csv. A blend of members trained on different ones would be
+    judged on one member's labels, and the others would look like noise."""
+    found = trained_on(members)
+    if len(found) > 1:
+        prepared = dataset.load_meta().get("train_sha256")
+        other = sorted((name for sha, names in found.items() if sha != prepared for name in names), key=int)
+        groups = "; ".join(f"members {', '.join(sorted(names, key=int))} on {sha[:12]}" for sha, names in found.items())
+        if len(other) < sum(map(len, found.values())):  # some learnt the prepared one: retrain the others on it
+            advice = (f"remove {', '.join(f'runs/{folder.name}/members/{k}' for k in other)} (learnt on another "
+                      f"train.csv than the prepared one), and `make train RUN={folder.name}` trains them again on it")
+        else:
+            advice = (f"prepare the train.csv some of them learnt, remove the others, and `make train "
+                      f"RUN={folder.name}` trains those again")
+        raise UserError(f"runs/{folder.name}: members were trained on different train.csv files ({groups}): {advice}; "
+                        f"or train an ensemble under a new RUN=")
+
+
+def check_shifts_judged_on_their_images(folder, members, rows, y, y_train):
+    """Test-time shifts are judged on the prepared images of the shared validation rows: they must be the images
+    the members held out (the same train.csv, by sha where recorded, else by the labels)."""
+    prepared = dataset.load_meta().get("train_sha256")
+    if any(sha != prepared for sha in trained_on(members)) or not np.array_equal(y_train[rows], y):
+        raise UserError(f"runs/{folder.name}'s members were trained on another train.csv than the prepared one: "
+                        f"test-time shifts would be judged on other images than their labels; blend without "
+                        f"TTA, or prepare the train.csv they were trained on again")
 
 
 def shift_images(x, dy, dx):
@@ -119,7 +138,7 @@ def shared_holdout(outputs, min_rows=MIN_SHARED_ROWS):
         P.append(probs[order])
         if y is not None and not np.array_equal(labels[order], y):  # members from before summaries named train.csv
             raise UserError(f"the members disagree on the labels of the validation rows they share: they were trained "
-                            f"on different train.csv files; {OTHER_TRAIN_ADVICE}")
+                            f"on different train.csv files; train an ensemble on one under a new RUN=")
         y = labels[order] if y is None else y
     return rows.astype(np.int64), np.asarray(y, np.int64), np.stack(P).astype(np.float32)
 
@@ -220,18 +239,16 @@ def build(folder, xp=np, tta=False):
     Candidates are compared on one half of the validation rows every member held out; the other half gives
     the reported estimate, which took no part in the choice."""
     members, skipped = finished_members(folder)
-    check_one_train_csv(members)
+    check_one_train_csv(folder, members)
     data = runs.data_fingerprint()  # before the images are read: prepare is not locked out meanwhile
     x_train, y_train = dataset.load_train()
     x_test = dataset.load_test_images()
     results = []
     for use_tta in ([False, True] if tta else [False]):
+        if use_tta:  # before the shifted passes, which take the longest
+            check_shifts_judged_on_their_images(folder, members, results[0][-3], results[0][-2], y_train)
         outs = [member_outputs(m, x_train, x_test, xp, use_tta, data) for m in members]
         rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
-        if use_tta and not np.array_equal(y_train[rows], y):  # shifts are judged on today's images of those rows
-            raise UserError(f"runs/{folder.name}'s members were trained on another train.csv than the prepared one: "
-                            f"test-time shifts would be judged on other images than their labels; blend without "
-                            f"TTA, or prepare the train.csv they were trained on again")
         results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
     chosen = results[0]
     if tta:  # test-time shifts too must beat the plain blend on the choice half by more than chance allows

@@ -389,15 +389,24 @@ def rebuild_command(options):
 def refuse_options_the_build_lacks(folder, environ):
     """`make kernel-push GPU=1 PRESET=quick` over an existing build pushed the build as it was, unsaid: push takes
     no options, so a variable given to it must be what the build already holds."""
-    given = {name: environ.get(f"PIPELINE_VAR_{name}", "") for name in environ.get("PIPELINE_MAKE_VARS", "").split()
-             if name in (*SETTINGS, "GPU", "CONTINUE", "KAGGLE_KERNEL_ID")}
+    def canonical(name, text):  # as `make kernel` would build it: EPOCHS=02 is 2; an empty value is not given
+        try:
+            return int(text) if name in ("EPOCHS", "SEED", "GPU", "CONTINUE") else text
+        except ValueError:
+            return text
+
+    given = {name: canonical(name, environ.get(f"PIPELINE_VAR_{name}", ""))
+             for name in environ.get("PIPELINE_MAKE_VARS", "").split()
+             if name in (*SETTINGS, "GPU", "CONTINUE", "KAGGLE_KERNEL_ID") and environ.get(f"PIPELINE_VAR_{name}")}
     if not given:
         return
     built = built_options(folder)
-    differ = [name for name, value in given.items() if str(built.get(name, "")) != value]
+    differ = [name for name, value in given.items() if built.get(name) != value]
     if differ:
         now = ", ".join(f"{name}={built.get(name, '(the preset default)')}" for name in differ)
         wanted = {**built, **{name: given[name] for name in differ}}
+        if wanted.get("GPU") and wanted.get("DEVICE") == "cpu":  # a build `make kernel` would refuse
+            wanted["DEVICE"] = "auto"
         raise UserError(f"{folder} was built with {now}, and push sends the build as it is: build it with what you "
                         f"gave first (`{rebuild_command(wanted)}`), then push")
 

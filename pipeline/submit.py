@@ -275,14 +275,13 @@ def main(argv=None):
     labels = labels_from_probs(probs)
     default = out.resolve() == default_out().resolve()  # however it is spelled: `--out ./submissions/submission.csv`
     if default and out.parent.is_dir():  # a write cut short leaves no record naming a run: make writes it again
-        (out.parent / RUN_RECORD).unlink(missing_ok=True)
-        (out.parent / SUBMISSION_RECORD).unlink(missing_ok=True)
+        for record in (RUN_RECORD, SUBMISSION_RECORD, SCORE_RECORD):  # the score too: it names the CSV it scored
+            (out.parent / record).unlink(missing_ok=True)
     sha = write_submission(build_submission(labels), out, n_test)
     if default:
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
         write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha,
                                                     "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-        (out.parent / SCORE_RECORD).unlink(missing_ok=True)  # another CSV's score otherwise, read as this one's
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{out}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
     return upload_if_current(out, run, message, args.upload, n_test, probs, just_written=True)

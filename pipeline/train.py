@@ -339,6 +339,7 @@ def train_ensemble(folder, preset, cfg, force):
     deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
+    check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
     new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
     record_ensemble_config(folder, preset, cfg)
@@ -364,11 +365,11 @@ def check_members_train_csv(folder, cfg):
     if other:
         raise UserError(f"runs/{folder.name}/members/{', '.join(other)} learnt another train.csv than the one "
                         f"prepared now, and an ensemble blends members of one train.csv: prepare the one they "
-                        f"learnt again to continue, or train on this one under a new RUN=")
+                        f"learnt again to continue, or train on this one under a new RUN= (FORCE=1 does not "
+                        f"apply: the blend would refuse them)")
 
 
 def train_members(folder, preset, cfg, force, deadline):
-    check_members_train_csv(folder, cfg)
     for k in range(cfg.members):
         mcfg = member_config(cfg, k)
         if deadline is not None:

@@ -194,6 +194,10 @@ def test_members_trained_on_different_train_csv_files_are_refused_in_one_line(tm
     with pytest.warns(UserWarning), pytest.raises(UserError, match="different train.csv files .*members 0 on aaaa"):
         ensemble.build(run)
     assert not (run / "ensemble.json").exists()
+    meta = tmp_path / "data/processed/meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "train_sha256": "a" * 64}))
+    with pytest.warns(UserWarning), pytest.raises(UserError, match=r"remove \S*runs/ens/members/1 \(learnt on another"):
+        ensemble.build(run)  # the advice names the member to train again on the prepared train.csv
 
 
 def test_members_from_before_summaries_named_train_csv_are_checked_by_their_labels(tmp_path, monkeypatch):
@@ -209,8 +213,12 @@ def test_test_time_shifts_on_a_train_csv_changed_since_the_members_are_refused(t
     run, _ = blend_project(tmp_path, monkeypatch)
     y_now = (np.arange(40) % 10 + 1) % 10  # another train.csv of the same length: its images answer other labels
     save_npz(tmp_path / "data/processed/train.npz", {"x": np.zeros((40, 28, 28, 1), np.float32), "y": y_now})
+    passes = []
+    real = ensemble.member_outputs
+    monkeypatch.setattr(ensemble, "member_outputs", lambda *a, **k: passes.append(a[4]) or real(*a, **k))
     with pytest.warns(UserWarning), pytest.raises(UserError, match="test-time shifts"):
         ensemble.build(run, tta=True)
+    assert passes == [False, False]  # refused before the shifted passes, the longest
     with pytest.warns(UserWarning):
         ensemble.build(run)  # without shifts the members' own validation rows and labels still judge them
 

@@ -484,6 +484,8 @@ def test_an_ensemble_is_not_continued_on_another_train_csv(root, capsys):
     assert train.main(["--run", "ens", "MEMBERS=3"]) == 2
     one_error_line(capsys, "runs/ens/members/0, 1 learnt another train.csv", "new RUN=")
     assert not (root / "runs" / "ens" / "members" / "2").exists()
+    assert "members = 2" in (root / "runs" / "ens" / "config.toml").read_text()  # the refused MEMBERS=3 left no trace
+    assert train.main(["--run", "ens"]) == 0
 
 
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
