@@ -17,6 +17,8 @@ from pipeline.fileio import load_npz, read_json_object
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+# in data/raw from the first rename of a fetch to its last: a fetch cut short there left some CSVs new, some old
+FETCH_INCOMPLETE = ".fetch-incomplete"
 # Far above the competition (train.csv 42 000 rows, 73 MB): a bigger file is not a digit CSV, and reading it
 # whole would exhaust memory before any row could be judged.
 MAX_CSV_ROWS = 200_000

