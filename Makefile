@@ -11,6 +11,8 @@ $(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
 # The same for the variables this Makefile reads when they come from the environment (`RUN=... make train`).
 READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV \
   EPOCHS MAX_TIME DEVICE SEED
+# The training settings among them reach train as command-line ones do (`SEED=1 make train` trained seed 0).
+ENV_SETTINGS := $(foreach v,EPOCHS MAX_TIME DEVICE SEED,$(if $(filter environment,$(origin $(v))),$(v)))
 $(foreach v,$(READ_VARS),$(if $(filter environment,$(origin $(v))),$(eval override export $(v) := $$(value $(v)))))
 
 # The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names
@@ -52,8 +54,8 @@ $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tt
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
 $(foreach v,TTA GPU CONTINUE UPLOAD,$(if $(filter-out 0 1,$(value $(v))),\
   $(error $(v)='$(value $(v))' is not a switch: use $(v)=1 or $(v)=0)))
-export PIPELINE_MAKE_VARS := $(CMDLINE_VARS)
-$(foreach v,$(sort $(CMDLINE_VARS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
+export PIPELINE_MAKE_VARS := $(sort $(CMDLINE_VARS) $(ENV_SETTINGS))
+$(foreach v,$(sort $(CMDLINE_VARS) $(ENV_SETTINGS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
   $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))
 
 RAW := data/raw

@@ -112,7 +112,7 @@ RANGES = {
     "epochs": (1, None, True), "batch_size": (1, None, True), "lr": (0.0, None, True),
     "momentum": (0.0, 1.0, True), "weight_decay": (0.0, None, True), "l2": (0.0, None, True),
     "l1": (0.0, None, True), "lr_decay": (0.0, 1.0, True), "step_epochs": (1, None, True),
-    "warmup_epochs": (0.0, None, True), "label_smoothing": (0.0, 1.0, False), "rotate_deg": (0.0, 180.0, True),
+    "warmup_epochs": (0.0, 1e6, True), "label_smoothing": (0.0, 1.0, False), "rotate_deg": (0.0, 180.0, True),
     "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "elastic": (0.0, 14.0, True), "seed": (0, None, True),
     "split_seed": (-1, None, True),
     "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),

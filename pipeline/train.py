@@ -21,7 +21,8 @@ import numpy as np
 from pipeline import checkpoint, console, dataset, runs
 from pipeline.augment import random_affine
 from pipeline.averaging import WeightAverage
-from pipeline.config import TrainConfig, apply_values, build_config, load_toml, make_overrides, to_toml
+from pipeline.config import (TRAIN_VARIABLES, TrainConfig, apply_values, build_config, load_toml, make_overrides,
+                             stage_variables, to_toml)
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import save_npz, write_json, write_text
 from pipeline.nn import (build_model, configure_threads, get_array_module, make_optimizer, make_schedule,
@@ -50,6 +51,14 @@ def parse_args(argv):
                     help="also read make's command-line variables (PIPELINE_MAKE_VARS, set by the Makefile)")
     ap.add_argument("overrides", nargs="*", help="KEY=value settings (EPOCHS=3 LR=1e-3 ...)")
     args = ap.parse_args(argv)
+    for item in args.overrides:  # typed on train's own command line: make's variables are not read here
+        key = item.split("=", 1)[0]
+        if key.upper() in ("RUN", "PRESET"):
+            raise UserError(f"{item}: on this command line the {key.lower()} is --{key.lower()} "
+                            f"(`python -m pipeline.train --{key.lower()} {item.split('=', 1)[-1] or 'NAME'}`); "
+                            f"{key.upper()}= is make's")
+        if key.upper() in stage_variables() - TRAIN_VARIABLES:
+            raise UserError(f"{item}: {key.upper()} is read by make (`make ... {key.upper()}=...`), not by train")
     if args.make_vars:
         args.overrides = make_overrides() + args.overrides
     env_force = [o for o in args.overrides if o.upper().startswith("FORCE=")]
@@ -61,17 +70,23 @@ def parse_args(argv):
     return args
 
 
+MAX_SECONDS = 366 * 24 * 3600  # a MAX_TIME beyond this is a typo (and 1e309 seconds overflowed to a traceback)
+
+
 def parse_duration(text):
     """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0, like empty, for no limit)."""
     text = text.strip().lower()
     if not text:
         return 0.0
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
+        text = f"{text}s"
     parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
     if not parts or "".join(a + b for a, b in parts) != text:
         raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
-    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+    seconds = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        raise UserError(f"MAX_TIME: '{text}' is more than a year; leave MAX_TIME empty for no limit")
+    return seconds
 
 
 def ensemble_record(folder):
@@ -170,6 +185,9 @@ def resolve_config(args, folder):
         if runs.run_of(folder).finished:  # it would answer "nothing to do" and keep its old config, exit 0
             raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot continue it with changed "
                             f"{', '.join(changed)}: train the new config under another RUN=")
+        if wanted.members > 1 and current.members == 1:  # its checkpoint would refuse every later resume
+            raise UserError(f"runs/{folder.name} holds a single net: MEMBERS={wanted.members} would turn it into an "
+                            f"ensemble it could not continue; train the ensemble under another RUN=")
         print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}{finished_members_note(folder)}",
               file=sys.stderr)
         return preset, wanted
@@ -340,6 +358,7 @@ def train_ensemble(folder, preset, cfg, force):
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
+    check_buildable(cfg)
     new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
     record_ensemble_config(folder, preset, cfg)
@@ -350,6 +369,18 @@ def train_ensemble(folder, preset, cfg, force):
             for name in ("config.toml", ENSEMBLE_RECORD):  # no config left behind to refuse the retry with
                 (folder / name).unlink(missing_ok=True)
         raise
+
+
+def check_buildable(cfg):
+    """What a member would refuse only after its ensemble recorded the config (a device this machine lacks, an
+    unknown ARCH, an optimizer or schedule that cannot take these settings): refused before anything is written,
+    since the recorded config is what every later `make train RUN=...` continues with."""
+    select_device(cfg.device)
+    build_model(cfg.arch, seed=cfg.seed, dtype=np.float32)
+    make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                   weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
+    make_schedule(cfg.schedule, cfg.lr, cfg.epochs, 1, lr_decay=cfg.lr_decay, step_epochs=cfg.step_epochs,
+                  warmup_epochs=cfg.warmup_epochs)
 
 
 def check_members_train_csv(folder, cfg):

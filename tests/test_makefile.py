@@ -107,6 +107,16 @@ def test_command_line_overrides_reach_train(tmp_path):
     assert "EPOCHS=3" in make_overrides(call["env"]) and "RUN=myrun" in make_overrides(call["env"])
 
 
+def test_training_settings_from_the_environment_reach_train(tmp_path):
+    # `SEED=1 make train RUN=s1` trained seed 0: make read RUN from the environment and dropped SEED unsaid
+    box = sandbox(tmp_path)
+    env = dict(os.environ, SEED="1", MAX_TIME="8h", RUN="s1")
+    result = sandbox_make(box, "train", env=env)
+    assert result.returncode == 0, result.stderr
+    call = next(c for c in calls(box) if "pipeline.train" in c["argv"])
+    assert {"SEED=1", "MAX_TIME=8h"} <= set(make_overrides(call["env"])) and "--run s1" in " ".join(call["argv"])
+
+
 def test_resume_without_preset_keeps_the_runs_own():
     out = make("-n", "train", "RUN=old").stdout
     line = next(l for l in out.splitlines() if "pipeline.train" in l)

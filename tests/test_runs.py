@@ -488,6 +488,33 @@ def test_an_ensemble_is_not_continued_on_another_train_csv(root, capsys):
     assert train.main(["--run", "ens"]) == 0
 
 
+def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
+    # `make train RUN=x MEMBERS=3 FORCE=1` over a net stopped by MAX_TIME made an ensemble whose stale checkpoint
+    # refused every later `make train RUN=x`
+    assert train.main(["--run", "x", "--preset", "quick", *FAST, "EPOCHS=3", "MAX_TIME=0.001s"]) == 3
+    capsys.readouterr()
+    assert train.main(["--run", "x", "MEMBERS=3", "FORCE=1"]) == 2
+    one_error_line(capsys, "runs/x holds a single net", "another RUN=")
+    assert not (root / "runs" / "x" / "members").exists()
+    assert train.main(["--run", "x", "MAX_TIME="]) == 0 and runs.Run("x").finished  # it continues as the net it is
+
+
+def test_a_setting_a_member_would_refuse_is_refused_before_the_ensemble_records_it(root, capsys, monkeypatch):
+    # `make train RUN=ens DEVICE=gpu` on a machine without a GPU: recorded, then refused by every later run
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    config = (root / "runs" / "ens" / "config.toml").read_text()
+    monkeypatch.setattr("pipeline.nn.backend.cupy_available", lambda: False)
+    capsys.readouterr()
+    assert train.main(["--run", "ens", "MEMBERS=3", "DEVICE=gpu"]) == 2
+    one_error_line(capsys, "device 'gpu' requested")
+    assert (root / "runs" / "ens" / "config.toml").read_text() == config
+    shutil.rmtree(root / "runs" / "ens" / "members" / "1")  # unfinished: FORCE=1 may change what member 1 trains
+    assert train.main(["--run", "ens", "ARCH=seed_smal", "FORCE=1"]) == 2
+    assert "seed_smal" in capsys.readouterr().err
+    assert (root / "runs" / "ens" / "config.toml").read_text() == config
+    assert train.main(["--run", "ens"]) == 0 and runs.Run("ens/members/1").finished
+
+
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
     # `ARCH=typo` was refused after config.toml was written; the retry with the right name was then "another config"
     assert train.main(["--run", "ens", *ENSEMBLE, "ARCH=seed_smal"]) == 2

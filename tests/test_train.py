@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import checkpoint, train
+from pipeline.errors import UserError
 from pipeline.fileio import load_npz
 from tests.test_resume import assert_same_weights, finish, history, train as run_train, write_processed
 
@@ -69,6 +70,22 @@ def test_no_batch_of_a_single_image(n, batch, steps):
 @pytest.mark.parametrize("text,seconds", [("8h", 28800), ("90m", 5400), ("1h30m", 5400), ("45", 45), ("", 0)])
 def test_max_time_durations(text, seconds):
     assert train.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["9" * 309 + "h", "9" * 400, "400d", "9000h"])
+def test_a_max_time_beyond_a_year_or_unreadable_is_one_line(text):
+    # 1e309 seconds overflowed to inf, and an ensemble's math.ceil(inf) was a traceback
+    with pytest.raises(UserError, match="MAX_TIME"):
+        train.parse_duration(text)
+
+
+@pytest.mark.parametrize("item, words", [("RUN=night", "--run"), ("PRESET=overnight", "--preset"),
+                                         ("TTA=1", "read by make")])
+def test_make_variables_typed_on_trains_own_command_line_are_refused(item, words, capsys):
+    # `python -m pipeline.train PRESET=overnight RUN=night` trained `standard` into runs/standard, unsaid
+    assert train.main([item, "EPOCHS=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and item in err, err
 
 
 def test_a_bag_is_its_own_seeded_fraction_of_the_training_rows():
