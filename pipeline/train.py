@@ -203,6 +203,19 @@ def training_data(cfg):
     return {"train_sha256": meta.get("train_sha256"), "split": split}
 
 
+def restore_advice(started, now):
+    """How to put back the split a run started on, when only the split changed (`make train VAL_FRACTION=...`
+    prepares the shared data again, even when train then refuses)."""
+    split = started.get("split")
+    if started.get("train_sha256") != now.get("train_sha256") or not isinstance(split, list) or len(split) != 2:
+        return ""
+    seed, fraction = split
+    if seed == now["split"][0]:
+        return f"`make prepare VAL_FRACTION={fraction}` puts back the split it started on; or "
+    return (f"`python -m pipeline.prepare --val-fraction {fraction} --split-seed {seed}` puts back the split it "
+            f"started on; or ")
+
+
 def load_data(cfg, xp):
     x, y = dataset.load_train()
     if cfg.split_seed < 0:
@@ -490,8 +503,8 @@ def train_one(folder, preset, cfg, force, label=None):
             if not force:
                 raise UserError(f"runs/{label} was started on other training data (train.csv or the validation split "
                                 f"changed since: `make prepare` ran again), so its validation rows would include "
-                                f"rows it trained on: train it afresh under another RUN=, or FORCE=1 to continue "
-                                f"on the data of now")
+                                f"rows it trained on: {restore_advice(state['data'], data)}train it afresh under "
+                                f"another RUN=, or FORCE=1 to continue on the data of now")
             print(f"FORCE: continuing runs/{label} on the training data of now", file=sys.stderr)
         state["data"] = data
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")

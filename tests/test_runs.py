@@ -394,7 +394,10 @@ def test_a_run_is_not_resumed_silently_on_another_split(root, capsys):
     meta = json.loads((processed / "meta.json").read_text())
     (processed / "meta.json").write_text(json.dumps({**meta, "split_seed": 1, "val_fraction": 0.3}))
     assert train.main(["--run", "cut"]) == 2
-    one_error_line(capsys, "runs/cut was started on other training data", "FORCE=1")
+    started = checkpoint.unpack(checkpoint.read(root / "runs" / "cut" / "checkpoints" / checkpoint.LATEST))[3]["data"]
+    one_error_line(capsys, "runs/cut was started on other training data", "FORCE=1",
+                   f"`python -m pipeline.prepare --val-fraction {started['split'][1]} --split-seed "
+                   f"{started['split'][0]}` puts back the split it started on")
     assert not (root / "runs" / "cut" / "summary.json").exists()
     assert train.main(["--run", "cut", "FORCE=1", "MAX_TIME="]) == 0
     latest = checkpoint.read(root / "runs" / "cut" / "checkpoints" / checkpoint.LATEST)

@@ -88,6 +88,14 @@ def test_make_variables_typed_on_trains_own_command_line_are_refused(item, words
     assert err.count("\n") == 1 and words in err and item in err, err
 
 
+def test_a_refused_resume_names_the_command_that_puts_its_split_back():
+    # `make train RUN=x VAL_FRACTION=0.2` re-split the shared data, then refused: the way back was never said
+    now = {"train_sha256": "a", "split": [0, 0.2]}
+    assert "`make prepare VAL_FRACTION=0.1`" in train.restore_advice({"train_sha256": "a", "split": [0, 0.1]}, now)
+    assert "--split-seed 3" in train.restore_advice({"train_sha256": "a", "split": [3, 0.1]}, now)
+    assert train.restore_advice({"train_sha256": "b", "split": [0, 0.1]}, now) == ""  # another train.csv: no way back
+
+
 def test_a_bag_is_its_own_seeded_fraction_of_the_training_rows():
     rows = np.arange(1000, 1400)
     assert train.bagged(rows, 1.0, 0) is rows
