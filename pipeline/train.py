@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from pipeline import checkpoint, console, dataset, runs
+from pipeline import checkpoint, console, dataset, paths, runs
 from pipeline.augment import random_affine
 from pipeline.averaging import WeightAverage
 from pipeline.config import (TRAIN_VARIABLES, TrainConfig, apply_values, build_config, load_toml, make_overrides,
@@ -159,10 +159,17 @@ def resolve_config(args, folder):
     """New run: preset + overrides. Existing run: its own config; a different one is refused unless forced."""
     saved_path = folder / "config.toml"
     saved = recorded_config(folder, args.force)
+    named_after = folder.name if (paths.configs() / f"{folder.name}.toml").is_file() else None
     if not saved:
+        if not args.preset and named_after not in (None, DEFAULT_PRESET):  # `make train RUN=quick`: standard
+            raise UserError(f"RUN={folder.name} is a preset's name, and a new run trains the default preset "
+                            f"({DEFAULT_PRESET}): say which, `make train PRESET={folder.name}` or "
+                            f"`make train PRESET={DEFAULT_PRESET} RUN={folder.name}`")
         preset = args.preset or DEFAULT_PRESET
         return preset, build_config(preset, args.overrides)
     saved_preset = saved.pop("preset", DEFAULT_PRESET)
+    if not args.preset and named_after and named_after != saved_preset:
+        print(f"note: runs/{folder.name} was trained with preset {saved_preset}, not {named_after}")
     preset = args.preset or saved_preset
     if args.preset:
         wanted = build_config(preset, args.overrides)

@@ -518,6 +518,17 @@ def test_a_setting_a_member_would_refuse_is_refused_before_the_ensemble_records_
     assert train.main(["--run", "ens"]) == 0 and runs.Run("ens/members/1").finished
 
 
+def test_a_run_named_after_another_preset_says_which_preset_it_trains(root, capsys):
+    # `make train RUN=quick` trained the 30-minute standard preset into runs/quick
+    assert train.main(["--run", "quick", *FAST]) == 2
+    one_error_line(capsys, "RUN=quick is a preset's name", "`make train PRESET=quick`")
+    assert not (root / "runs" / "quick").exists()
+    assert train.main(["--run", "quick", "--preset", "standard", *FAST]) == 0  # said outright: trained
+    capsys.readouterr()
+    assert train.main(["--run", "quick"]) == 0
+    assert "note: runs/quick was trained with preset standard, not quick" in capsys.readouterr().out
+
+
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
     # `ARCH=typo` was refused after config.toml was written; the retry with the right name was then "another config"
     assert train.main(["--run", "ens", *ENSEMBLE, "ARCH=seed_smal"]) == 2
