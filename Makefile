@@ -12,7 +12,8 @@ $(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
 READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV \
   EPOCHS MAX_TIME DEVICE SEED
 # The training settings among them reach train as command-line ones do (`SEED=1 make train` trained seed 0).
-ENV_SETTINGS := $(foreach v,EPOCHS MAX_TIME DEVICE SEED,$(if $(filter environment,$(origin $(v))),$(v)))
+ENV_SETTINGS := $(strip $(foreach v,EPOCHS MAX_TIME DEVICE SEED,$(if $(and $(filter environment,$(origin $(v))),$(value $(v))),$(v))))
+export PIPELINE_ENV_SETTINGS := $(ENV_SETTINGS)
 $(foreach v,$(READ_VARS),$(if $(filter environment,$(origin $(v))),$(eval override export $(v) := $$(value $(v)))))
 
 # The first of python3, python3.11, python3.12, ... that runs and is 3.11 or newer, unless PYTHON_BASE names
@@ -86,8 +87,9 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
 fetch: | $(VENV)/.installed ## download the competition data (SOURCE=auto|kaggle|mnist; again when SOURCE names another)
 	$(PY) -m pipeline.fetch --source "$$PIPELINE_VAR_SOURCE" --if-needed
 
-# fetch writes both (train.csv last); `&:` makes them one target, so make never believes one was rebuilt alone
-$(RAW)/train.csv $(RAW)/test.csv &: | $(VENV)/.installed
+# fetch writes both (train.csv last); `&:` makes them one target, so make never believes one was rebuilt alone.
+# A fetch cut short while it moved its files in leaves data/raw/.fetch-incomplete: they are fetched again.
+$(RAW)/train.csv $(RAW)/test.csv &: $(if $(wildcard $(RAW)/.fetch-incomplete),FORCE) | $(VENV)/.installed
 	$(PY) -m pipeline.fetch --source "$$PIPELINE_VAR_SOURCE"
 
 # Dates cannot tell whether data/processed holds data/raw (an unzip or `cp -p` gives new CSVs old dates), nor

@@ -9,8 +9,9 @@ auto:   kaggle when credentials exist, else mnist.
 
 Writes train.csv, test.csv, sample_submission.csv (and test_labels.csv for mnist), and source.json, the
 source they came from. Every file is first written to a temp file beside its target and only moved in
-when all of them are complete, train.csv last since the Makefile uses it as this stage's target: an error
-leaves data/raw as it was.
+when all of them are complete and on disk, train.csv last (the newest file): an error leaves data/raw as it
+was, and a kill during the renames leaves data/raw/.fetch-incomplete, so the next fetch fetches again and
+prepare refuses the mix.
 
 --if-needed (what `make fetch` runs) does nothing when data/raw already holds the competition from the
 asked source (any source for auto); it fetches when a file is missing or unusable or the source differs.
@@ -55,7 +56,7 @@ def current_source(raw_dir):
 
 def install_raw_files(raw_dir, writers, remove=()):
     """Write each file with writers[name](temp_path), then move them all into raw_dir, the source record and then
-    train.csv last (make compares the CSVs' dates).
+    train.csv last (the newest file, as make expects of this stage's target).
 
     Every file is complete and on disk before the first is moved in. From then until the last is in, a marker
     (dataset.FETCH_INCOMPLETE) says the folder is mixed: a fetch killed there is fetched again by `make fetch`,

@@ -264,7 +264,8 @@ def main(argv=None):
 
     if (raw_dir / dataset.FETCH_INCOMPLETE).exists():
         raise UserError(f"{raw_dir} holds a fetch that was cut short (some CSVs new, some old): `make fetch` "
-                        f"fetches it again")
+                        f"fetches it again (or, if you put the CSVs there yourself since, delete "
+                        f"{raw_dir / dataset.FETCH_INCOMPLETE})")
     recorded = (prepared_meta(out_dir) or {}) if args.if_needed else {}
     if recorded and up_to_date(recorded, raw_dir, out_dir, args.val_fraction, args.split_seed):
         print(f"{shown(out_dir)} already holds {shown(raw_dir)}'s train.csv and test.csv (by sha256); nothing to do")

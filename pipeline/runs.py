@@ -108,8 +108,10 @@ class Run:
         if run.is_member:
             parent = run.parent
             if not parent.folder.is_dir():
+                how = f"PRESET={parent.name}" if (paths.configs() / f"{parent.name}.toml").is_file() \
+                    else f"RUN={parent.name}"
                 raise UserError(f"run '{parent.name}' not found in {parent.folder.parent}: "
-                                f"train it first (`make train RUN={parent.name}`)")
+                                f"train it first (`make train {how}`)")
             if not parent.is_ensemble:
                 raise UserError(f"runs/{parent.name} is not an ensemble: it has no members "
                                 f"(use RUN={parent.name})")
@@ -119,7 +121,8 @@ class Run:
                                 f"(members: {have})")
             return run
         if not run.folder.is_dir():
-            raise UserError(f"run '{name}' not found in {run.folder.parent}: train it first (`make train RUN={name}`)")
+            how = f"PRESET={name}" if (paths.configs() / f"{name}.toml").is_file() else f"RUN={name}"
+            raise UserError(f"run '{name}' not found in {run.folder.parent}: train it first (`make train {how}`)")
         return run
 
     # ---------------------------------------------------------------- what it is

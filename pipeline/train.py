@@ -54,13 +54,17 @@ def parse_args(argv):
     for item in args.overrides:  # typed on train's own command line: make's variables are not read here
         key = item.split("=", 1)[0]
         if key.upper() in ("RUN", "PRESET"):
+            value = item.split("=", 1)[1] if "=" in item else ""
             raise UserError(f"{item}: on this command line the {key.lower()} is --{key.lower()} "
-                            f"(`python -m pipeline.train --{key.lower()} {item.split('=', 1)[-1] or 'NAME'}`); "
-                            f"{key.upper()}= is make's")
+                            f"(`python -m pipeline.train --{key.lower()} {value or 'NAME'}`); {key.upper()}= is make's")
         if key.upper() in stage_variables() - TRAIN_VARIABLES:
             raise UserError(f"{item}: {key.upper()} is read by make (`make ... {key.upper()}=...`), not by train")
     if args.make_vars:
         args.overrides = make_overrides() + args.overrides
+        from_env = os.environ.get("PIPELINE_ENV_SETTINGS", "").split()
+        if from_env:  # an exported SEED=42 meant for something else would otherwise train unsaid
+            given = ", ".join(f"{name}={os.environ.get(f'PIPELINE_VAR_{name}', '')}" for name in from_env)
+            print(f"note: {given} from the environment", file=sys.stderr)
     env_force = [o for o in args.overrides if o.upper().startswith("FORCE=")]
     if env_force:
         value = env_force[-1].split("=", 1)[1]
@@ -75,7 +79,7 @@ MAX_SECONDS = 366 * 24 * 3600  # a MAX_TIME beyond this is a typo (and 1e309 sec
 
 def parse_duration(text):
     """'8h', '90m', '45s', '1h30m' or plain seconds -> seconds (0, like empty, for no limit)."""
-    text = text.strip().lower()
+    typed = text = text.strip().lower()
     if not text:
         return 0.0
     if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -85,7 +89,7 @@ def parse_duration(text):
         raise UserError(f"MAX_TIME: cannot read '{text}' (use e.g. 8h, 90m, 1h30m)")
     seconds = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
     if not math.isfinite(seconds) or seconds > MAX_SECONDS:
-        raise UserError(f"MAX_TIME: '{text}' is more than a year; leave MAX_TIME empty for no limit")
+        raise UserError(f"MAX_TIME: '{typed}' is more than a year; leave MAX_TIME empty for no limit")
     return seconds
 
 
@@ -192,7 +196,8 @@ def resolve_config(args, folder):
         if runs.run_of(folder).finished:  # it would answer "nothing to do" and keep its old config, exit 0
             raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot continue it with changed "
                             f"{', '.join(changed)}: train the new config under another RUN=")
-        if wanted.members > 1 and current.members == 1:  # its checkpoint would refuse every later resume
+        if wanted.members > 1 and not (folder / "members").is_dir() and \
+                checkpoint.load_newest(folder / "checkpoints") is not None:  # it would refuse every later resume
             raise UserError(f"runs/{folder.name} holds a single net: MEMBERS={wanted.members} would turn it into an "
                             f"ensemble it could not continue; train the ensemble under another RUN=")
         print(f"FORCE: continuing runs/{folder.name} with changed {', '.join(changed)}{finished_members_note(folder)}",
@@ -378,7 +383,8 @@ def train_ensemble(folder, preset, cfg, force):
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
-    check_buildable(cfg)
+    if not all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
+        check_buildable(cfg)  # (a finished ensemble on a machine without its GPU still says "nothing to do")
     new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
     record_ensemble_config(folder, preset, cfg)

@@ -115,6 +115,23 @@ def test_training_settings_from_the_environment_reach_train(tmp_path):
     assert result.returncode == 0, result.stderr
     call = next(c for c in calls(box) if "pipeline.train" in c["argv"])
     assert {"SEED=1", "MAX_TIME=8h"} <= set(make_overrides(call["env"])) and "--run s1" in " ".join(call["argv"])
+    assert call["env"]["PIPELINE_ENV_SETTINGS"] == "MAX_TIME SEED"  # train names where they came from
+    result = sandbox_make(box, "train", env=dict(os.environ, SEED="", DEVICE=""))  # exported but empty: not given
+    assert result.returncode == 0, result.stderr
+    call = [c for c in calls(box) if "pipeline.train" in c["argv"]][-1]
+    assert not any(o.startswith(("SEED=", "DEVICE=")) for o in make_overrides(call["env"]))
+
+
+def test_a_fetch_cut_short_is_fetched_again_by_make_train(tmp_path):
+    # the CSV rule ran only when a CSV was missing: prepare then refused the mixed data/raw on every `make train`
+    box = sandbox(tmp_path)
+    built(box)
+    assert "pipeline.fetch" not in sandbox_make(box, "-n", "prepare").stdout
+    (box / "data" / "raw" / ".fetch-incomplete").write_text("cut short\n")
+    result = sandbox_make(box, "prepare")
+    assert result.returncode == 0, result.stderr
+    stages = [c["argv"] for c in calls(box)]
+    assert any("pipeline.fetch" in a for a in stages) and "pipeline.prepare" in stages[-1], stages
 
 
 def test_resume_without_preset_keeps_the_runs_own():

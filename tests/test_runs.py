@@ -15,6 +15,7 @@ import pytest
 from pipeline import checkpoint, predict, report, runs, submit, train
 from pipeline.config import to_toml
 from pipeline.dataset import stratified_split
+from pipeline.errors import UserError
 from pipeline.fileio import load_npz, save_npz
 from tests.test_resume import env_for, finish, train as run_train, write_processed
 
@@ -502,6 +503,17 @@ def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
     assert train.main(["--run", "x", "MAX_TIME="]) == 0 and runs.Run("x").finished  # it continues as the net it is
 
 
+def test_a_forced_members_after_an_edited_record_still_repairs_the_ensemble(root, capsys):
+    # config.toml edited to members = 1 is refused with "keep its MEMBERS"; MEMBERS=2 FORCE=1 then repairs it
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    (root / "runs" / "ens" / "members" / "1" / "summary.json").unlink()  # unfinished, so FORCE may change it
+    path = root / "runs" / "ens" / "config.toml"
+    path.write_text(path.read_text().replace("members = 2", "members = 1"))
+    capsys.readouterr()
+    assert train.main(["--run", "ens", "MEMBERS=2", "FORCE=1"]) == 0
+    assert "holds a single net" not in capsys.readouterr().err and runs.Run("ens").finished
+
+
 def test_a_setting_a_member_would_refuse_is_refused_before_the_ensemble_records_it(root, capsys, monkeypatch):
     # `make train RUN=ens DEVICE=gpu` on a machine without a GPU: recorded, then refused by every later run
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0
@@ -516,6 +528,14 @@ def test_a_setting_a_member_would_refuse_is_refused_before_the_ensemble_records_
     assert "seed_smal" in capsys.readouterr().err
     assert (root / "runs" / "ens" / "config.toml").read_text() == config
     assert train.main(["--run", "ens"]) == 0 and runs.Run("ens/members/1").finished
+
+
+def test_a_missing_run_named_after_a_preset_is_trained_by_naming_the_preset(root):
+    # `make submit PRESET=quick` advised `make train RUN=quick`, which is refused (a preset's name)
+    with pytest.raises(UserError, match=r"train it first \(`make train PRESET=quick`\)"):
+        runs.Run.existing("quick")
+    with pytest.raises(UserError, match=r"`make train RUN=mine`"):
+        runs.Run.existing("mine")
 
 
 def test_a_run_named_after_another_preset_says_which_preset_it_trains(root, capsys):

@@ -72,10 +72,10 @@ def test_max_time_durations(text, seconds):
     assert train.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["9" * 309 + "h", "9" * 400, "400d", "9000h"])
+@pytest.mark.parametrize("text", ["9" * 309 + "h", "9" * 400, "400d", "9000h", "31622401"])
 def test_a_max_time_beyond_a_year_or_unreadable_is_one_line(text):
     # 1e309 seconds overflowed to inf, and an ensemble's math.ceil(inf) was a traceback
-    with pytest.raises(UserError, match="MAX_TIME"):
+    with pytest.raises(UserError, match="MAX_TIME: .*'" + text + "'"):
         train.parse_duration(text)
 
 
@@ -86,6 +86,14 @@ def test_make_variables_typed_on_trains_own_command_line_are_refused(item, words
     assert train.main([item, "EPOCHS=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and item in err, err
+
+
+def test_settings_from_the_environment_are_named(monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "SEED")
+    monkeypatch.setenv("PIPELINE_VAR_SEED", "42")
+    monkeypatch.setenv("PIPELINE_ENV_SETTINGS", "SEED")
+    args = train.parse_args(["--make-vars"])
+    assert "SEED=42" in args.overrides and capsys.readouterr().err == "note: SEED=42 from the environment\n"
 
 
 def test_a_refused_resume_names_the_command_that_puts_its_split_back():
