@@ -48,6 +48,7 @@ class TrainConfig:
     ckpt_every: int = 0               # steps; 0: about every 2 minutes of work
     max_time: str = ""                # e.g. 8h, 90m: stop cleanly with a checkpoint
     members: int = 1                  # ensemble members (overnight preset)
+    member_archs: str = ""            # e.g. "deotte_relu_bn,deotte": member k takes the (k mod n)-th; "": all ARCH
 
     def to_dict(self):
         return asdict(self)

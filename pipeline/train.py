@@ -332,9 +332,15 @@ def main(argv=None):
         folder = run.folder
         preset, cfg = resolve_config(args, folder)
         if cfg.members > 1:
+            if cfg.member_archs.strip() and cfg.arch not in member_archs(cfg):  # `PRESET=overnight ARCH=lenet5`
+                raise UserError(f"ARCH={cfg.arch} is not among MEMBER_ARCHS={cfg.member_archs}, which the members "
+                                f"take in turn: give MEMBER_ARCHS= (empty) to train every member as ARCH")
             return train_ensemble(folder, preset, cfg, args.force)
         if (folder / "members").is_dir():  # never a single net into an ensemble's folder
             raise UserError(single_net_in_an_ensemble(folder))
+        if cfg.member_archs.strip():
+            raise UserError(f"MEMBER_ARCHS={cfg.member_archs} gives the members of an ensemble their architectures: "
+                            f"it needs MEMBERS of 2 or more (a single net takes ARCH=)")
         return train_one(folder, preset, cfg, args.force)
 
 
@@ -343,7 +349,13 @@ def member_config(cfg, k):
     bag of the training rows), and the ensemble's split, so that every member holds out the same validation rows
     and blends are compared like for like (pipeline.ensemble). Deep ensembles gain their diversity from the
     seed (Lakshminarayanan et al. 2017); Deotte's also from bags (docs/EXPERIMENTS.md, E10)."""
-    return dataclasses.replace(cfg, members=1, seed=cfg.seed + k)
+    archs = member_archs(cfg)
+    return dataclasses.replace(cfg, members=1, seed=cfg.seed + k, arch=archs[k % len(archs)], member_archs="")
+
+
+def member_archs(cfg):
+    """The architectures an ensemble's members take in turn (MEMBER_ARCHS), or [ARCH]."""
+    return [name.strip() for name in cfg.member_archs.split(",")] if cfg.member_archs.strip() else [cfg.arch]
 
 
 def single_net_in_an_ensemble(folder):
@@ -402,7 +414,8 @@ def check_buildable(cfg):
     unknown ARCH, an optimizer or schedule that cannot take these settings): refused before anything is written,
     since the recorded config is what every later `make train RUN=...` continues with."""
     select_device(cfg.device)
-    build_model(cfg.arch, seed=cfg.seed, dtype=np.float32)
+    for arch in member_archs(cfg):
+        build_model(arch, seed=cfg.seed, dtype=np.float32)
     make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
     make_schedule(cfg.schedule, cfg.lr, cfg.epochs, 1, lr_decay=cfg.lr_decay, step_epochs=cfg.step_epochs,
@@ -442,7 +455,7 @@ def train_members(folder, preset, cfg, force, deadline):
             return code
     members = [runs.load_summary(folder / "members" / str(k)) for k in range(cfg.members)]
     write_json(folder / "summary.json", {
-        "arch": cfg.arch, "ensemble": True, "members": cfg.members, "finished": True,
+        "arch": "+".join(dict.fromkeys(member_archs(cfg))), "ensemble": True, "members": cfg.members, "finished": True,
         "data_fingerprint": runs.data_fingerprint(),
         "best_val_acc": max(m["best_val_acc"] for m in members),
         "member_val_acc": [m["best_val_acc"] for m in members],

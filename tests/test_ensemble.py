@@ -283,6 +283,7 @@ def test_ensemble_preset_trains_members_with_their_own_seeds_then_predict_blends
         return r.stdout
 
     run("pipeline.train", "--preset", "overnight", "--run", "ens", "MEMBERS=2", "EPOCHS=1", "ARCH=seed_small",
+        "MEMBER_ARCHS=",
         "BATCH_SIZE=16", "AUGMENT=0", "DEVICE=cpu")
     members = tmp_path / "runs" / "ens" / "members"
     vals = [np.load(members / k / "val_predictions.npz")["idx"] for k in ("0", "1")]
@@ -296,6 +297,35 @@ def test_ensemble_preset_trains_members_with_their_own_seeds_then_predict_blends
     report = json.loads((tmp_path / "runs" / "ens" / "ensemble.json").read_text())
     assert report["members"] == ["0", "1"]
     assert np.load(tmp_path / "runs" / "ens" / "test_probs.npz")["probs"].shape == (20, 10)
+
+
+def test_members_take_the_architectures_of_member_archs_in_turn_and_blend(tmp_path):
+    from pipeline import train
+    from tests.test_resume import write_processed
+
+    cfg = TrainConfig(arch="deotte", members=3, member_archs="deotte_relu_bn, deotte")
+    assert [train.member_config(cfg, k).arch for k in range(3)] == ["deotte_relu_bn", "deotte", "deotte_relu_bn"]
+    assert train.member_config(TrainConfig(arch="lenet5", members=2), 1).arch == "lenet5"  # "": every member ARCH
+    write_processed(tmp_path, n=120)
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--preset", "overnight", "--run", "mix", "MEMBERS=2",
+                        "EPOCHS=1", "ARCH=seed_small", "MEMBER_ARCHS=seed_small,lenet5", "BATCH_SIZE=16", "AUGMENT=0",
+                        "DEVICE=cpu"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    members = tmp_path / "runs" / "mix" / "members"
+    assert [tomllib.loads((members / k / "config.toml").read_text())["arch"] for k in "01"] == ["seed_small", "lenet5"]
+    assert json.loads((tmp_path / "runs" / "mix" / "summary.json").read_text())["arch"] == "seed_small+lenet5"
+    r = subprocess.run([sys.executable, "-m", "pipeline.ensemble", "--run", "mix", "--device", "cpu"], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for bad, words in ((["MEMBERS=2", "ARCH=seed_small", "MEMBER_ARCHS=seed_small,nope"], "unknown architecture 'nope'"),
+                       (["MEMBERS=2", "MEMBER_ARCHS=seed_small,lenet5", "ARCH=deotte"], "not among MEMBER_ARCHS"),
+                       (["MEMBER_ARCHS=seed_small,lenet5"], "needs MEMBERS of 2 or more")):
+        r = subprocess.run([sys.executable, "-m", "pipeline.train", "--preset", "quick", "--run", "bad", *bad,
+                            "EPOCHS=1", "DEVICE=cpu"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+        assert not (tmp_path / "runs" / "bad").exists()
 
 
 def test_the_lab_curve_blends_the_first_k_members_and_scores_them_on_the_key(tmp_path, monkeypatch):
