@@ -340,7 +340,7 @@ def main(argv=None):
             raise UserError(single_net_in_an_ensemble(folder))
         if cfg.member_archs.strip():
             raise UserError(f"MEMBER_ARCHS={cfg.member_archs} gives the members of an ensemble their architectures: "
-                            f"it needs MEMBERS of 2 or more (a single net takes ARCH=)")
+                            f"it needs MEMBERS of 2 or more; a single net takes ARCH= with MEMBER_ARCHS= (empty)")
         return train_one(folder, preset, cfg, args.force)
 
 
