@@ -159,6 +159,11 @@ def finished_members_note(folder):
            f"the config {'they were' if len(names) > 1 else 'it was'} trained with" if names else ""
 
 
+# Settings a preset gained after runs were started with it: a run whose record lacks one keeps the default it
+# trained with when the preset is named again (`make train PRESET=overnight` on an ensemble from before).
+PREDATED = ("member_archs",)
+
+
 def resolve_config(args, folder):
     """New run: preset + overrides. Existing run: its own config; a different one is refused unless forced."""
     saved_path = folder / "config.toml"
@@ -177,6 +182,10 @@ def resolve_config(args, folder):
     preset = args.preset or saved_preset
     if args.preset:
         wanted = build_config(preset, args.overrides)
+        given = {item.split("=", 1)[0].lower() for item in args.overrides}
+        for key in PREDATED:  # a setting the preset gained after the run started: the run keeps what it had
+            if key not in saved and key not in given:
+                setattr(wanted, key, getattr(TrainConfig(), key))
     else:
         wanted = apply_values(TrainConfig(), saved, str(saved_path), overrides=args.overrides)
     current = apply_values(TrainConfig(), saved, source=str(saved_path))
@@ -332,9 +341,10 @@ def main(argv=None):
         folder = run.folder
         preset, cfg = resolve_config(args, folder)
         if cfg.members > 1:
-            if cfg.member_archs.strip() and cfg.arch not in member_archs(cfg):  # `PRESET=overnight ARCH=lenet5`
-                raise UserError(f"ARCH={cfg.arch} is not among MEMBER_ARCHS={cfg.member_archs}, which the members "
-                                f"take in turn: give MEMBER_ARCHS= (empty) to train every member as ARCH")
+            if cfg.member_archs.strip() and cfg.arch != member_archs(cfg)[0]:  # `PRESET=overnight ARCH=lenet5`
+                raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
+                                f"members take in turn: give MEMBER_ARCHS= (empty) to train every member as ARCH, "
+                                f"or MEMBER_ARCHS={cfg.arch},...")
             return train_ensemble(folder, preset, cfg, args.force)
         if (folder / "members").is_dir():  # never a single net into an ensemble's folder
             raise UserError(single_net_in_an_ensemble(folder))
@@ -455,7 +465,8 @@ def train_members(folder, preset, cfg, force, deadline):
             return code
     members = [runs.load_summary(folder / "members" / str(k)) for k in range(cfg.members)]
     write_json(folder / "summary.json", {
-        "arch": "+".join(dict.fromkeys(member_archs(cfg))), "ensemble": True, "members": cfg.members, "finished": True,
+        "arch": "+".join(dict.fromkeys(m.get("arch", cfg.arch) for m in members)),  # what the members trained as
+        "ensemble": True, "members": cfg.members, "finished": True,
         "data_fingerprint": runs.data_fingerprint(),
         "best_val_acc": max(m["best_val_acc"] for m in members),
         "member_val_acc": [m["best_val_acc"] for m in members],

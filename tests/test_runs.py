@@ -549,6 +549,20 @@ def test_a_run_named_after_another_preset_says_which_preset_it_trains(root, caps
     assert "note: runs/quick was trained with preset standard, not quick" in capsys.readouterr().out
 
 
+def test_an_ensemble_from_before_member_archs_continues_when_its_preset_is_named(root, capsys):
+    # `make train PRESET=overnight` on an overnight run started before the preset gained member_archs was
+    # refused ("changed: member_archs"), and so was every continuing Kaggle kernel (it always names the preset)
+    args = ["--preset", "overnight", "--run", "night", *FAST, "MEMBERS=2"]
+    assert train.main([*args, "MEMBER_ARCHS="]) == 0
+    for name in ("config.toml", train.ENSEMBLE_RECORD):
+        path = root / "runs" / "night" / name
+        path.write_text("\n".join(l for l in path.read_text().splitlines() if "member_archs" not in l) + "\n")
+    capsys.readouterr()
+    assert train.main(args) == 0, capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().out
+    assert train.main([*args, "MEMBER_ARCHS=seed_small,lenet5"]) == 2  # said outright: a change, as before
+
+
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
     # `ARCH=typo` was refused after config.toml was written; the retry with the right name was then "another config"
     assert train.main(["--run", "ens", *ENSEMBLE, "ARCH=seed_smal"]) == 2
