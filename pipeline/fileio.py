@@ -18,27 +18,12 @@ from pipeline.errors import UserError
 @contextmanager
 def atomic_path(path, suffix=""):
     """Yield a temp path in the target's folder; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_paths([path], suffix=suffix) as (tmp,):
+        yield tmp
 
 
 @contextmanager
-def atomic_paths(paths, before_replace=None):
+def atomic_paths(paths, before_replace=None, suffix=""):
     """Temp paths for several files, yielded in the order of `paths`. On success every temp is flushed to disk
     first, then `before_replace()` runs, then each replaces its target in that order (the window in which a
     kill leaves some files new and some old is the renames alone); on error every temp is removed."""
@@ -47,9 +32,9 @@ def atomic_paths(paths, before_replace=None):
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
             os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
             temps.append(Path(tmp))
         yield list(temps)
         for tmp in temps:
@@ -57,9 +42,9 @@ def atomic_paths(paths, before_replace=None):
                 os.fsync(fh.fileno())
         if before_replace:
             before_replace()
-        while temps:
-            os.replace(temps[0], paths[len(paths) - len(temps)])
-            temps.pop(0)
+        for path in paths:
+            os.replace(temps[0], path)
+            temps.pop(0)  # moved in: no longer a temp to remove on error
         for folder in {p.parent for p in paths}:
             _fsync_dir(folder)
     except BaseException:
