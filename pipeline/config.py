@@ -138,6 +138,9 @@ def check_values(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name.upper()}: expected {' or '.join(allowed)}, got '{getattr(cfg, name)}'")
+    if cfg.member_archs.strip() and not all(name.strip() for name in cfg.member_archs.split(",")):
+        raise UserError(f"MEMBER_ARCHS: expected architecture names separated by commas (e.g. deotte_relu_bn,deotte), "
+                        f"got '{cfg.member_archs}'")
     return cfg
 
 

@@ -321,7 +321,8 @@ def test_members_take_the_architectures_of_member_archs_in_turn_and_blend(tmp_pa
     assert r.returncode == 0, r.stderr
     for bad, words in ((["MEMBERS=2", "ARCH=seed_small", "MEMBER_ARCHS=seed_small,nope"], "unknown architecture 'nope'"),
                        (["MEMBERS=2", "MEMBER_ARCHS=seed_small,lenet5", "ARCH=lenet5"], "not the first of MEMBER_ARCHS"),
-                       (["MEMBER_ARCHS=seed_small,lenet5"], "needs MEMBERS of 2 or more")):
+                       (["MEMBER_ARCHS=seed_small,lenet5"], "needs MEMBERS of 2 or more"),
+                       (["MEMBERS=2", "ARCH=seed_small", "MEMBER_ARCHS=seed_small,lenet5,"], "separated by commas")):
         r = subprocess.run([sys.executable, "-m", "pipeline.train", "--preset", "quick", "--run", "bad", *bad,
                             "EPOCHS=1", "DEVICE=cpu"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
