@@ -97,7 +97,10 @@ $(RAW)/train.csv $(RAW)/test.csv &: $(if $(wildcard $(RAW)/.fetch-incomplete),FO
 # split with meta.json (well under a second when nothing changed). predict and submit never prepare: submit
 # refuses a test.csv that is not the one prepared. (`make -n prepare submit` cannot know whether prepare will
 # write: it lists what the dates of now ask for, and a real run predicts again after a prepare that wrote.)
+# `make train VAL_FRACTION=...` splits the data again for RUN: train is asked first whether it would take the
+# setting, so that a run it refuses (one started on another split) does not leave every other run's split changed.
 prepare: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed ## validate, normalize and split the data (again when the CSVs or VAL_FRACTION changed)
+	$(if $(and $(VAL_FRACTION),$(filter train,$(MAKECMDGOALS))),$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars --check-config)
 	$(PY) -m pipeline.prepare --if-needed $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
 # The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and

@@ -49,6 +49,9 @@ def parse_args(argv):
     ap.add_argument("--force", action="store_true", help="resume even though the config changed")
     ap.add_argument("--make-vars", action="store_true",
                     help="also read make's command-line variables (PIPELINE_MAKE_VARS, set by the Makefile)")
+    ap.add_argument("--check-config", action="store_true",
+                    help="refuse what training would refuse in the run's config, then stop (`make train "
+                         "VAL_FRACTION=...` asks before it splits the data again)")
     ap.add_argument("overrides", nargs="*", help="KEY=value settings (EPOCHS=3 LR=1e-3 ...)")
     args = ap.parse_args(argv)
     for item in args.overrides:  # typed on train's own command line: make's variables are not read here
@@ -345,13 +348,13 @@ def main(argv=None):
                 raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
                                 f"members take in turn: give MEMBER_ARCHS= (empty) to train every member as ARCH, "
                                 f"or MEMBER_ARCHS={cfg.arch},...")
-            return train_ensemble(folder, preset, cfg, args.force)
+            return 0 if args.check_config else train_ensemble(folder, preset, cfg, args.force)
         if (folder / "members").is_dir():  # never a single net into an ensemble's folder
             raise UserError(single_net_in_an_ensemble(folder))
         if cfg.member_archs.strip():
             raise UserError(f"MEMBER_ARCHS={cfg.member_archs} gives the members of an ensemble their architectures: "
                             f"it needs MEMBERS of 2 or more; a single net takes ARCH= with MEMBER_ARCHS= (empty)")
-        return train_one(folder, preset, cfg, args.force)
+        return 0 if args.check_config else train_one(folder, preset, cfg, args.force)
 
 
 def member_config(cfg, k):

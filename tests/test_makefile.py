@@ -26,6 +26,7 @@ import json, os, sys
 with open(os.environ["FAKE_LOG"], "a") as fh:
     env = {{k: v for k, v in os.environ.items() if k.startswith("PIPELINE_")}}
     fh.write(json.dumps({{"argv": sys.argv[1:], "env": env}}) + "\\n")
+sys.exit(2 if os.environ.get("FAKE_FAIL") in sys.argv else 0)  # FAKE_FAIL=--flag: the call with it is refused
 """
 
 
@@ -377,6 +378,24 @@ def test_prepare_and_train_ask_prepare_whatever_the_dates_say(tmp_path):
     # asking prepare makes nothing downstream look stale: `make -n` says what a real run does
     stages = re.findall(r"-m (pipeline\.\w+)", sandbox_make(box, "-n", "prepare", "submit", "RUN=x").stdout)
     assert stages == ["pipeline.prepare", "pipeline.submit"], stages
+
+
+def test_train_with_val_fraction_asks_train_before_prepare_splits_again(tmp_path):
+    # `make train VAL_FRACTION=0.2 RUN=x` on a run started on the 0.1 split split data/processed again, then train
+    # refused x: every other run's split was changed by a command that did nothing
+    box = sandbox(tmp_path)
+    built(box)
+    stages = lambda: [" ".join(c["argv"][1:2] + [a for a in c["argv"] if a == "--check-config"]) for c in calls(box)]
+    result = sandbox_make(box, "train", "RUN=x", "VAL_FRACTION=0.2", env=dict(os.environ, FAKE_FAIL="--check-config"))
+    assert result.returncode != 0 and stages() == ["pipeline.train --check-config"], (stages(), result.stderr)
+    (box / "calls.jsonl").unlink()
+    assert sandbox_make(box, "train", "RUN=x", "VAL_FRACTION=0.2").returncode == 0
+    assert stages() == ["pipeline.train --check-config", "pipeline.prepare", "pipeline.train"], stages()
+    assert calls(box)[0]["argv"][2:] == ["--run", "x", "--make-vars", "--check-config"]
+    for args in (["train", "RUN=x"], ["prepare", "VAL_FRACTION=0.2"]):  # no split asked for, or no training
+        (box / "calls.jsonl").unlink()
+        sandbox_make(box, *args)
+        assert "pipeline.train --check-config" not in stages(), (args, stages())
 
 
 @pytest.mark.parametrize("variable", ["MESSAGE", "FOO", "EPOCHS", "PRESET", "RUN", "TTA", "GPU", "SEED", "VAL_FRACTION",

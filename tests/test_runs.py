@@ -594,3 +594,18 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
     assert err[0].startswith("FORCE: continuing runs/ens with config.toml's edited members") and len(err) == 2, err
     assert err[1].startswith("error: runs/ens is an ensemble") and "MEMBERS=1 would train a single net" in err[1]
     assert not (root / "runs" / "ens" / "model.npz").exists()
+
+
+def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsys):
+    # `make train VAL_FRACTION=0.2 RUN=x` asks this before prepare splits the data again
+    folder = root / "runs" / "x"
+    assert train.main(["--run", "x", "--preset", "quick", *FAST, "--check-config"]) == 0
+    assert not folder.exists()  # a new run: taken, and nothing trained or recorded
+    assert train.main(["--run", "x", "--preset", "quick", *FAST]) == 0
+    written = lambda: {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+    before = written()
+    capsys.readouterr()
+    assert train.main(["--run", "x", "VAL_FRACTION=0.2", "--check-config"]) == 2
+    one_error_line(capsys, "runs/x was started with another config (changed: val_fraction)")
+    assert train.main(["--run", "x", "--check-config"]) == 0
+    assert written() == before
