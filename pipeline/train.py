@@ -395,9 +395,11 @@ def check_members(folder, cfg, force):
     for k in ks:
         changed = member_changes(root / str(k), member_config(cfg, k), force)
         if changed and not force:
+            hint = " (MEMBER_ARCHS= trains every member as ARCH, as ensembles started before MEMBER_ARCHS did)" \
+                if len(changed) == 1 and changed[0].startswith("arch ") and cfg.member_archs.strip() else ""
             raise UserError(f"runs/{folder.name}/members/{k} was trained with another config ({', '.join(changed)}), "
-                            f"and the ensemble keeps no record of its own: give the settings it was trained with, or "
-                            f"FORCE=1 to train the members still unfinished with these")
+                            f"and the ensemble keeps no record of its own: give the settings it was trained with"
+                            f"{hint}, or FORCE=1 to train the members still unfinished with these")
 
 
 def train_ensemble(folder, preset, cfg, force):

@@ -561,6 +561,14 @@ def test_an_ensemble_from_before_member_archs_continues_when_its_preset_is_named
     assert train.main(args) == 0, capsys.readouterr().err
     assert "nothing to do" in capsys.readouterr().out
     assert train.main([*args, "MEMBER_ARCHS=seed_small,lenet5"]) == 2  # said outright: a change, as before
+    # its record removed too: the preset's advice named the preset, whose MEMBER_ARCHS member 1 was not trained with
+    for name in ("config.toml", train.ENSEMBLE_RECORD):
+        (root / "runs" / "night" / name).unlink()
+    capsys.readouterr()
+    assert train.main([*args, "MEMBER_ARCHS=seed_small,lenet5"]) == 2
+    one_error_line(capsys, "members/1 was trained with another config (arch 'seed_small' -> 'lenet5')",
+                   "MEMBER_ARCHS= trains every member as ARCH")
+    assert train.main([*args, "MEMBER_ARCHS="]) == 0, capsys.readouterr().err
 
 
 def test_a_refused_new_ensemble_leaves_nothing_to_refuse_the_corrected_retry_with(root, capsys):
