@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -233,6 +234,20 @@ def select_blend(P, y):
     return name, weights, picked, blend_score(weights, P[:, rest], y[rest]), cands
 
 
+class BlendPass(NamedTuple):
+    """One pass of build over the members' outputs, with or without test-time shifts: the blend chosen on it."""
+    tta: bool
+    strategy: str
+    weights: np.ndarray
+    choice_score: dict      # the blend on the choice half of the shared rows
+    estimate: dict          # ... on the other half, which took no part in the choice
+    candidates: list        # (strategy, weights, score) for every blend compared
+    outs: list              # per member: (validation rows, labels, validation probs, test probs)
+    rows: np.ndarray        # the validation rows every member held out
+    y: np.ndarray           # their labels
+    P: np.ndarray           # (members, rows, 10): each member's probabilities on them
+
+
 def build(folder, xp=np, tta=False):
     """Select the blend of runs/NAME's members and write ensemble.json, test_probs.npz, val_predictions.npz.
 
@@ -243,21 +258,21 @@ def build(folder, xp=np, tta=False):
     data = runs.data_fingerprint()  # before the images are read: prepare is not locked out meanwhile
     x_train, y_train = dataset.load_train()
     x_test = dataset.load_test_images()
-    results = []
+    passes = []  # one BlendPass without test-time shifts, then (tta) one with them
     for use_tta in ([False, True] if tta else [False]):
         if use_tta:  # before the shifted passes, which take the longest
-            check_shifts_judged_on_their_images(folder, members, results[0][-3], results[0][-2], y_train)
+            check_shifts_judged_on_their_images(folder, members, passes[0].rows, passes[0].y, y_train)
         outs = [member_outputs(m, x_train, x_test, xp, use_tta, data) for m in members]
         rows, y, P = shared_holdout([(idx, yy, vp) for idx, yy, vp, _ in outs])
-        results.append((use_tta, *select_blend(P, y), outs, rows, y, P))
-    chosen = results[0]
+        passes.append(BlendPass(use_tta, *select_blend(P, y), outs, rows, y, P))
+    chosen = passes[0]
     if tta:  # test-time shifts too must beat the plain blend on the choice half by more than chance allows
-        pick, _ = split_halves(len(results[0][-2]))
-        plain, shifted = results
-        p = mcnemar_p(correct_rows(shifted[2], shifted[-1][:, pick], shifted[-2][pick]),
-                      correct_rows(plain[2], plain[-1][:, pick], plain[-2][pick]))
-        shifted[3]["p_vs_plain"] = p
-        if p < ALPHA and _key(shifted[3]) > _key(plain[3]):
+        pick, _ = split_halves(len(passes[0].y))
+        plain, shifted = passes
+        p = mcnemar_p(correct_rows(shifted.weights, shifted.P[:, pick], shifted.y[pick]),
+                      correct_rows(plain.weights, plain.P[:, pick], plain.y[pick]))
+        shifted.choice_score["p_vs_plain"] = p
+        if p < ALPHA and _key(shifted.choice_score) > _key(plain.choice_score):
             chosen = shifted
     use_tta, name, weights, picked, estimate, cands, outs, rows, y, P = chosen
 
@@ -269,7 +284,7 @@ def build(folder, xp=np, tta=False):
         "choice_score": picked, "all_rows": blend_score(weights, P, y),
         "weights": {m.name: float(wt) for m, wt in zip(members, weights) if wt},
         "members": [m.name for m in members], "skipped": skipped,
-        "candidates": [{"strategy": n, "tta": r[0], **e} for r in results for n, _, e in r[5]],
+        "candidates": [{"strategy": n, "tta": r.tta, **e} for r in passes for n, _, e in r.candidates],
         "note": "candidates are compared on one half of the validation rows every member held out (choice_score); "
                 "the mean of all members is kept unless a candidate beats it there with p < "
                 f"{ALPHA} over the candidates (exact one-sided McNemar, `p`); estimate is the chosen blend on the "
