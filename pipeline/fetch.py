@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline import dataset, kaggle_api, mnist_source, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import atomic_paths
+from pipeline.fileio import atomic_paths, file_sha256
 
 COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
 ANSWER_KEY = "test_labels.csv"
@@ -35,9 +35,28 @@ SOURCE_RECORD = "source.json"
 
 
 def _with_source(writers, source):
-    def record(target):
-        Path(target).write_text(json.dumps({"source": source}) + "\n")
-    return {**writers, SOURCE_RECORD: record}
+    """The writers plus the source record: the source, and the sha256 of the test.csv written beside it, which
+    an mnist fetch's answer key answers (score refuses to grade against a key of another test.csv)."""
+    written = {}
+
+    def test_csv(target):
+        writers["test.csv"](target)
+        written["test_sha256"] = file_sha256(target)
+
+    def record(target):  # install_raw_files writes it after test.csv
+        Path(target).write_text(json.dumps({"source": source, **written}) + "\n")
+    return {**writers, "test.csv": test_csv, SOURCE_RECORD: record}
+
+
+def answer_key_test_sha256(raw_dir):
+    """The sha256 of the test.csv the answer key in raw_dir was written with, or None when no record says
+    (a copy fetched before the record kept it, or none)."""
+    try:
+        record = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    sha = record.get("test_sha256") if isinstance(record, dict) and record.get("source") == "mnist" else None
+    return sha if isinstance(sha, str) else None
 
 
 def current_source(raw_dir):
@@ -63,7 +82,7 @@ def install_raw_files(raw_dir, writers, remove=()):
     and refused by prepare. `remove` names stale files deleted in that window, before any is moved in.
     """
     raw_dir = Path(raw_dir)
-    names = sorted(writers, key=lambda name: (name == "train.csv", name == SOURCE_RECORD))
+    names = sorted(writers, key=lambda name: (name == "train.csv", name == SOURCE_RECORD))  # the record after test.csv
     marker = raw_dir / dataset.FETCH_INCOMPLETE
 
     def begin():

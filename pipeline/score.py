@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import dataset, paths, runs, submit
+from pipeline import dataset, fetch, paths, runs, submit
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import file_sha256, read_json_object, write_json
 from pipeline.submit import validate_submission
@@ -97,17 +97,22 @@ def load_answer_key(path):
     return labels, key["mnist_test"].to_numpy() == 1
 
 
-def prepared_test_rows():
-    """test.csv's row count as prepare recorded it, or None before any prepare. The key answers data/raw/test.csv:
-    one replaced since it was prepared is another than the submission answers."""
+def prepared_test():
+    """prepare's record of test.csv (meta.json), or {} before any prepare, once the default key is known to answer
+    it. The key answers data/raw/test.csv as the mnist fetch wrote it: one replaced since it was prepared, or
+    since the fetch (Kaggle's CSVs unzipped over it), is another than the submission answers."""
     try:
         meta = dataset.load_meta()
     except UserError:
-        return None
+        return {}
     if submit.test_csv_replaced(meta):
         raise UserError(f"{paths.data_raw() / 'test.csv'} changed since it was prepared, so the key answers another "
                         f"test.csv than the submission: `make prepare`, then `make submit RUN=...` and `make score`")
-    return meta.get("test_rows")
+    answered = fetch.answer_key_test_sha256(paths.data_raw())
+    if answered and meta.get("test_sha256") and answered != meta["test_sha256"]:
+        raise UserError(f"{paths.data_raw() / 'test_labels.csv'} answers the test.csv the mnist fetch wrote, not the "
+                        f"one in {paths.data_raw()} now (replaced since): `make fetch SOURCE=mnist` writes both anew")
+    return meta
 
 
 def score_submission(submission_path, key_path, test_rows=None):
@@ -122,9 +127,10 @@ def score_submission(submission_path, key_path, test_rows=None):
     return {"submission": str(submission_path), "key": str(key_path), **score}
 
 
-def submission_origin(submission, sha, run_name):
+def submission_origin(submission, sha, run_name, prepared):
     """(run name or None, a note) for the CSV at `submission` whose bytes have `sha`: the run `make submit`
-    wrote it from, by the record it keeps beside the default submission. RUN= given (run_name) must be that run:
+    wrote it from, by the record it keeps beside the default submission, which must answer the test.csv of
+    `prepared` (meta.json; {}: not checked). RUN= given (run_name) must be that run:
     a score read as one run's would be another's. A run changed since (trained on, blended, data prepared again)
     is said, not refused: the CSV holds its predictions of then, perhaps the ones uploaded."""
     record = None
@@ -136,6 +142,11 @@ def submission_origin(submission, sha, run_name):
     if record and not runs.RUN_NAME.fullmatch(str(record.get("run"))):
         record = None  # damaged: as if there were none
     written_from = record["run"] if record and record.get("sha256") == sha else None
+    answered, now = (record or {}).get("test_sha256"), prepared.get("test_sha256")
+    if written_from and answered and now and answered != now:  # made before test.csv changed: graded, ~10 %
+        raise UserError(f"{submission} answers the test.csv of when it was written from runs/{written_from} "
+                        f"({record.get('time')}), not the one prepared now: `make submit RUN={written_from}` "
+                        f"writes its predictions of this one")
     if run_name and written_from != run_name:
         if written_from:  # `make submit RUN=run_name` writes the CSV anew: .run names another run
             raise UserError(f"{submission} was written from runs/{written_from}, not runs/{run_name}: "
@@ -211,8 +222,9 @@ def main(argv=None):
                         f"itself: give another path for the JSON")
     with submit.private_copy(submission) as copy:  # one CSV scored, hashed and named, whatever a submit does
         sha = file_sha256(copy)
-        name, note = submission_origin(submission, sha, args.run)
-        score = score_submission(copy, key, prepared_test_rows() if args.key is None else None)
+        prepared = prepared_test() if args.key is None else {}
+        name, note = submission_origin(submission, sha, args.run, prepared)
+        score = score_submission(copy, key, prepared.get("test_rows"))
     score = {**score, "submission": str(submission), "run": name, "submission_sha256": sha}
     write_json(out, score)
     print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")

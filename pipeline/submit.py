@@ -271,6 +271,7 @@ def main(argv=None):
     with run.lock("submit", shared=True):
         message = run_message(run, args.message)
         made_from = run.made_from()
+        test_sha = dataset.load_meta().get("test_sha256")  # the test.csv they answer, which score checks
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
     labels = labels_from_probs(probs)
     default = out.resolve() == default_out().resolve()  # however it is spelled: `--out ./submissions/submission.csv`
@@ -280,8 +281,9 @@ def main(argv=None):
     sha = write_submission(build_submission(labels), out, n_test)
     if default:
         write_text(out.parent / RUN_RECORD, f"{run.name}\n")
-        write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha,
-                                                    "made_from": made_from, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha, "made_from": made_from,
+                                                    "test_sha256": test_sha,
+                                                    "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{out}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
     return upload_if_current(out, run, message, args.upload, n_test, probs, just_written=True)

@@ -444,3 +444,47 @@ def test_a_damaged_record_or_unreadable_data_never_stops_a_score(project, capsys
         record_path.write_text(json.dumps({**record, "run": bad}))
         code, out, err = scored(project, capsys)
         assert code == 0 and "of no known run" in out, err
+
+
+def prepared_test_csv(project, text):
+    """data/raw/test.csv holding `text`, prepared: meta.json names it by its sha256."""
+    raw = project.root / "data" / "raw" / "test.csv"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(text)
+    sha = hashlib.sha256(raw.read_bytes()).hexdigest()
+    (project.root / "data" / "processed" / "meta.json").write_text(
+        json.dumps({"train_rows": 20, "test_rows": N_TEST, "test_sha256": sha}))
+    return sha
+
+
+def test_a_submission_of_an_earlier_test_csv_is_not_scored_against_the_key_of_now(project, capsys):
+    # a Kaggle fetch, `make submit`, then `make fetch SOURCE=mnist` and `make prepare`: the CSV answering Kaggle's
+    # test.csv was scored against the mnist key (about 10 %, exit 0), with a note that the run "changed since"
+    prepared_test_csv(project, "pixel0\n0\n")
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    assert scored(project, capsys)[0] == 0
+    prepared_test_csv(project, "pixel0\n1\n")
+    code, _, err = scored(project, capsys)
+    assert code == 2 and err.count("\n") == 1 and "answers the test.csv of when it was written" in err, err
+    assert "make submit RUN=r1" in err
+
+
+def test_a_key_is_never_used_for_another_test_csv_than_the_one_its_fetch_wrote(project, capsys):
+    # `make fetch SOURCE=mnist`, then Kaggle's CSVs unzipped over data/raw: the mnist key stayed, and scored the
+    # submissions of Kaggle's test.csv without a word
+    from pipeline import fetch
+
+    sha = prepared_test_csv(project, "pixel0\n0\n")
+    record = project.root / "data" / "raw" / fetch.SOURCE_RECORD
+    record.write_text(json.dumps({"source": "mnist", "test_sha256": sha}))
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    assert scored(project, capsys)[0] == 0
+    prepared_test_csv(project, "pixel0\n2\n")  # unzipped over it, and prepared
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])  # predicted again
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    code, _, err = scored(project, capsys)
+    assert code == 2 and err.count("\n") == 1 and "answers the test.csv the mnist fetch wrote" in err, err
+    record.write_text(json.dumps({"source": "mnist"}))  # fetched before the record kept the hash: cannot be told
+    assert scored(project, capsys)[0] == 0
