@@ -132,7 +132,7 @@ $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN
 
 # The upload is its own step: retried by every `make submit` until one succeeds, never repeated after that.
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
-	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message "$$PIPELINE_VAR_MESSAGE"
+	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message="$$PIPELINE_VAR_MESSAGE"
 
 score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key, naming its run (RUN= must be that run)
 	$(PY) -m pipeline.score --submission $(SUBMISSION) $(if $(filter command line environment override,$(origin RUN)),--run $(RUN))
