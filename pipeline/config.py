@@ -3,6 +3,7 @@
 Overrides are type-checked against the preset's defaults and unknown keys fail loudly (nanoGPT's
 rules, without its exec). Keys are case-insensitive so `make train EPOCHS=3` and `epochs=3` agree.
 """
+import json
 import math
 import os
 import re
@@ -109,6 +110,7 @@ def load_toml(path, advice=None):
 
 # The ranges a type cannot say: (lowest, highest, whether the highest itself is allowed); None: unbounded.
 # A value outside them would crash training with a traceback or, worse, deliver a model it never trained.
+MAX_MEMBERS = 1000  # 500 hours of deotte members: more is a typo (a list of a billion member runs hung)
 RANGES = {
     "epochs": (1, None, True), "batch_size": (1, None, True), "lr": (0.0, None, True),
     "momentum": (0.0, 1.0, True), "weight_decay": (0.0, None, True), "l2": (0.0, None, True),
@@ -117,7 +119,7 @@ RANGES = {
     "zoom": (0.0, 1.0, False), "shift": (0.0, 1.0, False), "elastic": (0.0, 14.0, True), "seed": (0, None, True),
     "split_seed": (-1, None, True),
     "val_fraction": (0.0, 1.0, False), "early_stop_patience": (0, None, True), "ckpt_every": (0, None, True),
-    "members": (1, None, True), "ema_decay": (0.0, 1.0, False), "bag": (0.0, 1.0, True),
+    "members": (1, MAX_MEMBERS, True), "ema_decay": (0.0, 1.0, False), "bag": (0.0, 1.0, True),
 }
 ABOVE_LOWEST = {"bag"}  # settings whose lowest value itself is refused: a fraction of nothing trains nothing
 CHOICES = {"early_stop_metric": ("val_acc", "val_loss"), "select": ("best", "last")}
@@ -213,7 +215,7 @@ def to_toml(d) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML's escapes, control characters too
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")

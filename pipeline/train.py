@@ -406,7 +406,8 @@ def train_ensemble(folder, preset, cfg, force):
     """Train the members one after another under runs/NAME/members/K/; each resumes as a single run does."""
     if cfg.members < 1:
         raise UserError(f"MEMBERS must be at least 1, got {cfg.members}")
-    deadline = time.monotonic() + parse_duration(cfg.max_time) if cfg.max_time else None
+    seconds = parse_duration(cfg.max_time)  # 0 (or empty): no limit, as for a single net
+    deadline = time.monotonic() + seconds if seconds else None
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace

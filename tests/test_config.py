@@ -26,7 +26,8 @@ def test_bad_overrides_are_refused(bad):
 
 @pytest.mark.parametrize("bad", ["EPOCHS=-1", "EPOCHS=0", "BATCH_SIZE=0", "LR=nan", "LR=inf", "LR=-1", "SEED=-1",
                                  "VAL_FRACTION=1.5", "MEMBERS=0", "ROTATE_DEG=nan", "SHIFT=-1", "ZOOM=5",
-                                 "LABEL_SMOOTHING=2", "STEP_EPOCHS=0", "EARLY_STOP_METRIC=nope", "MOMENTUM=nan"])
+                                 "LABEL_SMOOTHING=2", "STEP_EPOCHS=0", "EARLY_STOP_METRIC=nope", "MOMENTUM=nan",
+                                 "MEMBERS=1000000000"])
 def test_values_no_training_can_use_are_refused_in_one_line(bad):
     # each of these used to train (EPOCHS=-1 delivered an untrained model as finished) or end in a traceback
     with pytest.raises(UserError, match=f"^{bad.split('=')[0]}: expected"):
@@ -52,6 +53,10 @@ def test_unknown_preset_names_the_known_ones():
 def test_resolved_config_round_trips_through_toml():
     cfg = TrainConfig(arch="deotte", lr=3e-4, augment=True, max_time="8h")
     assert tomllib.loads(to_toml(cfg.to_dict())) == cfg.to_dict()
+    # a newline typed into MEMBER_ARCHS wrote a config.toml no later command could read
+    for text in ('a,\nb', 'tab\there "q" \\ back', "del\x7f nul\x00 é \U0001F600"):
+        cfg = TrainConfig(member_archs=text)
+        assert tomllib.loads(to_toml(cfg.to_dict())) == cfg.to_dict(), text
 
 
 @pytest.mark.parametrize("name", ["quick", "night-2", "night/members/3"])

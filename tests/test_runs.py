@@ -617,3 +617,9 @@ def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsy
     one_error_line(capsys, "runs/x was started with another config (changed: val_fraction)")
     assert train.main(["--run", "x", "--check-config"]) == 0
     assert written() == before
+
+
+def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
+    # parse_duration reads 0 as no limit, and a single net trained on; an ensemble stopped before member 0 (exit 3)
+    assert train.main(["--run", "ens0", *ENSEMBLE, "MAX_TIME=0"]) == 0, capsys.readouterr().err
+    assert runs.Run("ens0").finished
