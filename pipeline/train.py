@@ -116,18 +116,20 @@ def record_ensemble_config(folder, preset, cfg):
 
 
 def recorded_config(folder, force):
-    """The run's config as its checkpoint recorded it ({} for a new run), config.toml checked against it.
+    """(recorded, config): the run's config as its checkpoint recorded it, and the one to continue with, which is
+    the same unless FORCE=1 adopts an edit of config.toml ({}, {} for a new run).
 
-    config.toml is only a copy for people to read: an edited one is refused (FORCE=1 adopts the edit), a
-    damaged or missing one is restored from the checkpoint. An ensemble has no checkpoint of its own: its
-    record, ENSEMBLE_RECORD, stands in. Runs checkpointed (ensembles started) before configs were recorded
-    fall back to config.toml.
+    config.toml is only a copy for people to read: an edited one is refused (FORCE=1 adopts the edit, which
+    resolve_config then treats as any forced change), a damaged or missing one is restored from the checkpoint.
+    An ensemble has no checkpoint of its own: its record, ENSEMBLE_RECORD, stands in. Runs checkpointed
+    (ensembles started) before configs were recorded fall back to config.toml.
     """
     saved_path = folder / "config.toml"
     arrays = checkpoint.load_newest(folder / "checkpoints")
     recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else ensemble_record(folder)
     if recorded is None:
-        return load_toml(saved_path, advice="remove it to start the run afresh") if saved_path.is_file() else {}
+        on_file = load_toml(saved_path, advice="remove it to start the run afresh") if saved_path.is_file() else {}
+        return on_file, dict(on_file)
     try:
         on_file = load_toml(saved_path) if saved_path.is_file() else None
     except UserError as exc:
@@ -136,7 +138,7 @@ def recorded_config(folder, force):
                       stacklevel=2)
     if on_file is None:
         write_text(saved_path, to_toml(recorded))
-        return dict(recorded)
+        return dict(recorded), dict(recorded)
     changed = runs.config_changes(recorded, on_file)
     if on_file.get("preset", DEFAULT_PRESET) != recorded.get("preset", DEFAULT_PRESET):
         changed.insert(0, "preset")
@@ -146,10 +148,7 @@ def recorded_config(folder, force):
         raise UserError(f"{saved_path} does not match the config in the run's {where} ({shown}): config.toml "
                         f"was edited, or the {where} is another run's; undo the edit, or FORCE=1 to continue "
                         f"with config.toml's values")
-    if changed and finished_members_note(folder):  # an ensemble: say which members the edit does not reach
-        print(f"FORCE: continuing runs/{folder.name} with config.toml's edited {', '.join(changed)}"
-              f"{finished_members_note(folder)}", file=sys.stderr)
-    return dict(on_file) if changed else dict(recorded)
+    return dict(recorded), dict(on_file) if changed else dict(recorded)
 
 
 def finished_members_note(folder):
@@ -170,7 +169,7 @@ PREDATED = ("member_archs",)
 def resolve_config(args, folder):
     """New run: preset + overrides. Existing run: its own config; a different one is refused unless forced."""
     saved_path = folder / "config.toml"
-    saved = recorded_config(folder, args.force)
+    recorded, saved = recorded_config(folder, args.force)  # saved: the recorded config, or an edit FORCE=1 adopts
     named_after = folder.name if (paths.configs() / f"{folder.name}.toml").is_file() else None
     if not saved:
         if not args.preset and named_after not in (None, DEFAULT_PRESET):  # `make train RUN=quick`: standard
@@ -180,6 +179,7 @@ def resolve_config(args, folder):
         preset = args.preset or DEFAULT_PRESET
         return preset, build_config(preset, args.overrides)
     saved_preset = saved.pop("preset", DEFAULT_PRESET)
+    recorded_preset = recorded.pop("preset", DEFAULT_PRESET)
     if not args.preset and named_after and named_after != saved_preset:
         print(f"note: runs/{folder.name} was trained with preset {saved_preset}, not {named_after}")
     preset = args.preset or saved_preset
@@ -191,12 +191,13 @@ def resolve_config(args, folder):
                 setattr(wanted, key, getattr(TrainConfig(), key))
     else:
         wanted = apply_values(TrainConfig(), saved, str(saved_path), overrides=args.overrides)
-    current = apply_values(TrainConfig(), saved, source=str(saved_path))
+    # what the run was trained with: an edit FORCE=1 adopts is a change like an override, under the same guards
+    current = apply_values(TrainConfig(), recorded, source=str(saved_path))
     for key in RUN_CONTROL:
         setattr(current, key, getattr(wanted, key))
-    if wanted != current or preset != saved_preset:
+    if wanted != current or preset != recorded_preset:
         changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
-        if preset != saved_preset:
+        if preset != recorded_preset:
             changed.insert(0, "preset")
         if changed == ["members"] and current.members > 1 and wanted.members > current.members:
             # more members of the same config: what each one trains with is unchanged, so no FORCE is needed
@@ -205,7 +206,8 @@ def resolve_config(args, folder):
         if not args.force:
             raise UserError(f"runs/{folder.name} was started with another config (changed: {', '.join(changed)}); "
                             f"{console.next_step('restart', run=folder.name)}")
-        if runs.run_of(folder).finished:  # it would answer "nothing to do" and keep its old config, exit 0
+        more_members = wanted.members > current.members > 1  # an ensemble's new members do take the change
+        if runs.run_of(folder).finished and not more_members:  # "nothing to do", its old config kept, exit 0
             raise UserError(f"runs/{folder.name} has finished training, so FORCE=1 cannot continue it with changed "
                             f"{', '.join(changed)}: train the new config under another RUN=")
         if wanted.members > 1 and not (folder / "members").is_dir() and \
@@ -685,7 +687,7 @@ def train_one(folder, preset, cfg, force, label=None):
 def member_changes(folder, wanted, force):
     """How the config a member was trained with (checked against its checkpoint) differs from `wanted`, the one
     its ensemble derives for it now, RUN_CONTROL aside: ["lr 0.004 -> 0.5", ...]; [] for a member not begun."""
-    saved = recorded_config(folder, force)
+    saved = recorded_config(folder, force)[1]
     saved.pop("preset", None)
     if not saved:
         return []

@@ -157,7 +157,9 @@ def test_a_checkpoint_of_another_architecture_is_one_line(root):
     code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3"]))
     assert code == 2 and err.count("\n") == 1 and "arch 'small_bn' -> 'seed_small'" in err, err
     code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3", "FORCE=1"]))
-    assert code == 2 and err.count("\n") == 1 and "does not fit seed_small" in err and "remove" in err, err
+    note, error = err.splitlines()  # the forced change is said, as every forced change is; then why it cannot be
+    assert note == "FORCE: continuing runs/mine with changed arch", err
+    assert code == 2 and "does not fit seed_small" in error and "remove" in error, err
     shutil.rmtree(mine / "checkpoints")  # what the line says to do
     code, _, err = finish(run_train(root, "mine", extra=[*FAST, "EPOCHS=3"]))
     assert code == 0, err
@@ -503,6 +505,29 @@ def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
     assert train.main(["--run", "x", "MAX_TIME="]) == 0 and runs.Run("x").finished  # it continues as the net it is
 
 
+@pytest.mark.parametrize("finished", [False, True])
+def test_an_edit_of_config_toml_adopted_by_force_passes_the_guards_an_override_does(root, capsys, finished):
+    # config.toml edited to members = 3, then FORCE=1: an ensemble was trained beside the single net's checkpoints
+    # (and on a finished net, `epochs` edited and FORCE=1 said "nothing to do" and kept the edit), because an
+    # adopted edit skipped the checks that MEMBERS=3 FORCE=1 on the command line goes through
+    extra = [] if finished else ["MAX_TIME=0.001s"]
+    assert train.main(["--run", "x", "--preset", "quick", *FAST, "EPOCHS=3", *extra]) == (0 if finished else 3)
+    path = root / "runs" / "x" / "config.toml"
+    original = path.read_text()
+    done = "has finished training, so FORCE=1 cannot continue"
+    for edit, words in ((("members = 1", "members = 3"), done if finished else "runs/x holds a single net"),
+                        (("epochs = 3", "epochs = 4"), done)):
+        if words == done and not finished:
+            continue
+        path.write_text(original.replace(*edit))
+        capsys.readouterr()
+        assert train.main(["--run", "x", "FORCE=1"]) == 2
+        one_error_line(capsys, words)
+        assert not (root / "runs" / "x" / "members").exists()
+    path.write_text(original)
+    assert train.main(["--run", "x", "MAX_TIME="]) == 0 and runs.Run("x").finished
+
+
 def test_a_forced_members_after_an_edited_record_still_repairs_the_ensemble(root, capsys):
     # config.toml edited to members = 1 is refused with "keep its MEMBERS"; MEMBERS=2 FORCE=1 then repairs it
     assert train.main(["--run", "ens", *ENSEMBLE]) == 0
@@ -597,10 +622,8 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
     path = root / "runs" / "ens" / "config.toml"
     path.write_text(path.read_text().replace("members = 2", "members = 1"))
     capsys.readouterr()
-    assert train.main(["--run", "ens", "FORCE=1"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("FORCE: continuing runs/ens with config.toml's edited members") and len(err) == 2, err
-    assert err[1].startswith("error: runs/ens is an ensemble") and "MEMBERS=1 would train a single net" in err[1]
+    assert train.main(["--run", "ens", "FORCE=1"]) == 2  # an adopted edit passes the guards a forced change does
+    one_error_line(capsys, "runs/ens has finished training, so FORCE=1 cannot continue it with changed members")
     assert not (root / "runs" / "ens" / "model.npz").exists()
 
 
