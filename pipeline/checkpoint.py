@@ -70,6 +70,22 @@ def read(path):
     return arrays
 
 
+def restamp_best(folder, config):
+    """Rewrite best.npz as made with `config`, when FORCE=1 adopted a changed one: the best epoch so far stays
+    the run's best, where load_delivered would refuse it as another config's. A damaged one is left as it is."""
+    path = folder / BEST
+    if not path.exists():
+        return
+    try:
+        arrays = read(path)
+    except CorruptCheckpoint:
+        return  # load_delivered says so, and delivers the last epoch
+    state = json.loads(str(arrays["state"]))
+    arrays["state"] = np.array(json.dumps({**state, "config": config}, sort_keys=True))
+    arrays["checksum"] = np.array(_checksum(arrays))
+    save_npz(path, arrays)
+
+
 def write_latest(folder, arrays):
     """Make `arrays` the latest checkpoint; the old latest becomes previous."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -561,8 +561,7 @@ def train_one(folder, preset, cfg, force, label=None):
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
         print(f"training runs/{label}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
               f"validation images, on {'GPU' if xp is not np else 'CPU'}")
-    if force:
-        write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
+    adopted = arrays is not None and not runs.same_config(state.get("config") or {}, cfg)  # FORCE=1 changed it
     state["config"] = {"preset": preset, **cfg.to_dict()}  # the checkpoint carries the config it was made with
     if xp is np:
         state.setdefault("threads", num_threads())  # the engine's split of the work, which its last bits follow
@@ -578,6 +577,12 @@ def train_one(folder, preset, cfg, force, label=None):
         except OSError as exc:
             raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; the previous checkpoint is "
                             f"kept: make room, then {console.next_step('continue', run=run.root.name)}") from None
+
+    if force:
+        if adopted:  # the checkpoints say so before config.toml does: a kill between them is no "edit" to refuse
+            checkpoint.restamp_best(ckpt_dir, state["config"])
+            save()
+        write_text(folder / "config.toml", to_toml(state["config"]))
 
     started = time.monotonic()
     wall_before = state["wall_time_s"]

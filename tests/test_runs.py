@@ -646,3 +646,35 @@ def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
     # parse_duration reads 0 as no limit, and a single net trained on; an ensemble stopped before member 0 (exit 3)
     assert train.main(["--run", "ens0", *ENSEMBLE, "MAX_TIME=0"]) == 0, capsys.readouterr().err
     assert runs.Run("ens0").finished
+
+
+def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoints_first(root, capsys, monkeypatch):
+    # `make train RUN=x EPOCHS=4 FORCE=1` over a run stopped after its best epoch: best.npz was then refused as
+    # "made with another config" and the last epoch delivered, whatever SELECT=best said
+    import os
+    import signal
+
+    real = train.evaluate
+    seen = []
+
+    def stopped_after_the_first_epoch(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not seen:
+            seen.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while epoch 1 is judged: training stops at epoch 2
+        return out
+
+    monkeypatch.setattr(train, "evaluate", stopped_after_the_first_epoch)
+    assert train.main(["--run", "b", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
+    monkeypatch.setattr(train, "evaluate", real)
+    ckpt = root / "runs" / "b" / "checkpoints"
+    assert checkpoint.unpack(checkpoint.read(ckpt / checkpoint.BEST))[3]["config"]["epochs"] == 3
+    capsys.readouterr()
+    assert train.main(["--run", "b", "EPOCHS=4", "FORCE=1", "MAX_TIME=0.001s"]) == 3  # stopped at once
+    for name in (checkpoint.BEST, checkpoint.LATEST):  # the adopted config is in the checkpoints already
+        assert checkpoint.unpack(checkpoint.read(ckpt / name))[3]["config"]["epochs"] == 4, name
+    assert train.main(["--run", "b", "MAX_TIME="]) == 0  # no "config.toml was edited"
+    assert "another config" not in capsys.readouterr().err
+    history = [json.loads(line) for line in (root / "runs" / "b" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["val_acc"] for r in history]
+    assert runs.Run("b").summary()["best_epoch"] == scores.index(max(scores)) + 1
