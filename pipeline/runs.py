@@ -88,7 +88,16 @@ def config_changes(a, b):
     defaults = TrainConfig().to_dict()
     a, b = {**defaults, **a}, {**defaults, **b}
     keys = [k for k in dict.fromkeys([*a, *b]) if k not in RUN_CONTROL and k != "preset"]
+    if prepared_split(a) and prepared_split(b):
+        keys.remove("val_fraction")  # unused: the split is prepare's, which the checkpoint's data record checks
     return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def prepared_split(config):
+    """Whether a config (dict) trains on the split prepare wrote (split_seed -1), which its val_fraction does not
+    choose: `make train VAL_FRACTION=...` asks prepare for it, and a checkpoint records the split it began on."""
+    seed = config.get("split_seed", TrainConfig().split_seed)
+    return isinstance(seed, int) and seed < 0
 
 
 class Run:

@@ -195,6 +195,8 @@ def resolve_config(args, folder):
     current = apply_values(TrainConfig(), recorded, source=str(saved_path))
     for key in RUN_CONTROL:
         setattr(current, key, getattr(wanted, key))
+    if runs.prepared_split(current.to_dict()) and runs.prepared_split(wanted.to_dict()):
+        current.val_fraction = wanted.val_fraction  # not what the run trains on (the data record checks that)
     if wanted != current or preset != recorded_preset:
         changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
         if preset != recorded_preset:
@@ -345,6 +347,8 @@ def main(argv=None):
     with run.lock("train"):
         folder = run.folder
         preset, cfg = resolve_config(args, folder)
+        if args.check_config:
+            check_split_asked(folder, args.overrides, args.force)
         if cfg.members > 1:
             if cfg.member_archs.strip() and cfg.arch != member_archs(cfg)[0]:  # `PRESET=overnight ARCH=lenet5`
                 raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
@@ -357,6 +361,28 @@ def main(argv=None):
             raise UserError(f"MEMBER_ARCHS={cfg.member_archs} gives the members of an ensemble their architectures: "
                             f"it needs MEMBERS of 2 or more; a single net takes ARCH= with MEMBER_ARCHS= (empty)")
         return 0 if args.check_config else train_one(folder, preset, cfg, args.force)
+
+
+def started_split(folder):
+    """[split seed, val fraction] of the prepared split the run (or its first member with a checkpoint) began
+    on, as its checkpoint recorded it; None when none says."""
+    for ckpt in [folder / "checkpoints", *sorted((folder / "members").glob("*/checkpoints"))]:
+        arrays = checkpoint.load_newest(ckpt) if ckpt.is_dir() else None
+        split = checkpoint.unpack(arrays)[3].get("data", {}).get("split") if arrays is not None else None
+        if isinstance(split, list) and len(split) == 2:
+            return split
+    return None
+
+
+def check_split_asked(folder, overrides, force):
+    """`make train VAL_FRACTION=... RUN=x` asks prepare to split the shared data again for x, before x trains:
+    refused (unless FORCE=1) when x began on another split, which it would then refuse to continue on."""
+    asked = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
+    split = started_split(folder) if asked and not force else None
+    if split and isinstance(split[1], float) and float(asked[-1]) != split[1]:
+        raise UserError(f"runs/{folder.name} began on the split VAL_FRACTION={split[1]} (split seed {split[0]}), "
+                        f"so VAL_FRACTION={asked[-1]} would split the data again under it: give VAL_FRACTION="
+                        f"{split[1]} or none, train the new split under another RUN=, or FORCE=1 to continue on it")
 
 
 def member_config(cfg, k):

@@ -628,18 +628,25 @@ def test_an_ensemble_without_its_config_is_never_trained_as_a_single_net(root, c
 
 
 def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsys):
-    # `make train VAL_FRACTION=0.2 RUN=x` asks this before prepare splits the data again
+    # `make train VAL_FRACTION=0.2 RUN=x` asks this before prepare splits the data again; it compared the config's
+    # val_fraction, which a run on prepare's split never uses, not the split its checkpoint began on
     folder = root / "runs" / "x"
-    assert train.main(["--run", "x", "--preset", "quick", *FAST, "--check-config"]) == 0
+    meta_path, prepared = root / "data" / "processed" / "meta.json", 0.25
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "split_seed": 0, "val_fraction": prepared}))
+    assert train.main(["--run", "x", "--preset", "quick", *FAST, "VAL_FRACTION=0.3", "--check-config"]) == 0
     assert not folder.exists()  # a new run: taken, and nothing trained or recorded
-    assert train.main(["--run", "x", "--preset", "quick", *FAST]) == 0
+    assert train.main(["--run", "x", "--preset", "quick", *FAST, "VAL_FRACTION=0.3"]) == 0  # on the prepared split
     written = lambda: {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
     before = written()
     capsys.readouterr()
-    assert train.main(["--run", "x", "VAL_FRACTION=0.2", "--check-config"]) == 2
-    one_error_line(capsys, "runs/x was started with another config (changed: val_fraction)")
-    assert train.main(["--run", "x", "--check-config"]) == 0
+    assert train.main(["--run", "x", "VAL_FRACTION=0.3", "--check-config"]) == 2
+    one_error_line(capsys, f"runs/x began on the split VAL_FRACTION={prepared}", f"give VAL_FRACTION={prepared}")
+    for ok in ([f"VAL_FRACTION={prepared}"], [], ["VAL_FRACTION=0.3", "FORCE=1"]):
+        assert train.main(["--run", "x", *ok, "--check-config"]) == 0, capsys.readouterr().err
+    assert train.main(["--run", "x", "EPOCHS=2", "--check-config"]) == 2  # what training refuses, refused here
+    one_error_line(capsys, "runs/x was started with another config (changed: epochs)")
     assert written() == before
+    assert train.main(["--run", "x", f"VAL_FRACTION={prepared}"]) == 0  # its config's 0.3 is not a change
 
 
 def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
