@@ -707,6 +707,10 @@ def train_one(folder, preset, cfg, force, label=None):
             if state["done"]:
                 print(f"early stop: no improvement in {cfg.early_stop_patience} epochs")
     epoch_bar.close()
+    if stop.signum:  # it came while the last epoch was judged: that epoch is saved; an ensemble stops here too
+        print(f"stopped by signal {stop.signum}: checkpoint saved after the last epoch; "
+              f"{console.next_step('continue', run=run.root.name)}", file=sys.stderr)
+        return 128 + stop.signum
 
     def last_weights():  # what the last epoch delivers: the average when the run keeps one
         return average.averaged_state(model, calibration) if average else model.state_dict()

@@ -685,3 +685,23 @@ def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoi
     history = [json.loads(line) for line in (root / "runs" / "b" / "metrics.jsonl").read_text().splitlines()]
     scores = [r["val_acc"] for r in history]
     assert runs.Run("b").summary()["best_epoch"] == scores.index(max(scores)) + 1
+
+
+def test_a_signal_while_the_last_epoch_is_judged_stops_the_ensemble(root, capsys, monkeypatch):
+    # the flag was read between steps only: a Ctrl-C (or a scheduler's SIGTERM) during the last epoch's validation
+    # was lost, and the ensemble went on to train its next member
+    import os
+    import signal
+
+    real = train.evaluate
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 128 + signal.SIGTERM
+    assert "stopped by signal" in capsys.readouterr().err
+    assert not (root / "runs" / "ens" / "members" / "1").exists()
+    monkeypatch.setattr(train, "evaluate", real)
+    assert train.main(["--run", "ens"]) == 0 and runs.Run("ens").finished
