@@ -538,6 +538,7 @@ def train_one(folder, preset, cfg, force, label=None):
         check_member_config(folder, cfg, force)
 
     xp = select_device(cfg.device)
+    device = "cpu" if xp is np else "gpu"
     configure_threads()  # the engine's threads, NumPy's BLAS held to one: before the first GEMM
     x_tr, y_tr, x_val, y_val, val_idx = load_data(cfg, xp)
     n_train = len(y_tr)
@@ -579,6 +580,10 @@ def train_one(folder, preset, cfg, force, label=None):
             print(f"FORCE: continuing runs/{label} on the training data of now", file=sys.stderr)
         state["data"] = data
         print(f"resuming runs/{label} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+        if state.get("device", device) != device:  # e.g. a kernel continuing a CPU run with GPU=1
+            warnings.warn(f"runs/{label} began on {state['device'].upper()} and continues on {device.upper()}: its "
+                          f"weights will differ from those of an uninterrupted run (DEVICE={state['device']} keeps "
+                          f"them)", stacklevel=2)
         if xp is np:
             resume_threads(label, state.get("threads"))
     else:
@@ -587,6 +592,7 @@ def train_one(folder, preset, cfg, force, label=None):
         write_text(folder / "config.toml", to_toml({"preset": preset, **cfg.to_dict()}))
         print(f"training runs/{label}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
               f"validation images, on {'GPU' if xp is not np else 'CPU'}")
+    state.setdefault("device", device)  # where it began (a checkpoint from before the record: where it is now)
     adopted = arrays is not None and not runs.same_config(state.get("config") or {}, cfg)  # FORCE=1 changed it
     state["config"] = {"preset": preset, **cfg.to_dict()}  # the checkpoint carries the config it was made with
     if xp is np:

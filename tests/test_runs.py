@@ -658,9 +658,6 @@ def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
 def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoints_first(root, capsys, monkeypatch):
     # `make train RUN=x EPOCHS=4 FORCE=1` over a run stopped after its best epoch: best.npz was then refused as
     # "made with another config" and the last epoch delivered, whatever SELECT=best said
-    import os
-    import signal
-
     real = train.evaluate
     seen = []
 
@@ -690,9 +687,6 @@ def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoi
 def test_a_signal_while_the_last_epoch_is_judged_stops_the_ensemble(root, capsys, monkeypatch):
     # the flag was read between steps only: a Ctrl-C (or a scheduler's SIGTERM) during the last epoch's validation
     # was lost, and the ensemble went on to train its next member
-    import os
-    import signal
-
     real = train.evaluate
 
     def interrupted(*args, **kwargs):
@@ -705,3 +699,19 @@ def test_a_signal_while_the_last_epoch_is_judged_stops_the_ensemble(root, capsys
     assert not (root / "runs" / "ens" / "members" / "1").exists()
     monkeypatch.setattr(train, "evaluate", real)
     assert train.main(["--run", "ens"]) == 0 and runs.Run("ens").finished
+
+
+def test_a_run_resumed_on_another_device_says_its_weights_will_differ(root, capsys):
+    # a Kaggle kernel continuing a CPU run with GPU=1 (or DEVICE=auto on a GPU machine) went on without a word,
+    # where the promise is the very weights of an uninterrupted run
+    folder = stopped_run(root, "dev")
+    latest = folder / "checkpoints" / checkpoint.LATEST
+    arrays = checkpoint.read(latest)
+    state = json.loads(str(arrays["state"]))
+    assert state["device"] == "cpu"
+    arrays["state"] = np.array(json.dumps({**state, "device": "gpu"}, sort_keys=True))
+    arrays["checksum"] = np.array(checkpoint._checksum(arrays))
+    save_npz(latest, arrays)
+    (folder / "checkpoints" / checkpoint.PREVIOUS).unlink(missing_ok=True)
+    code, _, err = finish(run_train(root, "dev", extra=[*FAST, "EPOCHS=3"]))
+    assert code == 0 and "began on GPU and continues on CPU" in err, err
