@@ -234,7 +234,10 @@ class Run:
             finally:
                 if created and os.listdir(root.folder) == [LOCK]:  # refused before anything was written: no trace
                     os.unlink(path)
-                    os.rmdir(root.folder)
+                    try:
+                        os.rmdir(root.folder)
+                    except OSError:  # another command opened the lock meanwhile: the folder is its now
+                        pass
         finally:
             os.close(fd)
 

@@ -24,7 +24,7 @@ from pipeline.averaging import WeightAverage
 from pipeline.config import (TRAIN_VARIABLES, TrainConfig, apply_values, build_config, load_toml, make_overrides,
                              stage_variables, to_toml)
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import save_npz, write_json, write_text
+from pipeline.fileio import atomic_paths, save_npz, write_json, write_text
 from pipeline.nn import (build_model, configure_threads, get_array_module, make_optimizer, make_schedule,
                          select_device, softmax, softmax_cross_entropy, to_numpy)
 from pipeline.nn.threads import num_threads
@@ -111,8 +111,10 @@ def ensemble_record(folder):
 def record_ensemble_config(folder, preset, cfg):
     """Write the ensemble's config: the record train checks against, and config.toml, its copy to read."""
     config = {"preset": preset, **cfg.to_dict()}
-    write_json(folder / ENSEMBLE_RECORD, config)
-    write_text(folder / "config.toml", to_toml(config))
+    # both on disk before either is moved in: a kill between two writes left a config.toml that read as an edit
+    with atomic_paths([folder / ENSEMBLE_RECORD, folder / "config.toml"]) as (record, copy):
+        record.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy.write_text(to_toml(config))
 
 
 def recorded_config(folder, force):
