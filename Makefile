@@ -52,6 +52,11 @@ endif
 $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
   $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
+# Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
+# (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
+INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG name_chars strip_chars not_a_name \
+  RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS
+$(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
 $(foreach v,TTA GPU CONTINUE UPLOAD,$(if $(filter-out 0 1,$(value $(v))),\
   $(error $(v)='$(value $(v))' is not a switch: use $(v)=1 or $(v)=0)))

@@ -479,3 +479,16 @@ def test_clean_leaves_a_run_in_use_alone(tmp_path):
         holder.wait()
     assert sandbox_make(box, "clean").returncode == 0
     assert not (box / "runs" / "x").exists()
+
+
+@pytest.mark.parametrize("variable", ["PROCESSED=data/my x", "PY=python3", "RAW=/", "RUNDIR=runs/a b", "KERNEL_BUILD=."])
+def test_the_makefiles_own_names_are_refused_on_the_command_line(tmp_path, variable):
+    # they were pasted into recipes as typed: `make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x
+    box = sandbox(tmp_path)
+    built(box)
+    (box / "data" / "my").mkdir(parents=True)
+    for goal in ("clean", "train", "help"):
+        result = sandbox_make(box, goal, variable)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+        assert "keeps for itself" in result.stderr and calls(box) == []
+    assert (box / "data" / "my").is_dir() and (box / "data" / "raw" / "train.csv").is_file()
