@@ -54,7 +54,7 @@ $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tt
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
 # Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
 # (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
-INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG name_chars strip_chars not_a_name \
+INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA name_chars strip_chars not_a_name \
   RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS
 $(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
@@ -113,8 +113,12 @@ prepare: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed ## validate, norm
 train: prepare | $(VENV)/.installed ## train PRESET into runs/RUN (resumes an unfinished run, repairs a damaged one)
 	$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars
 
+# TTA=0|1 given to predict or submit says whether an ensemble's blend tries test-time shifts (`make ensemble
+# TTA=1` does); it was ignored there, and the blend of the last `make ensemble` kept. Not given: as that blend.
+PREDICT_TTA := $(if $(TTA),--tta $(TTA))
+
 predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (recomputed when the data or model changed)
-	$(PY) -m pipeline.predict --run $(RUN)
+	$(PY) -m pipeline.predict --run $(RUN) $(PREDICT_TTA)
 
 # Recomputed when the run (or a member of it) delivered since, or the data changed, but never trains, fetches
 # or prepares: `make submit RUN=typo` is refused in one line, where it trained the default preset for 30 minutes
@@ -122,8 +126,8 @@ predict: | $(VENV)/.installed ## class probabilities of runs/RUN on test.csv (re
 # The files are listed when make starts, before a recipe runs: in `make train submit` the training itself is
 # the prerequisite, so what it delivers is predicted (predict does nothing when the probabilities are current).
 $(RUNDIR)/test_probs.npz: $(wildcard $(RUNDIR)/summary.json $(RUNDIR)/members/*/summary.json $(PROCESSED)/meta.json) \
-  $(filter train,$(MAKECMDGOALS)) | $(VENV)/.installed
-	$(PY) -m pipeline.predict --run $(RUN)
+  $(filter train,$(MAKECMDGOALS)) $(if $(TTA),FORCE) | $(VENV)/.installed
+	$(PY) -m pipeline.predict --run $(RUN) $(PREDICT_TTA)
 
 ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run by validation (TTA=1 also tries shifts)
 	$(PY) -m pipeline.ensemble --run $(RUN) $(if $(filter 1,$(TTA)),--tta)

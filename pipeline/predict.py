@@ -22,6 +22,8 @@ def parse_args(argv):
     p.add_argument("--run", required=True, help="run name under runs/")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    p.add_argument("--tta", type=int, choices=[0, 1], default=None,
+                   help="an ensemble's blend tries test-time shifts (1) or not (0); default: as its last blend")
     return p.parse_args(argv)
 
 
@@ -50,14 +52,20 @@ def main(argv=None):
         with run.lock("ensemble"):
             made_from = run.made_from()
             n_test = dataset.load_meta().get("test_rows")
-            if isinstance(n_test, int) and run.cached_probs(TEST_PROBS, n_test, made_from) is not None:
+            tried = tta_tried(run)
+            tta = tried if args.tta is None else bool(args.tta)
+            if isinstance(n_test, int) and run.cached_probs(TEST_PROBS, n_test, made_from) is not None \
+                    and tta == tried:
                 # the blend of now, as `make ensemble` chose it (with TTA=1 perhaps): not redone without it
                 print(f"{run.folder / TEST_PROBS} is up to date (same blend, same members, same test data)")
                 return 0
-            report = ensemble.build(run.folder, select_device(args.device), tta=tta_tried(run))
+            report = ensemble.build(run.folder, select_device(args.device), tta=tta)
         print(f"{run.folder / TEST_PROBS}: {report['strategy']} of {len(report['weights'])} members, "
               f"validation estimate {report['estimate']['accuracy']:.5f}")
         return 0
+    if args.tta:
+        raise UserError(f"TTA=1 tries test-time shifts when an ensemble's members are blended; runs/{run.name} is a "
+                        f"single net: leave TTA out")
     with run.lock("predict", shared=True):
         made_from = run.made_from()  # before the images are read: prepare is not locked out meanwhile
         x = load_test_images()

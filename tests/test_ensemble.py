@@ -412,3 +412,11 @@ def test_predict_keeps_a_blend_that_is_up_to_date_and_tries_shifts_again_when_it
     blend = json.loads((run / "ensemble.json").read_text())
     assert any(c["tta"] for c in blend["candidates"])  # the shifts were tried again
     assert runs.Run("ens").test_probs(12).shape == (12, 10)
+    # TTA= given to predict (`make submit RUN=ens TTA=0`) was ignored: the blend of the last `make ensemble` kept
+    tried = lambda: any(c["tta"] for c in json.loads((run / "ensemble.json").read_text())["candidates"])
+    for asked, kept in ((0, False), (0, True), (1, False)):  # blended again whenever TTA differs from the last
+        capsys.readouterr()
+        assert predict.main(["--run", "ens", "--device", "cpu", "--tta", str(asked)]) == 0
+        assert tried() is bool(asked)
+        assert ("is up to date" in capsys.readouterr().out) is kept
+    assert runs.Run("ens").test_probs(12).shape == (12, 10)

@@ -492,3 +492,15 @@ def test_the_makefiles_own_names_are_refused_on_the_command_line(tmp_path, varia
         assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
         assert "keeps for itself" in result.stderr and calls(box) == []
     assert (box / "data" / "my").is_dir() and (box / "data" / "raw" / "train.csv").is_file()
+
+
+def test_tta_given_to_submit_or_predict_reaches_predict(tmp_path):
+    # `make submit RUN=night TTA=1` submitted the blend of the last `make ensemble`, shifts or not, unsaid
+    box = sandbox(tmp_path)
+    built(box)
+    for args, expected in ((["submit"], None), (["submit", "TTA=1"], ["--tta", "1"]), (["predict", "TTA=0"], ["--tta", "0"]),
+                           (["predict"], [])):
+        (box / "calls.jsonl").unlink(missing_ok=True)
+        assert sandbox_make(box, *args, "RUN=x").returncode == 0
+        predicted = [c["argv"][2:] for c in calls(box) if c["argv"][1] == "pipeline.predict"]
+        assert predicted == ([] if expected is None else [["--run", "x", *expected]]), (args, predicted)

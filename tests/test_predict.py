@@ -87,3 +87,11 @@ def test_a_run_saved_with_conv_biases_before_batchnorm_is_told_apart_in_one_line
     assert predict.main(["--run", "r1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "older version" in err and "Traceback" not in err
+
+
+def test_tta_on_a_single_net_is_refused_in_one_line(project, capsys):
+    # test-time shifts are tried only in an ensemble's blend: `make submit TTA=1` on a single net did nothing unsaid
+    assert predict.main(["--run", "r1", "--device", "cpu", "--tta", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs/r1 is a single net" in err, err
+    assert predict.main(["--run", "r1", "--device", "cpu", "--tta", "0"]) == 0
