@@ -14,9 +14,11 @@ and never repeats a successful one.
 """
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -34,6 +36,7 @@ from pipeline.fileio import file_sha256, write_bytes, write_json, write_text
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
 UPLOAD_RECORD = ".uploaded.json"
+UPLOAD_LOCK = ".upload.lock"  # held while one upload runs
 # The run the default submission was written from: the Makefile rewrites the CSV when RUN names another.
 RUN_RECORD = ".run"
 SCORE_RECORD = "score.json"  # pipeline.score's, beside the submission: stale once the CSV is written anew
@@ -197,9 +200,38 @@ def upload_if_current(path, run, message, upload_wanted, n_test, probs, just_wri
         return upload(path, run.name, message, copy)
 
 
+@contextlib.contextmanager
+def upload_lock(path):
+    """Hold .upload.lock beside the CSV while one upload checks its record, uploads and writes it: two
+    `make submit` at once each found no record and uploaded the same file twice (two of the day's submissions).
+    Never waits: the second is refused in one line."""
+    lock = Path(path).parent / UPLOAD_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"{lock}: cannot open the upload lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"{path} is being uploaded by {holder}: wait until it ends (a second upload would "
+                            f"spend another of the day's submissions)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def upload(path, run_name, message, copy):
     """Upload `copy`, the checked private copy of the CSV at `path`, unless the record beside `path` says these
     bytes went up already; returns the exit code."""
+    with upload_lock(path):
+        return _upload(path, run_name, message, copy)
+
+
+def _upload(path, run_name, message, copy):
     sha = file_sha256(copy)
     done = already_uploaded(path, sha)
     if done:

@@ -488,3 +488,25 @@ def test_a_key_is_never_used_for_another_test_csv_than_the_one_its_fetch_wrote(p
     assert code == 2 and err.count("\n") == 1 and "answers the test.csv the mnist fetch wrote" in err, err
     record.write_text(json.dumps({"source": "mnist"}))  # fetched before the record kept the hash: cannot be told
     assert scored(project, capsys)[0] == 0
+
+
+def test_a_second_upload_while_one_runs_is_refused_not_sent_twice(project, capsys, monkeypatch):
+    # two `make submit UPLOAD=1` at once each found no record of an upload and sent the file: two of the day's
+    # submissions for one CSV
+    sent = []
+    fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    upload = ["--run", "r1", "--upload-only"]
+
+    def submit_while_another_starts(csv_path, message):
+        capsys.readouterr()
+        assert submit.main(upload) == 2  # the other `make submit`, meanwhile
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is being uploaded by pid" in err, err
+        sent.append(message)
+        return "Successfully submitted"
+
+    sys.modules["pipeline.kaggle_api"].submit = submit_while_another_starts
+    assert submit.main(upload) == 0
+    assert len(sent) == 1
+    assert submit.main(upload) == 0 and "uploaded already" in capsys.readouterr().out  # after it: nothing to do
