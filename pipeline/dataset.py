@@ -7,6 +7,7 @@ data/processed/
   meta.json  row counts, class counts, input sha256s, split seed and fraction
 Only train.csv ever reaches training or model selection; the offline answer key is read by `score` alone.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -82,9 +83,14 @@ def load_test_images(folder=None):
     x = load_test(folder)
     if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
         raise UserError(f"test.npz: expected images (M, 28, 28, 1), got {x.shape}: rerun `make prepare`")
-    test_rows = load_meta(folder).get("test_rows")
+    meta = load_meta(folder)
+    test_rows = meta.get("test_rows")
     if test_rows is not None and test_rows != len(x):
         raise UserError(f"test.npz has {len(x)} rows but meta.json says {test_rows}: rerun `make prepare`")
+    sha = meta.get("test_array_sha256")  # a test.npz copied or restored by hand is not the one prepared
+    if sha is not None and hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() != sha:
+        raise UserError(f"test.npz holds other images than the test.csv meta.json names (copied or restored by "
+                        f"hand?): `python -m pipeline.prepare` writes data/processed anew")
     return x
 
 

@@ -329,3 +329,16 @@ def test_if_needed_on_a_fifo_says_what_is_wrong_instead_of_hashing_forever(prepa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "FIFO" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_test_npz_that_is_not_the_one_prepared_is_refused(prepared):
+    # a test.npz copied or restored by hand with the same row count was predicted, and stamped as current
+    from pipeline import dataset
+    from pipeline.errors import UserError
+    from pipeline.fileio import save_npz
+
+    _, out, _ = prepared
+    x = dataset.load_test_images(out)
+    save_npz(out / "test.npz", {"x": x[::-1].copy()})  # the same images, another order
+    with pytest.raises(UserError, match="other images than the test.csv meta.json names"):
+        dataset.load_test_images(out)
