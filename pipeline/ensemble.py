@@ -17,6 +17,7 @@ A member's test probabilities are cached in its folder with what they were made 
 the cache is used only when the test data and the member's model are the ones of now.
 """
 import functools
+import hashlib
 import json
 import math
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 
 from pipeline import dataset, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import save_npz, write_json
+from pipeline.fileio import atomic_paths, save_npz
 
 TEST_CACHE = {False: "test_probs.npz", True: "test_probs_tta.npz"}
 
@@ -278,7 +279,6 @@ def build(folder, xp=np, tta=False):
 
     test = np.tensordot(weights / weights.sum(), np.stack([o[3] for o in outs]), axes=1).astype(np.float32)
     val_blend = np.tensordot(weights / weights.sum(), P, axes=1)
-    save_npz(folder / "val_predictions.npz", {"idx": rows, "y": y, "probs": val_blend.astype(np.float32)})
     report = {
         "strategy": name, "tta": use_tta, "estimate": estimate,
         "choice_score": picked, "all_rows": blend_score(weights, P, y),
@@ -290,9 +290,14 @@ def build(folder, xp=np, tta=False):
                 f"{ALPHA} over the candidates (exact one-sided McNemar, `p`); estimate is the chosen blend on the "
                 "other half, which took no part in any choice",
     }
-    write_json(folder / "ensemble.json", report)
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     run = runs.run_of(folder)
-    run.write_probs(test, made_from=run.made_from(data))  # after ensemble.json: they name the blend they come from
+    made_from = {**run.made_from(data), "blend": hashlib.sha256(text.encode()).hexdigest()}  # the blend they are
+    # all three on disk before any is moved in: a kill between separate writes left one blend's files beside another's
+    with atomic_paths([folder / "val_predictions.npz", folder / "ensemble.json", folder / runs.TEST_PROBS]) as temps:
+        save_npz(temps[0], {"idx": rows, "y": y, "probs": val_blend.astype(np.float32)})
+        temps[1].write_text(text)
+        run.write_probs(test, made_from=made_from, to=temps[2])
     return report
 
 

@@ -346,9 +346,9 @@ class Run:
         try:
             model.load_state_dict(state)
         except ValueError as exc:
-            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it "
-                            f"and {self.root.name}'s checkpoints/, then `make train RUN={self.root.name}` trains it "
-                            f"again") from None
+            raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it, "
+                            f"summary.json and checkpoints/ from {self.folder}, then `make train "
+                            f"RUN={self.root.name}` trains it again") from None  # (a kept summary kept old reports)
         return model
 
     def ensemble_report(self):
@@ -402,9 +402,10 @@ class Run:
         check_probs(probs, len(x), what=f"{self.name} predictions")
         return probs
 
-    def write_probs(self, probs, name=TEST_PROBS, made_from=None):
-        """Write folder/name: probs float32 (M, 10) and the record of what they were made from, atomically."""
-        path = self.folder / name
+    def write_probs(self, probs, name=TEST_PROBS, made_from=None, to=None):
+        """Write folder/name (or `to`, a temp path that will become it): probs float32 (M, 10) and the record of
+        what they were made from, atomically."""
+        path = to or self.folder / name
         record = json.dumps(made_from or self.made_from(), sort_keys=True)
         save_npz(path, {"probs": np.asarray(probs, dtype=np.float32), "made_from": np.array(record)})
         return path
