@@ -8,7 +8,9 @@ data/processed/
 Only train.csv ever reaches training or model selection; the offline answer key is read by `score` alone.
 """
 import hashlib
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +22,8 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 # in data/raw from the first rename of a fetch to its last: a fetch cut short there left some CSVs new, some old
 FETCH_INCOMPLETE = ".fetch-incomplete"
+# Beside the raw CSVs: the source they came from and the sha256 of the test.csv written with them (fetch).
+SOURCE_RECORD = "source.json"
 # Far above the competition (train.csv 42 000 rows, 73 MB): a bigger file is not a digit CSV, and reading it
 # whole would exhaust memory before any row could be judged.
 MAX_CSV_ROWS = 200_000
@@ -136,3 +140,14 @@ def stratified_split(y, val_fraction, seed):
     mask = np.ones(len(y), dtype=bool)
     mask[val_idx] = False
     return np.flatnonzero(mask).astype(np.int64), val_idx
+
+
+def answer_key_test_sha256(raw_dir):
+    """The sha256 of the test.csv the answer key in raw_dir was written with (an mnist fetch), or None when no
+    record says (a copy fetched before the record kept it, or none)."""
+    try:
+        record = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    sha = record.get("test_sha256") if isinstance(record, dict) and record.get("source") == "mnist" else None
+    return sha if isinstance(sha, str) else None

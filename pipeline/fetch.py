@@ -31,7 +31,7 @@ from pipeline.fileio import atomic_paths, file_sha256
 
 COMPETITION_FILES = ("train.csv", "test.csv", "sample_submission.csv")
 ANSWER_KEY = "test_labels.csv"
-SOURCE_RECORD = "source.json"
+SOURCE_RECORD = dataset.SOURCE_RECORD
 
 
 def _with_source(writers, source):
@@ -46,17 +46,6 @@ def _with_source(writers, source):
     def record(target):  # install_raw_files writes it after test.csv
         Path(target).write_text(json.dumps({"source": source, **written}) + "\n")
     return {**writers, "test.csv": test_csv, SOURCE_RECORD: record}
-
-
-def answer_key_test_sha256(raw_dir):
-    """The sha256 of the test.csv the answer key in raw_dir was written with, or None when no record says
-    (a copy fetched before the record kept it, or none)."""
-    try:
-        record = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    sha = record.get("test_sha256") if isinstance(record, dict) and record.get("source") == "mnist" else None
-    return sha if isinstance(sha, str) else None
 
 
 def current_source(raw_dir):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import dataset, fetch, paths, runs, submit
+from pipeline import dataset, paths, runs, submit
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import file_sha256, read_json_object, write_json
 from pipeline.submit import validate_submission
@@ -108,7 +108,7 @@ def prepared_test():
     if submit.test_csv_replaced(meta):
         raise UserError(f"{paths.data_raw() / 'test.csv'} changed since it was prepared, so the key answers another "
                         f"test.csv than the submission: `make prepare`, then `make submit RUN=...` and `make score`")
-    answered = fetch.answer_key_test_sha256(paths.data_raw())
+    answered = dataset.answer_key_test_sha256(paths.data_raw())
     if answered and meta.get("test_sha256") and answered != meta["test_sha256"]:
         raise UserError(f"{paths.data_raw() / 'test_labels.csv'} answers the test.csv the mnist fetch wrote, not the "
                         f"one in {paths.data_raw()} now (replaced since): `make fetch SOURCE=mnist` writes both anew")

@@ -308,7 +308,7 @@ def test_auto_picks_mnist_without_credentials(tiny, tmp_path, monkeypatch, capsy
     assert "source: mnist" in capsys.readouterr().out
     assert (raw / "test_labels.csv").is_file()
     # the key answers this test.csv: score refuses it for another one (Kaggle's unzipped over it)
-    assert fetch.answer_key_test_sha256(raw) == hashlib.sha256((raw / "test.csv").read_bytes()).hexdigest()
+    assert dataset.answer_key_test_sha256(raw) == hashlib.sha256((raw / "test.csv").read_bytes()).hexdigest()
 
 
 def test_auto_picks_kaggle_with_credentials(tmp_path, monkeypatch, capsys):
@@ -327,7 +327,7 @@ def test_auto_picks_kaggle_with_credentials(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in raw.iterdir()) == sorted([*KAGGLE_FILES, fetch.SOURCE_RECORD])
     for name, text in KAGGLE_FILES.items():
         assert (raw / name).read_text() == text
-    assert fetch.answer_key_test_sha256(raw) is None  # no key
+    assert dataset.answer_key_test_sha256(raw) is None  # no key
 
 
 def test_kaggle_download_missing_a_file_is_refused(tmp_path, monkeypatch, capsys):
