@@ -167,8 +167,8 @@ def restore_earlier_run(run, input_root=None):
     from pipeline import paths
 
     target = paths.runs() / run
-    if (target / "checkpoints").is_dir() or (target / "summary.json").is_file():
-        return None
+    if (target / "config.toml").is_file() or (target / "checkpoints").is_dir() or (target / "summary.json").is_file():
+        return None  # this session's own (an ensemble has config.toml and members/ long before a summary)
     root = Path(input_root) if input_root is not None else input_dir()
     for folder in _folders(root, SEARCH_DEPTH + 3):  # <input>/<slug>/pipeline/runs/<run>
         if folder.name == run and folder.parent.name == "runs" and (folder / "config.toml").is_file():

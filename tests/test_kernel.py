@@ -396,6 +396,21 @@ def test_an_earlier_versions_run_is_restored(tmp_path, monkeypatch):
     assert kaggle_env.restore_earlier_run("other-run", tmp_path / "input") is None
 
 
+def test_an_ensemble_this_session_trains_is_not_rolled_back_by_the_train_cell_run_again(tmp_path, monkeypatch):
+    # an ensemble's folder has config.toml and members/ but no checkpoints/ or summary.json of its own until its
+    # last member ends: the Train cell run again copied the earlier version's members over this session's
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "working" / "pipeline"))
+    earlier = tmp_path / "input" / "my-kernel" / "pipeline" / "runs" / "night"
+    (earlier / "members" / "0" / "checkpoints").mkdir(parents=True)
+    (earlier / "config.toml").write_text("members = 3\n")
+    (earlier / "members" / "0" / "checkpoints" / "latest.npz").write_bytes(b"earlier")
+    assert kaggle_env.restore_earlier_run("night", tmp_path / "input") == earlier
+    mine = tmp_path / "working" / "pipeline" / "runs" / "night" / "members" / "0" / "checkpoints" / "latest.npz"
+    mine.write_bytes(b"this session's progress")
+    assert kaggle_env.restore_earlier_run("night", tmp_path / "input") is None
+    assert mine.read_bytes() == b"this session's progress"
+
+
 def test_out_of_budget_run_delivers_its_checkpoint_and_still_resumes(tiny_competition, tmp_path):
     from pipeline import predict, prepare
 
