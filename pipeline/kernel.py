@@ -279,8 +279,13 @@ def bundle_source_of(notebook):
     """The source of the notebook's bundle cell (a path or its text as JSON), or None when it has none."""
     import nbformat
 
-    text = notebook.read_text(encoding="utf-8") if isinstance(notebook, Path) else notebook
-    nb = nbformat.reads(text, as_version=4)
+    try:
+        text = notebook.read_text(encoding="utf-8") if isinstance(notebook, Path) else notebook
+        nb = nbformat.reads(text, as_version=4)
+    except (OSError, ValueError) as exc:  # an edit that broke its JSON: NotJSONError is a ValueError
+        where = notebook if isinstance(notebook, Path) else "the notebook"
+        raise UserError(f"{where} is not a readable notebook ({str(exc).splitlines()[0][:200]}): undo the edit, "
+                        f"or `make kernel` builds it anew") from None
     found = [c.source for c in nb.cells if c.cell_type == "code" and "bundle" in c.metadata.get("tags", [])]
     return found[0] if len(found) == 1 else None
 
@@ -457,6 +462,13 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
     from pipeline.submit import validate_submission
 
     kernel_id = read_metadata(folder)["id"]
+    # Kaggle lists the output of the latest *finished* run: while a new version is queued or running, or after
+    # it failed, that is an earlier version's submission, which nothing in it tells apart
+    status, failure = kaggle_api.kernel_status(kernel_id, retries=retries, base_delay=base_delay)
+    if status != "complete":
+        why = f" ({failure})" if failure else ""
+        raise UserError(f"the latest run of kernel '{kernel_id}' is {status}{why}, so its output would be an earlier "
+                        f"version's: `make kernel-output` once it is complete (`python -m pipeline.kernel status`)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".kernel-output-", dir=out.parent) as tmp:

@@ -798,8 +798,31 @@ def test_output_downloads_the_submission(fake, kernel_folder, tmp_path, capsys):
     assert (out / "submission.csv").read_bytes() == _submission(7)
     assert (out / "kernel.log").read_text() == fake.kernel.log
     assert sorted(p.name for p in out.parent.iterdir()) == ["kernel"]  # no temp folder left
-    assert fake.rpcs() == ["ListKernelSessionOutput", f"GET /blobs/kernels/{kernel.DEFAULT_SLUG}/submission.csv"] * 2
+    assert fake.rpcs() == ["GetKernelSessionStatus"] + \
+        ["ListKernelSessionOutput", f"GET /blobs/kernels/{kernel.DEFAULT_SLUG}/submission.csv"] * 2
     assert fake.bodies("ListKernelSessionOutput")[0]["kernelSlug"] == kernel.DEFAULT_SLUG
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "QUEUED", "ERROR"])
+def test_output_of_a_kernel_whose_latest_run_is_not_complete_is_refused(fake, kernel_folder, tmp_path, capsys,
+                                                                       status):
+    # after an interrupted push (or while the new version runs, or after it failed) the listing is an earlier
+    # version's output: its submission.csv was moved in, valid, as if it were the new one
+    fake.kernel.statuses = [status]
+    fake.kernel.outputs = {"submission.csv": _submission(7)}
+    out = tmp_path / "root" / "submissions" / "kernel"
+    assert kernel.main(["output", "--folder", str(kernel_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is {status.lower()}" in err and "earlier version's" in err, err
+    assert not out.exists() and "ListKernelSessionOutput" not in fake.rpcs()
+
+
+def test_a_notebook_broken_by_an_edit_is_one_line_at_push(kernel_folder, capsys):
+    notebook = next(kernel_folder.glob("*.ipynb"))
+    notebook.write_text(notebook.read_text()[:-200])
+    assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a readable notebook" in err, err
 
 
 def test_output_without_a_valid_submission_writes_nothing(fake, kernel_folder, tmp_path, capsys):
