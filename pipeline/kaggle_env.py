@@ -66,6 +66,10 @@ class Settings:
         return args + ([f"EPOCHS={self.epochs}"] if self.epochs is not None else [])
 
 
+# Kaggle ends a CPU or GPU session after 12 hours: training stops an hour before, so the submission is written.
+MAX_TRAINING_S = 11 * 3600
+
+
 def settings(preset, epochs, max_time, device, seed) -> Settings:
     """The settings cell's values, checked: a typing mistake is one UserError here, before any data is read."""
     from pipeline.config import preset_path
@@ -85,6 +89,9 @@ def settings(preset, epochs, max_time, device, seed) -> Settings:
     preset_path(preset)  # UserError naming the known presets
     if not isinstance(max_time, str) or parse_duration(max_time) <= 0:
         raise UserError(f"MAX_TIME = {max_time!r}: expected a duration in quotes, e.g. '10h', '90m' or '1h30m'")
+    if parse_duration(max_time) > MAX_TRAINING_S:  # counted from training's start; the stages after need time too
+        raise UserError(f"MAX_TIME = {max_time!r}: Kaggle ends a session at 12h, and setup, the blend, predict and "
+                        f"submit need their share: at most '{MAX_TRAINING_S // 3600}h'")
     if device not in DEVICES:
         raise UserError(f"DEVICE = {device!r}: expected one of {', '.join(repr(d) for d in DEVICES)}")
     return Settings(preset=preset, epochs=whole("EPOCHS", epochs, 1, allow_none=True), max_time=max_time,

@@ -231,6 +231,17 @@ def settings_source(source, values):
     return "\n".join(lines)
 
 
+def check_session(device, gpu):
+    """Refuse a DEVICE the session cannot give (the Setup cell would fail after the push and Kaggle's queue), or a
+    GPU session a CPU run would waste."""
+    if device == "gpu" and not gpu:
+        raise UserError("DEVICE=gpu asks for a GPU that a CPU session lacks: add GPU=1 (a T4 session), or use "
+                        "DEVICE=auto")
+    if device == "cpu" and gpu:
+        raise UserError("GPU=1 with DEVICE=cpu would spend Kaggle's weekly GPU quota on a CPU run: drop GPU=1, "
+                        "or use DEVICE=auto")
+
+
 def check_settings(values):
     """The template's settings updated with `values` ({NAME: value}), checked as the notebook will check them."""
     merged = {**template_settings(), **values}
@@ -431,6 +442,8 @@ def push(folder, poll_interval=POLL_INTERVAL, max_polls=MAX_POLLS, retries=kaggl
     if bundle_source_of(notebook) != bundle_cell(bundle_files()):
         raise UserError(f"{notebook} does not bundle the current pipeline/ sources: rebuild it as it was built "
                         f"(`{rebuild_command(built_options(folder))}`)")
+    built = built_options(folder)  # the settings cell as edited by hand since: checked as generate checks them
+    check_session(check_settings({name: built[name] for name in SETTINGS if name in built})["DEVICE"], built["GPU"])
     user = kaggle_api.kernel_owner()
     if user and user != owner:
         raise UserError(f"{folder / METADATA} names kernel '{kernel_id}' but the credentials are {user}'s: "
@@ -543,13 +556,7 @@ def main(argv=None):
         given = {"PRESET": args.preset, "EPOCHS": args.epochs, "MAX_TIME": args.max_time, "DEVICE": args.device,
                  "SEED": args.seed}
         settings = {name: value for name, value in given.items() if value is not None}
-        device = check_settings(settings)["DEVICE"]
-        if device == "gpu" and not args.gpu:  # the Setup cell would fail after the push and the queue
-            raise UserError("DEVICE=gpu asks for a GPU that a CPU session lacks: add GPU=1 (a T4 session), or use "
-                            "DEVICE=auto")
-        if device == "cpu" and args.gpu:
-            raise UserError("GPU=1 with DEVICE=cpu would spend Kaggle's weekly GPU quota on a CPU run: drop GPU=1, "
-                            "or use DEVICE=auto")
+        check_session(check_settings(settings)["DEVICE"], args.gpu)
         meta, notebook = generate(args.out, kernel_id, settings, args.gpu, args.continue_run)
         print(f"wrote {meta} ({kernel_id}, {'a T4 GPU' if args.gpu else 'a CPU'} session"
               f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")

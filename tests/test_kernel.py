@@ -121,6 +121,7 @@ def test_make_variables_are_written_into_the_settings_cell(tmp_path, capsys):
     for bad, message in ((["--preset", "nope"], "unknown preset 'nope' (known: overnight, quick, standard)"),
                          (["--epochs", "0"], "EPOCHS = 0: expected a whole number of at least 1"),
                          (["--max-time", "soon"], "MAX_TIME: cannot read 'soon'"),
+                         (["--max-time", "12h"], "Kaggle ends a session at 12h"),  # no submission after 12h of work
                          (["--device", "tpu"], "argument --device: invalid choice"),
                          (["--seed", "1; rm -rf /"], "argument --seed: invalid int value")):
         assert kernel.main([*args, *bad]) == 2, bad
@@ -344,6 +345,7 @@ def test_settings_are_checked_and_name_their_run():
                          (("quick", True, "1h", "auto", 0), "EPOCHS = True"),
                          (("quick", None, 600, "auto", 0), "MAX_TIME = 600: expected a duration in quotes"),
                          (("quick", None, "", "auto", 0), "MAX_TIME = '': expected a duration"),
+                         (("quick", None, "11h1m", "auto", 0), "MAX_TIME = '11h1m': Kaggle ends a session at 12h"),
                          (("quick", None, "1h", "GPU", 0), "DEVICE = 'GPU': expected one of 'auto', 'cpu', 'gpu'"),
                          (("quick", None, "1h", "auto", -1), "SEED = -1: expected a whole number of at least 0")):
         with pytest.raises(UserError, match=re.escape(message)):
@@ -868,3 +870,21 @@ def test_the_settings_cell_names_each_presets_epochs():
     line = next(text for text in template.splitlines() if text.startswith("EPOCHS = "))
     for preset in ("quick", "standard", "overnight"):
         assert f"{preset} {build_config(preset).epochs}" in line, line
+
+
+@pytest.mark.parametrize("edit,words", [(('PRESET = "standard"', 'PRESET = "standrad"'), "unknown preset 'standrad'"),
+                                        (('DEVICE = "auto"', 'DEVICE = "gpu"'), "a CPU session lacks"),
+                                        (('MAX_TIME = "10h"', 'MAX_TIME = "12h"'), "ends a session at 12h")])
+def test_push_checks_a_settings_cell_edited_by_hand(kernel_folder, capsys, edit, words):
+    # the edit was pushed, waited in Kaggle's queue, and failed in the Setup cell (or wrote no submission at 12h)
+    import nbformat
+
+    notebook = next(kernel_folder.glob("*.ipynb"))
+    nb = nbformat.read(notebook, as_version=4)
+    (cell,) = [c for c in nb.cells if "settings" in c.metadata.get("tags", [])]
+    assert edit[0] in cell.source
+    cell.source = cell.source.replace(*edit)
+    nbformat.write(nb, notebook)
+    assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
