@@ -6,6 +6,7 @@ Reads top to bottom: options, init or resume, data, model and optimizer, one loo
 Every random draw is a pure function of (seed, epoch, step) or lives in the checkpoint, so a run killed
 at any moment and resumed ends with the very same weights as one that never stopped.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -529,6 +530,20 @@ def resume_threads(label, threads):
 
 
 def train_one(folder, preset, cfg, force, label=None):
+    """Train (or resume) one net in `folder`. A new one refused before its first checkpoint (the engine's error
+    at the first step, say) leaves no config.toml behind to refuse the corrected retry as "another config"."""
+    fresh = not (folder / "config.toml").exists() and not (folder / "checkpoints").exists()
+    try:
+        return _train_one(folder, preset, cfg, force, label)
+    except BaseException:
+        if fresh and not (folder / "checkpoints").exists():
+            (folder / "config.toml").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # a member's folder, when nothing else is in it (a run's holds its lock)
+        raise
+
+
+def _train_one(folder, preset, cfg, force, label=None):
     """Train (or resume) one net into `folder`; returns the process exit code."""
     label = label or folder.name
     run = runs.Run(label)

@@ -360,3 +360,16 @@ def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 1))
     assert model.backward(softmax_cross_entropy(model.forward(x), np.array([0, 2]))[1]).shape == x.shape
     assert model.names[1] == "1.square" and list(model.state_dict()) == ["0.w", "0.b", "4.w", "4.b"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_batch_in_another_memory_order_gives_the_same_logits(train):
+    # ReLU and BatchNorm+ReLU write through reshaped views of their output: on a transposed (not C-ordered) batch
+    # those were copies, and the layer returned uninitialised memory (logits near -3e32)
+    spec = [{"type": "batchnorm"}, {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 10}]
+    rng = np.random.default_rng(0)
+    nchw = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    x = nchw.transpose(0, 2, 3, 1)  # (N, H, W, C) as a view: not C-ordered
+    assert not x.flags.c_contiguous
+    a, b = (build_model(spec, input_shape=(6, 6, 3)) for _ in range(2))
+    np.testing.assert_array_equal(a.forward(x, train=train), b.forward(np.ascontiguousarray(x), train=train))

@@ -715,3 +715,11 @@ def test_a_run_resumed_on_another_device_says_its_weights_will_differ(root, caps
     (folder / "checkpoints" / checkpoint.PREVIOUS).unlink(missing_ok=True)
     code, _, err = finish(run_train(root, "dev", extra=[*FAST, "EPOCHS=3"]))
     assert code == 0 and "began on GPU and continues on CPU" in err, err
+
+
+def test_a_batch_of_one_through_a_batchnorm_on_a_1x1_map_is_one_line(root, capsys):
+    # deotte's last BatchNorm sees 1x1 maps: BATCH_SIZE=1 ended in a ValueError traceback at the first step
+    assert train.main(["--run", "b1", "--preset", "quick", *FAST, "ARCH=deotte", "BATCH_SIZE=1"]) == 2
+    one_error_line(capsys, "use BATCH_SIZE of 2 or more")
+    assert train.main(["--run", "b1", "--preset", "quick", *FAST, "ARCH=deotte", "BATCH_SIZE=2"]) == 0, \
+        capsys.readouterr().err  # the corrected retry is no "another config"

@@ -69,7 +69,8 @@ class Model:
         """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout."""
         if train:
             self._trainable("forward(train=True)")
-        x = to_device(x, self.xp).astype(self.dtype, copy=False)
+        # C order, as every layer writes its output through reshaped views (a transposed batch came out as garbage)
+        x = self.xp.ascontiguousarray(to_device(x, self.xp), dtype=self.dtype)
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
@@ -106,7 +107,7 @@ class Model:
             raise RuntimeError("a fused layer holds a BatchNorm after another part: its input is not seen here")
         sums = {id(bn): [0.0, 0.0, 0] for bn in norms}
         for start in range(0, len(x), batch_size):
-            h = to_device(x[start:start + batch_size], self.xp).astype(self.dtype, copy=False)
+            h = self.xp.ascontiguousarray(to_device(x[start:start + batch_size], self.xp), dtype=self.dtype)
             for layer, bn in zip(self.layers, first_bn):
                 if isinstance(layer, Dropout):
                     continue

@@ -6,6 +6,7 @@ Shapes: x (..., C), gamma/beta/running_mean/running_var (C,).
 """
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.threads import parallel_rows, scratch
+from pipeline.nn.errors import EngineError
 
 
 def update_running_stats(running_mean, running_var, mean, var, momentum, m):
@@ -57,7 +58,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum
     dt = x.dtype.type
     if train:
         if m < 2:
-            raise ValueError("batch norm in training needs more than one value per channel")
+            raise EngineError("batch norm in training needs more than one value per channel: a batch of one "
+                              "image reaches a 1x1 map here; use BATCH_SIZE of 2 or more")
         mean = sum(parallel_rows(lambda rows: channel_sum(x[rows]), n, x)) / dt(m)
         xc = xp.empty_like(x)
 
@@ -153,7 +155,8 @@ def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, mom
     if train:
         m = x.size // x.shape[-1]
         if m < 2:
-            raise ValueError("batch norm in training needs more than one value per channel")
+            raise EngineError("batch norm in training needs more than one value per channel: a batch of one "
+                              "image reaches a 1x1 map here; use BATCH_SIZE of 2 or more")
         mean = sum(parallel_rows(lambda rows: channel_sum(x[rows]), n, x)) / dt(m)
         mean_t = tiled(mean, x)
 
