@@ -195,6 +195,9 @@ def _unwrap_key(key):
     return tuple(out) if isinstance(key, tuple) else out[0]
 
 
+UFUNC_KEYWORDS = {"out", "dtype", "casting"}  # what a CuPy elementwise ufunc accepts
+
+
 def _function(name, fn, elementwise):
     def call(*args, **kwargs):
         _check_broken(name)
@@ -203,6 +206,9 @@ def _function(name, fn, elementwise):
             host, rest = args[0], args[1:]
             dtype = kwargs.get("dtype", rest[0] if rest else None)
             return _wrap(np.array(host, dtype=dtype, copy=True))  # a host-to-device copy
+        if elementwise and set(kwargs) - UFUNC_KEYWORDS:  # CuPy: TypeError('Wrong arguments ...')
+            raise TypeError(f"cupy.{name}: CuPy's ufuncs take no {', '.join(sorted(set(kwargs) - UFUNC_KEYWORDS))} "
+                            f"(only {', '.join(sorted(UFUNC_KEYWORDS))}): NumPy's where= and friends do not exist there")
         a = _unwrap(args, originals, name)
         k = {key: _unwrap(v, originals, name) for key, v in kwargs.items()}
         out = kwargs.get("out")
@@ -289,6 +295,8 @@ def _garbage(np_fn):
             out.fill(np.nan)
         elif out.dtype.kind in "iu":
             out.fill(np.iinfo(out.dtype).max // 3)
+        elif out.dtype.kind == "b":  # recycled device memory: a mask read before it is written is not all False
+            out.view(np.uint8).fill(0xA5)
         return _wrap(out)
 
     make_empty.__name__ = np_fn.__name__

@@ -313,6 +313,9 @@ def test_the_fake_is_as_strict_as_cupy(monkeypatch):
     with pytest.raises(AttributeError, match="no attribute 'block'"):
         cp.block  # in NumPy, not in CuPy
     assert np.isnan(to_numpy(cp.empty(4, dtype=np.float32))).all()  # device memory is garbage until written
+    assert to_numpy(cp.empty(4, dtype=bool)).all()  # a mask too: not False until written
+    with pytest.raises(TypeError, match="take no where"):
+        cp.add(a, a, where=a > 1)  # NumPy's ufunc keywords beyond out, dtype and casting: CuPy refuses them
     cp._ledger.reset()
     assert float(total) == 15.0 and a.get().shape == (2, 3)
     assert [what for what, _ in cp._ledger.syncs] == ["float", "get"]
