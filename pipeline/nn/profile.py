@@ -27,6 +27,7 @@ def profile_layers(model, x, y, repeats=5, warmup=1, clock=time.perf_counter):
     bwd = np.zeros((repeats, n_layers))
     loss_ms = np.zeros(repeats)
     rng_state = model.get_rng_state()
+    state = model.state_dict()  # training forwards move BatchNorm's running statistics: put back after
     for r in range(-warmup, repeats):
         h = x
         for i, layer in enumerate(model.layers):
@@ -51,6 +52,7 @@ def profile_layers(model, x, y, repeats=5, warmup=1, clock=time.perf_counter):
             if r >= 0:
                 bwd[r, i] = clock() - t0
     model.set_rng_state(rng_state)  # profiling must not shift the dropout stream of a run
+    model.load_state_dict(state)  # nor its BatchNorm statistics
     rows = [{"layer": name, "forward_ms": 1e3 * float(np.median(fwd[:, i])),
              "backward_ms": 1e3 * float(np.median(bwd[:, i]))} for i, name in enumerate(model.names)]
     rows.append({"layer": "loss", "forward_ms": 1e3 * float(np.median(loss_ms)), "backward_ms": 0.0})
