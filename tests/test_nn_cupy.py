@@ -114,12 +114,12 @@ def test_model_step_and_state_agree_with_numpy(cp, arch):
     y = rng.integers(0, 10, 8)
     cpu, gpu = build_model(arch, seed=4), build_model(arch, seed=4, xp=cp)
     ocpu, ogpu = make_optimizer(optimizer), make_optimizer(optimizer)
-    lc, dc = softmax_cross_entropy(cpu.forward(x), y)
+    lc, dc = softmax_cross_entropy(cpu.forward(x, train=True), y)
     xg, yg = cp.asarray(x), cp.asarray(y)
     ledger = getattr(cp, "_ledger", None)  # the fake's; real CuPy keeps none
     if ledger:
         ledger.reset()
-    lg, dg = softmax_cross_entropy(gpu.forward(xg), yg)
+    lg, dg = softmax_cross_entropy(gpu.forward(xg, train=True), yg)
     cpu.backward(dc, input_grad=False)
     gpu.backward(dg, input_grad=False)
     # no op reads a view that overlaps its own output: CuPy would copy the input first, on every step

@@ -228,7 +228,7 @@ def test_an_inference_copy_is_a_snapshot_that_training_steps_do_not_reach():
     before = inference.forward(x, train=False).copy()
     opt = make_optimizer("adam", lr=1e-2)
     for _ in range(2):
-        model.backward(softmax_cross_entropy(model.forward(x), np.arange(6))[1], input_grad=False)
+        model.backward(softmax_cross_entropy(model.forward(x, train=True), np.arange(6))[1], input_grad=False)
         opt.step(model.params(), 1e-2)
     assert not np.allclose(model.for_inference().forward(x, train=False), before)  # the weights did move
     np.testing.assert_array_equal(inference.forward(x, train=False), before)
@@ -302,7 +302,7 @@ def test_no_layer_attribute_is_set_from_outside(arch):
     objects = [p for layer in model.layers for p in (layer, *layer.parts)]
     built = [plain_attributes(p) for p in objects]
     x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
-    model.backward(softmax_cross_entropy(model.forward(x), np.arange(4))[1], input_grad=False)
+    model.backward(softmax_cross_entropy(model.forward(x, train=True), np.arange(4))[1], input_grad=False)
     model.forward(x, train=False)
     model.predict_proba(x)
     model.for_inference().forward(x, train=False)
@@ -358,7 +358,7 @@ def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
     model = build_model(spec, dtype=np.float64, input_shape=(6, 6, 1), num_classes=3)
     assert [type(layer) for layer in model.layers] == [Conv2D, Square, MaxPool2D, Flatten, Dense]
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 1))
-    assert model.backward(softmax_cross_entropy(model.forward(x), np.array([0, 2]))[1]).shape == x.shape
+    assert model.backward(softmax_cross_entropy(model.forward(x, train=True), np.array([0, 2]))[1]).shape == x.shape
     assert model.names[1] == "1.square" and list(model.state_dict()) == ["0.w", "0.b", "4.w", "4.b"]
 
 

@@ -130,7 +130,7 @@ def test_threaded_passes_match_one_thread(monkeypatch):
 
     def step(name):
         model = build_model(name, seed=2, dtype=np.float64)
-        loss, d = softmax_cross_entropy(model.forward(x), y)
+        loss, d = softmax_cross_entropy(model.forward(x, train=True), y)
         dx = model.backward(d)
         return loss, dx, {n: g.copy() for n, _, g in model.params()}
 
@@ -432,7 +432,7 @@ def test_backward_without_input_gradient_gives_the_same_parameter_grads():
     grads = []
     for input_grad in (True, False):
         m = build_model("lenet5", seed=1)
-        _, d = softmax_cross_entropy(m.forward(x), np.array([1, 2, 3]))
+        _, d = softmax_cross_entropy(m.forward(x, train=True), np.array([1, 2, 3]))
         dx = m.backward(d, input_grad=input_grad)
         assert (dx is None) == (not input_grad)
         grads.append({n: g.copy() for n, _, g in m.params()})
@@ -445,7 +445,7 @@ def test_state_dict_round_trip_and_strict_load(tmp_path):
     x, y = rng.random((8, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 8)
     model = build_model("deotte", seed=0)
     opt = make_optimizer("adam")
-    _, d = softmax_cross_entropy(model.forward(x), y)
+    _, d = softmax_cross_entropy(model.forward(x, train=True), y)
     model.backward(d)
     opt.step(model.params(), 1e-3)
     state = model.state_dict()
@@ -471,9 +471,9 @@ def test_state_dict_round_trip_and_strict_load(tmp_path):
 def test_dropout_rng_round_trip_gives_the_same_masks(tmp_path):
     x = np.ones((4, 28, 28, 1), dtype=np.float32)
     model = build_model("deotte", seed=3)
-    model.forward(x)  # advance the stream
+    model.forward(x, train=True)  # advance the stream
     save_npz(tmp_path / "rng.npz", model.get_rng_state())
-    first = model.forward(x)
+    first = model.forward(x, train=True)
     other = build_model("deotte", seed=3)
     other.load_state_dict(model.state_dict())
     model2_state = load_npz(tmp_path / "rng.npz")
@@ -482,7 +482,7 @@ def test_dropout_rng_round_trip_gives_the_same_masks(tmp_path):
     drop = next(layer for layer in model.layers if layer.kind == "dropout")
     mask_a = drop.cache
     other.set_rng_state(model2_state)
-    other.forward(x)
+    other.forward(x, train=True)
     mask_b = next(layer for layer in other.layers if layer.kind == "dropout").cache
     np.testing.assert_array_equal(mask_a[0], mask_b[0])  # cache: (keep mask, scale)
     assert mask_a[0].mean() == pytest.approx(0.6, abs=0.05)
@@ -561,14 +561,14 @@ def test_batch_of_one_in_training():
     spec = [{"type": "conv2d", "filters": 4, "kernel": 3, "stride": 2}, {"type": "batchnorm"}, {"type": "relu"},
             {"type": "maxpool", "size": 2}, {"type": "flatten"}, {"type": "dense"}]
     model = build_model(spec, seed=0)  # conv BN: statistics over H*W, fine with one image
-    _, d = softmax_cross_entropy(model.forward(x), np.array([3]))
+    _, d = softmax_cross_entropy(model.forward(x, train=True), np.array([3]))
     assert model.backward(d).shape == x.shape
     with pytest.raises(ValueError, match="more than one value"):
-        build_model("deotte").forward(x)  # its last BN sees 1x1 maps: as in PyTorch, an error
+        build_model("deotte").forward(x, train=True)  # its last BN sees 1x1 maps: as in PyTorch, an error
     dense_bn = build_model([{"type": "flatten"}, {"type": "dense", "units": 4}, {"type": "batchnorm"},
                             {"type": "dense"}], seed=0)
     with pytest.raises(ValueError, match="more than one value"):
-        dense_bn.forward(x)  # as PyTorch: no batch statistics from one value per channel
+        dense_bn.forward(x, train=True)  # as PyTorch: no batch statistics from one value per channel
 
 
 def test_training_reduces_the_loss():
@@ -579,7 +579,7 @@ def test_training_reduces_the_loss():
     opt = make_optimizer("adam")
     losses = []
     for _ in range(15):
-        loss, d = softmax_cross_entropy(model.forward(x), y)
+        loss, d = softmax_cross_entropy(model.forward(x, train=True), y)
         model.backward(d, input_grad=False)
         opt.step(model.params(), 2e-3)
         losses.append(loss)

@@ -188,7 +188,7 @@ import pipeline.nn
 from pipeline.nn import build_model, softmax_cross_entropy
 model = build_model("lenet5", seed=0)
 x = np.random.default_rng(0).random((64, 28, 28, 1)).astype(np.float32)
-model.backward(softmax_cross_entropy(model.forward(x), np.arange(64) % 10)[1])  # GEMMs, split or not
+model.backward(softmax_cross_entropy(model.forward(x, train=True), np.arange(64) % 10)[1])  # GEMMs, split or not
 after_use = blas()
 held = pipeline.nn.configure_threads()
 print(json.dumps({"before": before, "after_use": after_use, "held": held, "configured": blas()}))

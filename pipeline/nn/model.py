@@ -65,8 +65,10 @@ class Model:
                                f"use the model it came from")
 
     # -- computation -------------------------------------------------------------------------------
-    def forward(self, x, train=True):
-        """logits (N, num_classes) for x (N, H, W, C) on the model's backend; train: batch statistics, dropout."""
+    def forward(self, x, *, train):
+        """logits (N, num_classes) for x (N, H, W, C) on the model's backend. train=True: batch statistics and
+        dropout, as a training step; train=False: running statistics, no dropout, as a prediction (said at every
+        call: a prediction that defaulted to training moved the BatchNorm statistics)."""
         if train:
             self._trainable("forward(train=True)")
         # C order, as every layer writes its output through reshaped views (a transposed batch came out as garbage)
