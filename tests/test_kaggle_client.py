@@ -224,7 +224,8 @@ def test_refused_submission_is_one_line_and_keeps_the_csv(fake, root, capsys):
     assert out.err == ("error: Kaggle answered HTTP 400 while submitting: "
                        "You have exceeded your daily submission limit\n")
     # complete, nothing partial (.run and .submission.json: the run it was written from)
-    assert sorted(p.name for p in (root / "submissions").iterdir()) == [".run", ".submission.json", ".upload.lock", "submission.csv"]
+    assert sorted(p.name for p in (root / "submissions").iterdir()) == [".run", ".submission.json", ".upload.lock",
+                                                                        "submission.csv"]
     assert_no_secret(root, out.out, out.err)
 
 
