@@ -540,6 +540,8 @@ def train_one(folder, preset, cfg, force, label=None):
             (folder / "config.toml").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 folder.rmdir()  # a member's folder, when nothing else is in it (a run's holds its lock)
+                if folder.parent.name == "members":  # an ensemble's first member: its record goes too
+                    folder.parent.rmdir()
         raise
 
 
@@ -610,7 +612,11 @@ def _train_one(folder, preset, cfg, force, label=None):
         print(f"training runs/{label}: {cfg.arch}, {cfg.epochs} epochs, {n_train} train / {len(y_val)} "
               f"validation images, on {'GPU' if xp is not np else 'CPU'}")
     state.setdefault("device", device)  # where it began (a checkpoint from before the record: where it is now)
-    adopted = arrays is not None and not runs.same_config(state.get("config") or {}, cfg)  # FORCE=1 changed it
+    before = state.get("config") or {}
+    adopted = arrays is not None and not runs.same_config(before, cfg)  # FORCE=1 changed it
+    rejudged = adopted and before.get("early_stop_metric", cfg.early_stop_metric) != cfg.early_stop_metric
+    if rejudged:  # the best score so far is of the other metric: no later epoch could be compared with it
+        state["best_score"], state["bad_epochs"] = None, 0
     state["config"] = {"preset": preset, **cfg.to_dict()}  # the checkpoint carries the config it was made with
     if xp is np:
         state.setdefault("threads", num_threads())  # the engine's split of the work, which its last bits follow
@@ -629,7 +635,8 @@ def _train_one(folder, preset, cfg, force, label=None):
 
     if force:
         if adopted:  # the checkpoints say so before config.toml does: a kill between them is no "edit" to refuse
-            checkpoint.restamp_best(ckpt_dir, state["config"])
+            if not rejudged:  # the best epoch so far stays the best (rejudged: the next epoch's is)
+                checkpoint.restamp_best(ckpt_dir, state["config"])
             save()
         write_text(folder / "config.toml", to_toml(state["config"]))
 
@@ -750,8 +757,8 @@ def member_changes(folder, wanted, force):
     if not saved:
         return []
     trained = apply_values(TrainConfig(), saved, source=str(folder / "config.toml"))
-    return [f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}" for key in wanted.to_dict()
-            if key not in RUN_CONTROL and getattr(trained, key) != getattr(wanted, key)]
+    return [f"{key} {getattr(trained, key)!r} -> {getattr(wanted, key)!r}"  # as runs compare: val_fraction too
+            for key in runs.config_changes(trained.to_dict(), wanted.to_dict())]
 
 
 def check_member_config(folder, cfg, force):

@@ -393,11 +393,14 @@ def test_train_with_val_fraction_asks_train_before_prepare_splits_again(tmp_path
     (box / "calls.jsonl").unlink()
     assert sandbox_make(box, "train", "RUN=x", "VAL_FRACTION=0.2").returncode == 0
     assert stages() == ["pipeline.train --check-config", "pipeline.prepare", "pipeline.train"], stages()
-    assert calls(box)[0]["argv"][2:] == ["--run", "x", "--make-vars", "--check-config"]
+    assert calls(box)[0]["argv"][2:] == ["--run", "x", "--make-vars", "--check-config", "VAL_FRACTION=0.2"]
     for args in (["train", "RUN=x"], ["prepare", "VAL_FRACTION=0.2"]):  # no split asked for, or no training
         (box / "calls.jsonl").unlink()
         sandbox_make(box, *args)
         assert "pipeline.train --check-config" not in stages(), (args, stages())
+    (box / "calls.jsonl").unlink()  # from the environment: prepare splits with it, so train is asked about it too
+    assert sandbox_make(box, "train", "RUN=x", env=dict(os.environ, VAL_FRACTION="0.3")).returncode == 0
+    assert calls(box)[0]["argv"][2:] == ["--run", "x", "--make-vars", "--check-config", "VAL_FRACTION=0.3"]
 
 
 @pytest.mark.parametrize("variable", ["MESSAGE", "FOO", "EPOCHS", "PRESET", "RUN", "TTA", "GPU", "SEED", "VAL_FRACTION",

@@ -647,6 +647,20 @@ def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsy
     one_error_line(capsys, "runs/x was started with another config (changed: epochs)")
     assert written() == before
     assert train.main(["--run", "x", f"VAL_FRACTION={prepared}"]) == 0  # its config's 0.3 is not a change
+    # an ensemble alike: its members' configs say 0.3 too, which is no change of theirs either (a member refused
+    # it after the ensemble's record took it, and every later resume was refused)
+    real = train.evaluate
+
+    def stopped(*args, **kwargs):  # Ctrl-C while member 0's epoch is judged: it stops with its checkpoint
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "evaluate", stopped)
+        assert train.main(["--run", "e", *ENSEMBLE, "VAL_FRACTION=0.3"]) == 128 + signal.SIGINT
+    assert (root / "runs" / "e" / "members" / "0" / "checkpoints").is_dir()
+    assert train.main(["--run", "e", f"VAL_FRACTION={prepared}"]) == 0, capsys.readouterr().err
+    assert train.main(["--run", "e"]) == 0 and runs.Run("e").finished
 
 
 def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
@@ -682,6 +696,26 @@ def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoi
     history = [json.loads(line) for line in (root / "runs" / "b" / "metrics.jsonl").read_text().splitlines()]
     scores = [r["val_acc"] for r in history]
     assert runs.Run("b").summary()["best_epoch"] == scores.index(max(scores)) + 1
+
+
+def test_a_forced_change_of_the_metric_judges_the_epochs_after_it_afresh(root, capsys, monkeypatch):
+    # EARLY_STOP_METRIC=val_loss FORCE=1 over a run judged by val_acc: the best val_acc (about 0.9) could never be
+    # beaten by a -val_loss, and the old epoch stayed the one delivered
+    real = train.evaluate
+    seen = []
+
+    def stopped_after_the_first_epoch(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not seen:
+            seen.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "evaluate", stopped_after_the_first_epoch)
+    assert train.main(["--run", "m", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
+    monkeypatch.setattr(train, "evaluate", real)
+    assert train.main(["--run", "m", "EARLY_STOP_METRIC=val_loss", "FORCE=1"]) == 0
+    assert runs.Run("m").summary()["best_epoch"] > 1  # judged by val_loss from epoch 2 on: epoch 2 is its first
 
 
 def test_a_signal_while_the_last_epoch_is_judged_stops_the_ensemble(root, capsys, monkeypatch):
@@ -723,3 +757,7 @@ def test_a_batch_of_one_through_a_batchnorm_on_a_1x1_map_is_one_line(root, capsy
     one_error_line(capsys, "use BATCH_SIZE of 2 or more")
     assert train.main(["--run", "b1", "--preset", "quick", *FAST, "ARCH=deotte", "BATCH_SIZE=2"]) == 0, \
         capsys.readouterr().err  # the corrected retry is no "another config"
+    assert train.main(["--run", "e1", *ENSEMBLE, "ARCH=deotte", "BATCH_SIZE=1"]) == 2  # an ensemble's first member
+    one_error_line(capsys, "use BATCH_SIZE of 2 or more")
+    assert not (root / "runs" / "e1").exists()
+    assert train.main(["--run", "e1", *ENSEMBLE, "ARCH=deotte", "BATCH_SIZE=2"]) == 0, capsys.readouterr().err
