@@ -36,6 +36,8 @@ TRAIN_HEADER = ("label",) + TEST_HEADER
 BOM = b"\xef\xbb\xbf"
 QUOTED_NUMBER = re.compile(rb'(?<![^,\n])"([0-9]*)"(?![^,\n])')   # a whole field "123", quotes dropped
 NOT_CSV_DIGITS = re.compile(rb"[^0-9,\n]")
+# A cell of four or more significant digits (leading zeros aside): 1000 or more, outside every column's range.
+FOUR_DIGITS = re.compile(rb"(?<![0-9])0*[1-9][0-9]{3,}")
 MAX_SHOWN = 24                                                     # characters of a bad value to quote
 VAL_FRACTION = 0.1                                                 # share of each digit held out, by default
 SPLIT_SEED = 0
@@ -87,7 +89,10 @@ def _check_header(check, header_bytes, expected):
         header_text = header_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise check.fail("line 1 (header)", "not UTF-8 text") from None
-    got = next(csv.reader([header_text]), [])
+    try:
+        got = next(csv.reader([header_text]), [])
+    except csv.Error:  # a field over csv's limit (128 KiB): a file of NUL bytes left by a cut-short copy, say
+        raise check.fail("line 1 (header)", "not the competition's header (a field of more than 128 KiB)") from None
     for j in range(max(len(got), len(expected))):
         if j >= len(got):
             raise check.fail("line 1 (header)", f"{len(got)} columns where {len(expected)} were expected "
@@ -174,12 +179,12 @@ def read_digit_csv(path, header):
 
     # Only digits and separators remain, every row the right width: the C parser can take it.
     frame = pd.read_csv(io.BytesIO(body), header=None, names=range(len(header)), na_filter=False, engine="c")
-    overflow = [c for c, t in enumerate(frame.dtypes) if not np.issubdtype(t, np.signedinteger)]
-    if overflow:  # digits too many for int64: certainly out of range, find the first such cell
-        col = overflow[0]
-        cells = [int(v) for v in frame[col]]
-        row = next((r for r, v in enumerate(cells) if v > 255), 0)
-        raise check.cell(row, col, f"value {cells[row]} is outside {_limit(header[col])}")
+    if not all(isinstance(t, np.dtype) and np.issubdtype(t, np.signedinteger) for t in frame.dtypes):
+        # too many digits for int64: pandas read the column as uint64, float or text
+        big = FOUR_DIGITS.search(body)  # the first cell of 1000 or more, however long
+        row, col, text = check.at(body, big.start())
+        raise check.cell(row, col, f"value {text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + '...'} is "
+                                   f"outside {_limit(header[col])}")
     values = frame.to_numpy(dtype=np.int64)
     del frame
     out_of_range = values > 255

@@ -91,6 +91,9 @@ MALFORMED = [
     ("too_big", set_cell(GOOD_TRAIN, 17, 302, "256"), GOOD_TEST,
      ["row 17 (line 18), column pixel301: value 256 is outside 0..255"]),
     ("huge", set_cell(GOOD_TRAIN, 4, 9, "9" * 30), GOOD_TEST, ["row 4 (line 5), column pixel8", "outside 0..255"]),
+    ("thousands_of_digits", set_cell(GOOD_TRAIN, 4, 9, "9" * 5000), GOOD_TEST,  # pandas read it as text: a traceback
+     ["row 4 (line 5), column pixel8", "value 999999999999999999999999... is outside 0..255"]),
+    ("nul_bytes", "\x00" * 300_000, GOOD_TEST, ["line 1 (header)", "not the competition's header"]),  # a cut copy
     ("label_10", set_cell(GOOD_TRAIN, 6, 0, "10"), GOOD_TEST, ["row 6 (line 7), column label", "outside 0..9"]),
     ("short_row", replace_line(GOOD_TRAIN, 8, ROW3.rsplit(",", 1)[0]), GOOD_TEST, ["row 8 (line 9)", "784 values where 785"]),
     ("long_row", replace_line(GOOD_TRAIN, 8, ROW3 + ",0"), GOOD_TEST, ["row 8 (line 9)", "786 values where 785"]),
