@@ -197,7 +197,7 @@ def plot_filters(kernel, path):
 # ---------------------------------------------------------------- report.md
 
 def format_duration(seconds):
-    if not isinstance(seconds, (int, float)):
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):  # NaN in a hand-edited summary
         return "unknown"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -301,7 +301,7 @@ def write_report(folder):
     plot_per_class(per_class, out / "per_class.png")
     plot_filters(kernel, out / "filters.png")
     report = out / "report.md"
-    write_text(report, report_markdown(folder.name, summary, config, metrics, confusion, per_class, len(worst)))
+    write_text(report, report_markdown(run.name, summary, config, metrics, confusion, per_class, len(worst)))
     return report
 
 

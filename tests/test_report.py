@@ -139,6 +139,7 @@ def test_format_duration():
     assert report.format_duration(59.6) == "1m 00s"
     assert report.format_duration(3725) == "1h 02m 05s"
     assert report.format_duration(None) == "unknown"
+    assert report.format_duration(float("nan")) == report.format_duration(float("inf")) == "unknown"  # a traceback
 
 
 def test_a_run_of_another_train_csv_is_refused_not_drawn_with_other_images(run, tmp_path, capsys):
@@ -167,3 +168,5 @@ def test_an_ensemble_says_which_members_to_report(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RUN=night/members/K` (K: 0)" in err, err
     assert report.main(["--run", "night/members/0"]) == 0
+    title = (tmp_path / "runs" / "night" / "members" / "0" / "report" / "report.md").read_text().splitlines()[0]
+    assert "night/members/0" in title, title  # it was titled "Run `0`"
