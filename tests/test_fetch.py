@@ -460,3 +460,15 @@ def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys)
     assert "nothing to do" in capsys.readouterr().out
     assert run_mnist(tiny, raw, "--if-needed") == 0  # no seed given (`make fetch`): the copy there is kept
     assert "nothing to do" in capsys.readouterr().out and (raw / "train.csv").read_bytes() != seed0
+
+
+def test_damaged_compressed_data_in_the_kaggle_zip_is_one_line(tmp_path):
+    # a flipped byte inside the deflated data raised zlib.error (only BadZipFile was caught): a traceback
+    archive = tmp_path / "digit-recognizer.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train.csv", ("label," + ",".join(str(i) for i in range(5000)) + "\n") * 50)
+    data = bytearray(archive.read_bytes())
+    data[102] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="is damaged"):
+        fetch._copier(archive, "train.csv")(tmp_path / "out.csv")
