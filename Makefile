@@ -12,7 +12,7 @@ $(foreach v,$(CMDLINE_VARS),$(eval override export $(v) := $$(value $(v))))
 READ_VARS := PRESET RUN SOURCE UPLOAD MESSAGE TTA GPU CONTINUE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV \
   EPOCHS MAX_TIME DEVICE SEED
 # The training settings among them reach train as command-line ones do (`SEED=1 make train` trained seed 0).
-ENV_SETTINGS := $(strip $(foreach v,EPOCHS MAX_TIME DEVICE SEED,$(if $(and $(filter environment,$(origin $(v))),$(value $(v))),$(v))))
+ENV_SETTINGS := $(strip $(foreach v,EPOCHS MAX_TIME DEVICE SEED VAL_FRACTION,$(if $(and $(filter environment,$(origin $(v))),$(value $(v))),$(v))))
 export PIPELINE_ENV_SETTINGS := $(ENV_SETTINGS)
 $(foreach v,$(READ_VARS),$(if $(filter environment,$(origin $(v))),$(eval override export $(v) := $$(value $(v)))))
 
@@ -105,7 +105,7 @@ $(RAW)/train.csv $(RAW)/test.csv &: $(if $(wildcard $(RAW)/.fetch-incomplete),FO
 # `make train VAL_FRACTION=...` splits the data again for RUN: train is asked first whether it would take the
 # setting, so that a run it refuses (one started on another split) does not leave every other run's split changed.
 prepare: $(RAW)/train.csv $(RAW)/test.csv | $(VENV)/.installed ## validate, normalize and split the data (again when the CSVs or VAL_FRACTION changed)
-	$(if $(and $(VAL_FRACTION),$(filter train,$(MAKECMDGOALS))),$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars --check-config "VAL_FRACTION=$$PIPELINE_VAR_VAL_FRACTION")
+	$(if $(and $(VAL_FRACTION),$(filter train,$(MAKECMDGOALS))),$(PY) -m pipeline.train $(PRESET_ARG) --run $(RUN) --make-vars --check-config)
 	$(PY) -m pipeline.prepare --if-needed $(if $(VAL_FRACTION),--val-fraction "$$PIPELINE_VAR_VAL_FRACTION")
 
 # The stages below always ask the run (cheap when there is nothing to do): it knows what is finished and

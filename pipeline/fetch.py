@@ -83,8 +83,8 @@ def install_raw_files(raw_dir, writers, remove=()):
     raw_dir = Path(raw_dir)
     names = sorted(writers, key=lambda name: (name == "train.csv", name == SOURCE_RECORD))  # the record after test.csv
     marker = raw_dir / dataset.FETCH_INCOMPLETE
-    for name in names:  # a folder in a file's place: refused before anything is written (the others were moved in,
-        target = raw_dir / name  # then train.csv failed, and every later fetch failed alike)
+    for name in [*names, *remove]:  # a folder in a file's place: refused before anything is written (the others
+        target = raw_dir / name  # were moved in, then train.csv failed, and every later fetch failed alike)
         if target.is_dir() and not target.is_symlink():
             try:
                 target.rmdir()  # an empty one is simply in the way
@@ -143,7 +143,7 @@ def _copier(archive, source):
             with zipfile.ZipFile(archive) as zf, zf.open(source) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a bad header, bad or cut-short compressed data
-            raise UserError(f"the Kaggle download {archive.name} is damaged: {exc or type(exc).__name__}") from None
+            raise UserError(f"the Kaggle download {archive.name} is damaged: {str(exc) or type(exc).__name__}") from None
     return copy
 
 
@@ -209,6 +209,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     raw_dir = args.raw or paths.data_raw()
     source = args.source
+    if args.seed is not None:  # a seed splits the offline copy; Kaggle's files come split
+        if source == "kaggle":
+            raise UserError("--seed splits the offline mnist copy; Kaggle's own data comes split: drop --seed, or "
+                            "use --source mnist")
+        source = "mnist"
     if args.if_needed:
         have = current_source(raw_dir)
         if have == "mnist" and args.seed is not None and recorded_seed(raw_dir) != args.seed:

