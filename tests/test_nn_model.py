@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.nn import ARCHITECTURES, build_model, select_device, softmax_cross_entropy, to_numpy
-from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
+from pipeline.nn.fused import BatchNormReLU, ConvMaxPool2x2, ConvReLUMaxPool2x2, ReLUMaxPool
 from pipeline.nn.errors import EngineError
 from pipeline.nn.layers import BatchNorm, Conv2D, Dense, Layer
 from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, MaxPool2D, ReLU
@@ -77,7 +77,7 @@ def test_conv_then_pool_without_relu_and_odd_outputs():
     spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "maxpool", "size": 2},
             {"type": "flatten"}, {"type": "dense"}]
     even = build_model(spec, input_shape=(8, 8, 1), num_classes=3)
-    assert type(even.layers[0]) is ConvReLUMaxPool2x2 and not even.layers[0].apply_relu
+    assert type(even.layers[0]) is ConvMaxPool2x2  # its own class: no ReLU flag inside ConvReLUMaxPool2x2
     assert even.names[0] == "0-1.conv2d+maxpool"
     odd = build_model(spec, input_shape=(9, 9, 1), num_classes=3)  # 7x7 convolution output: not fusable
     assert [type(layer) for layer in odd.layers] == [Conv2D, MaxPool2D, Flatten, Dense]
@@ -130,7 +130,7 @@ def test_fused_model_equals_the_plain_layers(arch):
     assert len(fused.layers) < len(plain.layers) or arch == "deotte_relu_bn"
     if arch == "mixed":
         assert [type(layer) for layer in fused.layers] == [Conv2D, BatchNormReLU, MaxPool2D, ConvReLUMaxPool2x2,
-                                                           ConvReLUMaxPool2x2, Flatten, Dropout, Dense,
+                                                           ConvMaxPool2x2, Flatten, Dropout, Dense,
                                                            BatchNormReLU, Dense]
     for got, want in zip(passes(fused, x, y), passes(plain, x, y)):
         for a, b in zip(got[:2], want[:2]):

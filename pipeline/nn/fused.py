@@ -15,7 +15,7 @@ class _Fused(Layer):
 
     def __init__(self, *parts):
         super().__init__()
-        self._parts = tuple(p for p in parts if p is not None)
+        self._parts = tuple(parts)
 
     @property
     def parts(self):
@@ -45,18 +45,17 @@ class _Fused(Layer):
         return f"{type(self).__name__}({', '.join(map(repr, self._parts))})"
 
 
-class ConvReLUMaxPool2x2(_Fused):
-    """Conv2D (stride 1, even output) [-> ReLU] -> MaxPool2D(2) in one pass: convpool.conv2d_maxpool_*.
+class _ConvMaxPool2x2(_Fused):
+    """Conv2D (stride 1, even output) -> [ReLU] -> MaxPool2D(2) in one pass: convpool.conv2d_maxpool_*. Each
+    subclass says by its name, and RELU, whether the ReLU is among its parts."""
 
-    relu may be None (a convolution straight into the pool)."""
-
+    RELU = None  # set by each subclass
     output_may_be_overwritten = grad_may_be_overwritten = True
     returns_input_view = False
     can_reuse_eval_output = True
 
-    def __init__(self, conv, relu, pool2x2, *, reuse_eval_output=False):
-        super().__init__(conv, relu, pool2x2)
-        self.apply_relu = relu is not None
+    def __init__(self, *parts, reuse_eval_output=False):
+        super().__init__(*parts)
         self.reuse_eval_output = bool(reuse_eval_output)
 
     @property
@@ -70,7 +69,7 @@ class ConvReLUMaxPool2x2(_Fused):
     def forward(self, x, train):
         n, (ho, wo), f = x.shape[0], self.conv.out_hw, self.conv.filters
         out, self.cache = convpool.conv2d_maxpool_forward(
-            x, self.conv.params["w"], self.conv.params.get("b"), self.conv.pad, self.apply_relu, train,
+            x, self.conv.params["w"], self.conv.params.get("b"), self.conv.pad, self.RELU, train,
             workspace=self.workspace if train else self.eval_workspace,
             out=self.eval_output(train, (n, ho // 2, wo // 2, f), x))
         return out
@@ -83,6 +82,24 @@ class ConvReLUMaxPool2x2(_Fused):
         if db is not None:
             self.conv.grads["b"][...] = db
         return dx
+
+
+class ConvReLUMaxPool2x2(_ConvMaxPool2x2):
+    """Conv2D (stride 1, even output) -> ReLU -> MaxPool2D(2) in one pass."""
+
+    RELU = True
+
+    def __init__(self, conv, relu, pool2x2, *, reuse_eval_output=False):
+        super().__init__(conv, relu, pool2x2, reuse_eval_output=reuse_eval_output)
+
+
+class ConvMaxPool2x2(_ConvMaxPool2x2):
+    """Conv2D (stride 1, even output) -> MaxPool2D(2) in one pass: a convolution straight into the pool."""
+
+    RELU = False
+
+    def __init__(self, conv, pool2x2, *, reuse_eval_output=False):
+        super().__init__(conv, pool2x2, reuse_eval_output=reuse_eval_output)
 
 
 class BatchNormReLU(_Fused):

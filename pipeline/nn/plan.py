@@ -8,7 +8,7 @@ which eval outputs may reuse a buffer kept between calls. Nothing is set on a la
 may assume of a layer's memory is that class's attributes (layers.Layer), whose defaults are safe for a
 new layer.
 
-Two choices depend on the backend, both NumPy only: the conv_relu_maxpool2x2 fusion (a GPU runs the plain
+Two choices depend on the backend, both NumPy only: the conv..._maxpool2x2 fusions (a GPU runs the plain
 layers faster) and reused eval buffers (memory only: CuPy's memory pool already makes fresh device arrays
 cheap). The values computed are the same either way.
 
@@ -18,7 +18,7 @@ convolution folded into a new convolution, every array copied as it is then.
 import numpy as np
 
 from pipeline.nn import convpool
-from pipeline.nn.fused import BatchNormReLU, ConvReLUMaxPool2x2, ReLUMaxPool
+from pipeline.nn.fused import BatchNormReLU, ConvMaxPool2x2, ConvReLUMaxPool2x2, ReLUMaxPool
 from pipeline.nn.errors import with_context
 from pipeline.nn.layers import BatchNorm, Conv2D
 from pipeline.nn.parameterless import Dropout, MaxPool2D, ReLU
@@ -29,16 +29,25 @@ def _type_at(probes, i):
     return type(probes[i]) if i < len(probes) else None
 
 
+def _fusable_conv(probes, out_shapes, i):
+    """A Conv2D convpool can fuse with the pool after it: stride 1, an even output."""
+    return type(probes[i]) is Conv2D and convpool.fusable(probes[i].stride, out_shapes[i][:2])
+
+
+def _is_maxpool2x2(probes, j):
+    return _type_at(probes, j) is MaxPool2D and probes[j].size == probes[j].stride == 2
+
+
 def _conv_relu_maxpool2x2(probes, out_shapes, i):
-    """Conv2D [-> ReLU] -> MaxPool2D(2, stride 2), the convolution of stride 1 with an even output."""
-    conv = probes[i]
-    if type(conv) is not Conv2D or not convpool.fusable(conv.stride, out_shapes[i][:2]):
-        return None
-    relu = i + 1 if _type_at(probes, i + 1) is ReLU else None
-    j = i + 1 + (relu is not None)
-    if _type_at(probes, j) is MaxPool2D and probes[j].size == probes[j].stride == 2:
-        return (i, relu, j)
+    """Conv2D -> ReLU -> MaxPool2D(2, stride 2)."""
+    if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is ReLU and _is_maxpool2x2(probes, i + 2):
+        return (i, i + 1, i + 2)
     return None
+
+
+def _conv_maxpool2x2(probes, out_shapes, i):
+    """Conv2D -> MaxPool2D(2, stride 2): a convolution straight into the pool."""
+    return (i, i + 1) if _fusable_conv(probes, out_shapes, i) and _is_maxpool2x2(probes, i + 1) else None
 
 
 def _batchnorm_relu(probes, out_shapes, i):
@@ -49,10 +58,11 @@ def _relu_maxpool(probes, out_shapes, i):
     return (i, i + 1) if type(probes[i]) is ReLU and _type_at(probes, i + 1) is MaxPool2D else None
 
 
-# name: (fused class, matcher(probes, output shapes, i) -> the spec indices it takes (None: a part left
-# out) or None). Tried in this order at each position.
+# name: (fused class, matcher(probes, output shapes, i) -> the spec indices it takes, or None). Tried in this
+# order at each position.
 FUSIONS = {
     "conv_relu_maxpool2x2": (ConvReLUMaxPool2x2, _conv_relu_maxpool2x2),
+    "conv_maxpool2x2": (ConvMaxPool2x2, _conv_maxpool2x2),
     "batchnorm_relu": (BatchNormReLU, _batchnorm_relu),
     "relu_maxpool": (ReLUMaxPool, _relu_maxpool),
 }
@@ -68,7 +78,7 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
     # convpool works around OpenBLAS and NumPy costs of few-filter layers that a GPU does not have (see its
     # docstring): there the plain layers are faster
     if xp is not np:
-        fuse.discard("conv_relu_maxpool2x2")
+        fuse -= {"conv_relu_maxpool2x2", "conv_maxpool2x2"}
     probes, out_shapes, shape = [], [], tuple(int(s) for s in input_shape)
     for i, s in enumerate(spec):
         probe = layer_from_spec(s)
@@ -88,7 +98,7 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
         else:
             cls, taken = type(probes[i]), (i,)
         groups.append((cls, taken))
-        i = max(t for t in taken if t is not None) + 1
+        i = taken[-1] + 1
 
     classes = [cls for cls, _ in groups]
     # the caller's output, and every layer whose memory reaches it through views, must be fresh: the last
@@ -108,7 +118,7 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
         if len(taken) == 1:
             layers.append(layer_from_spec(spec[taken[0]], **options))
         else:
-            layers.append(cls(*(None if t is None else layer_from_spec(spec[t]) for t in taken), **options))
+            layers.append(cls(*(layer_from_spec(spec[t]) for t in taken), **options))
     return layers
 
 
