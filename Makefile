@@ -168,7 +168,7 @@ KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "
 	$(if $(EPOCHS),--epochs "$$EPOCHS") $(if $(MAX_TIME),--max-time "$$MAX_TIME") \
 	$(if $(DEVICE),--device "$$DEVICE") $(if $(SEED),--seed "$$SEED") \
 	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \
-	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID")
+	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID") $(if $(filter 1,$(FORCE)),--force)
 
 kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1)
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)

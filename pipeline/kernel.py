@@ -26,6 +26,7 @@ import argparse
 import ast
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -276,8 +277,15 @@ def build_notebook(files, settings=None):
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     })
+    nb.metadata["pipeline"] = {"built_cells_sha256": own_cells_sha256(nb)}  # what a rebuild may overwrite
     nbformat.validate(nb)
     return nb
+
+
+def own_cells_sha256(nb):
+    """sha256 of the notebook's cells other than the settings and the bundle (the ones a user edits by hand)."""
+    own = [[c.cell_type, c.source] for c in nb.cells if not {"settings", "bundle"} & set(c.metadata.get("tags", []))]
+    return hashlib.sha256(json.dumps(own).encode()).hexdigest()
 
 
 def notebook_text(files=None, settings=None):
@@ -374,6 +382,23 @@ def generate(out, kernel_id, settings=None, gpu=False, continue_run=False):
     write_text(out / NOTEBOOK, notebook)
     write_text(out / METADATA, metadata_text(kernel_id, gpu, continue_run))
     return out / METADATA, out / NOTEBOOK
+
+
+def refuse_to_overwrite_edits(out):
+    """The notebook in `out` is rebuilt whole: a cell edited by hand since it was built (any but the settings
+    cell, whose values `make kernel` is given, and the bundle) would be lost unsaid. Refused, unless FORCE=1.
+    Told by the hash the build recorded, so a template changed since is no edit."""
+    import nbformat
+
+    path = Path(out) / NOTEBOOK
+    try:
+        old = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
+    except (OSError, ValueError):
+        return  # none, or not a notebook one could still edit: nothing to keep
+    built = old.metadata.get("pipeline", {}).get("built_cells_sha256")
+    if built is not None and built != own_cells_sha256(old):
+        raise UserError(f"{path} has cells edited by hand since it was built: `make kernel` rebuilds the notebook "
+                        f"whole; keep your edits elsewhere, then `make kernel FORCE=1`")
 
 
 def built_options(folder):
@@ -519,6 +544,8 @@ def build_parser():
                                                       "default: a CPU session")
     g.add_argument("--continue", dest="continue_run", action="store_true",
                    help="attach the kernel's own previous output as an input, to continue its run")
+    g.add_argument("--force", action="store_true",
+                   help="build even over cells of the notebook edited by hand (FORCE=1); they are lost")
     for name, text in (("push", "push the built kernel and wait for its run"),
                        ("status", "the status of its latest run"), ("output", "download the run's submission.csv")):
         s = sub.add_parser(name, help=text)
@@ -557,6 +584,8 @@ def main(argv=None):
                  "SEED": args.seed}
         settings = {name: value for name, value in given.items() if value is not None}
         check_session(check_settings(settings)["DEVICE"], args.gpu)
+        if not args.force:
+            refuse_to_overwrite_edits(args.out)
         meta, notebook = generate(args.out, kernel_id, settings, args.gpu, args.continue_run)
         print(f"wrote {meta} ({kernel_id}, {'a T4 GPU' if args.gpu else 'a CPU'} session"
               f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")

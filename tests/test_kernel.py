@@ -888,3 +888,25 @@ def test_push_checks_a_settings_cell_edited_by_hand(kernel_folder, capsys, edit,
     assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
+
+
+def test_make_kernel_keeps_cells_edited_by_hand_unless_forced(tmp_path, capsys):
+    # the cells other than the settings are the user's to edit; `make kernel` (which push's refusal advises)
+    # rebuilt the notebook whole and they were gone without a word
+    import nbformat
+
+    out = tmp_path / "k"
+    args = ["generate", "--id", KERNEL_ID, "--out", str(out)]
+    assert kernel.main(args) == 0
+    assert kernel.main([*args, "--seed", "4"]) == 0  # the settings cell is make kernel's to write
+    notebook = out / kernel.NOTEBOOK
+    nb = nbformat.read(notebook, as_version=4)
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and not c.metadata.get("tags")][:1]
+    cell.source += "\nprint('my own line')"
+    nbformat.write(nb, notebook)
+    capsys.readouterr()
+    assert kernel.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "edited by hand" in err and "FORCE=1" in err, err
+    assert "my own line" in notebook.read_text()
+    assert kernel.main([*args, "--force"]) == 0 and "my own line" not in notebook.read_text()
