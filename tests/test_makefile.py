@@ -509,3 +509,12 @@ def test_tta_given_to_submit_or_predict_reaches_predict(tmp_path):
         assert sandbox_make(box, *args, "RUN=x").returncode == 0
         predicted = [c["argv"][2:] for c in calls(box) if c["argv"][1] == "pipeline.predict"]
         assert predicted == ([] if expected is None else [["--run", "x", *expected]]), (args, predicted)
+
+
+def test_force_reaches_make_kernel(tmp_path):
+    box = sandbox(tmp_path)
+    for args, forced in ((["kernel"], False), (["kernel", "FORCE=1"], True), (["kernel", "FORCE=0"], False)):
+        (box / "calls.jsonl").unlink(missing_ok=True)
+        assert sandbox_make(box, *args).returncode == 0
+        (call,) = [c for c in calls(box) if c["argv"][1] == "pipeline.kernel"]
+        assert ("--force" in call["argv"]) is forced, call["argv"]
