@@ -49,7 +49,8 @@ ifneq ($(or $(if $(strip $(VENV)),,empty),$(subst $(eval) ,<space>,$(call strip_
 $(error VENV='$(VENV)' is not a folder name: use letters, digits, '.', '_', '-' and '/')
 endif
 # Make's variables are case-sensitive: `make submit run=x` would leave RUN as it was and submit another run.
-$(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE,\
+$(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE \
+  force:FORCE val_fraction:VAL_FRACTION kaggle_kernel_id:KAGGLE_KERNEL_ID python_base:PYTHON_BASE venv:VENV,\
   $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
 # Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
@@ -75,7 +76,7 @@ help: ## list the targets
 	@echo "Digit Recognizer pipeline. Usage: make TARGET [PRESET=quick|standard|overnight] [RUN=name] [KEY=value ...]"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_.\/$$()-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-venv: $(VENV)/.installed ## create .venv from requirements.txt (every target does this first)
+venv: $(VENV)/.installed ## create .venv from requirements.txt (every target but help and clean does this first)
 
 $(VENV)/.installed: requirements.txt
 	$(if $(PYTHON_BASE),,$(error no python3.11 or newer found on PATH: install one, or name it with PYTHON_BASE=...))
@@ -170,7 +171,7 @@ KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "
 	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \
 	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID") $(if $(filter 1,$(FORCE)),--force)
 
-kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1)
+kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1, KAGGLE_KERNEL_ID, FORCE=1)
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
 # kernel-push uploads the build as it is; with no build yet, it makes one with the defaults first.

@@ -356,9 +356,11 @@ def test_what_training_delivers_is_predicted_before_it_is_submitted(tmp_path):
     assert stages == ["pipeline.predict", "pipeline.submit", "pipeline.submit"], stages
 
 
-@pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist")])
+@pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist"),
+                                             ("kernel", "force=1"), ("train", "val_fraction=0.2")])
 def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, target, variable):
-    # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset
+    # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset,
+    # `make kernel force=1` rebuilt nothing, `make train val_fraction=0.2` recorded 0.2 on a split prepare kept
     box = sandbox(tmp_path)
     built(box)
     result = sandbox_make(box, target, variable)
