@@ -373,3 +373,17 @@ def test_a_batch_in_another_memory_order_gives_the_same_logits(train):
     assert not x.flags.c_contiguous
     a, b = (build_model(spec, input_shape=(6, 6, 3)) for _ in range(2))
     np.testing.assert_array_equal(a.forward(x, train=train), b.forward(np.ascontiguousarray(x), train=train))
+
+
+def test_a_relu_overwrites_its_incoming_gradient_only_when_the_layer_that_made_it_says_it_is_fresh():
+    # the rule asked whether *any* later layer returned fresh memory: a new layer returning memory it holds, with
+    # a Dense after it, would have had that memory overwritten by the ReLU before it
+    from pipeline.nn.plan import gradient_is_fresh
+
+    class HoldsItsGradient(Layer):  # the defaults: nothing promised
+        pass
+
+    assert not gradient_is_fresh([HoldsItsGradient, Dense])
+    assert gradient_is_fresh([Flatten, Dropout, ReLU, Dense])  # each passes the gradient from the Dense through
+    assert not gradient_is_fresh([Flatten])  # the caller's loss gradient
+    assert gradient_is_fresh([Dense, HoldsItsGradient])

@@ -31,6 +31,10 @@ class Layer:
     output_may_be_overwritten = False
     # backward's result is fresh memory that nothing refers to: a preceding ReLU may overwrite it
     grad_may_be_overwritten = False
+    # backward may return its incoming gradient or a view of it (a reshape, an in-place ReLU, an eval dropout):
+    # the plan looks through it for the layer whose memory a preceding ReLU would overwrite. The default
+    # assumes held memory, where the plan stops: safe for a new layer.
+    grad_may_be_incoming_view = False
     # forward may return its input or a view of it (a reshape, an eval dropout): the plan looks through
     # it for the layer whose memory the caller gets. Only a layer that always returns memory of its own
     # sets False.

@@ -14,6 +14,7 @@ class ReLU(Layer):
     inplace_backward: overwrite the incoming gradient (likewise)."""
 
     kind = "relu"
+    grad_may_be_incoming_view = True  # in place: the incoming gradient itself
 
     def __init__(self, *, inplace_forward=False, inplace_backward=False):
         super().__init__()
@@ -113,6 +114,7 @@ class Dropout(Layer):
     """Inverted dropout; masks come from `rng`, the model's numpy Generator (the plan passes it)."""
 
     kind = "dropout"
+    grad_may_be_incoming_view = True  # after an eval pass: the incoming gradient itself
 
     def __init__(self, rate=0.5, *, rng=None):
         super().__init__()
@@ -136,6 +138,7 @@ class Flatten(Layer):
     """(N, H, W, C) -> (N, H*W*C) in C order: a view of the input."""
 
     kind = "flatten"
+    grad_may_be_incoming_view = True  # a reshape of it
 
     def output_shape(self, input_shape):
         return (int(np.prod(input_shape)),)

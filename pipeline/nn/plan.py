@@ -68,6 +68,18 @@ FUSIONS = {
 }
 
 
+def gradient_is_fresh(later):
+    """Whether the gradient a layer receives, from the layers `later` than it (in order), is fresh memory that
+    nothing else refers to: the first of them that does not pass its incoming gradient through says. After the
+    last layer it is the caller's (the loss gradient): never."""
+    for cls in later:
+        if cls.grad_may_be_overwritten:
+            return True
+        if not cls.grad_may_be_incoming_view:  # held memory, or a layer that says nothing: not to overwrite
+            return False
+    return False
+
+
 def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSIONS)):
     """The layers (not built) that compute the list of layer-spec dicts `spec` on backend xp for inputs of
     shape input_shape (H, W, C). dropout_rng: the numpy Generator every dropout layer draws from.
@@ -112,7 +124,7 @@ def plan(spec, xp=np, input_shape=(28, 28, 1), dropout_rng=None, fuse=tuple(FUSI
             options["reuse_eval_output"] = xp is np and k < last
         if cls is ReLU:  # in place where nothing else holds that memory
             options["inplace_forward"] = k > 0 and classes[k - 1].output_may_be_overwritten
-            options["inplace_backward"] = any(later.grad_may_be_overwritten for later in classes[k + 1:])
+            options["inplace_backward"] = gradient_is_fresh(classes[k + 1:])
         if cls is Dropout:
             options["rng"] = dropout_rng
         if len(taken) == 1:
