@@ -55,12 +55,14 @@ $(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tt
     $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
 # Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
 # (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
-INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA name_chars strip_chars not_a_name \
+INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA FORCE_GIVEN name_chars strip_chars not_a_name \
   RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS
 $(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
-$(foreach v,TTA GPU CONTINUE UPLOAD,$(if $(filter-out 0 1,$(value $(v))),\
+$(foreach v,TTA GPU CONTINUE UPLOAD $(filter FORCE,$(CMDLINE_VARS)),$(if $(filter-out 0 1,$(value $(v))),\
   $(error $(v)='$(value $(v))' is not a switch: use $(v)=1 or $(v)=0)))
+# FORCE is read from the command line only: one exported for something else never forces anything.
+FORCE_GIVEN := $(if $(filter FORCE,$(CMDLINE_VARS)),$(filter 1,$(FORCE)))
 export PIPELINE_MAKE_VARS := $(sort $(CMDLINE_VARS) $(ENV_SETTINGS))
 $(foreach v,$(sort $(CMDLINE_VARS) $(ENV_SETTINGS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
   $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))
@@ -169,7 +171,7 @@ KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "
 	$(if $(EPOCHS),--epochs "$$EPOCHS") $(if $(MAX_TIME),--max-time "$$MAX_TIME") \
 	$(if $(DEVICE),--device "$$DEVICE") $(if $(SEED),--seed "$$SEED") \
 	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \
-	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID") $(if $(filter 1,$(FORCE)),--force)
+	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID") $(if $(FORCE_GIVEN),--force)
 
 kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1, KAGGLE_KERNEL_ID, FORCE=1)
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
@@ -189,7 +191,7 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 
 FORCE:
 
-clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv and the upload record)
+clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv, build/, submissions/kernel/ and the upload record)
 	@# a run in use (its .lock held: a training, a blend, a prediction) is not pulled from under its process
 	@command -v flock >/dev/null || exit 0; for lock in runs/*/.lock; do [ -e "$$lock" ] || continue; \
 	  flock -n "$$lock" true || { echo "error: $${lock%/.lock} is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; \

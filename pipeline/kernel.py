@@ -284,7 +284,8 @@ def build_notebook(files, settings=None):
 
 def own_cells_sha256(nb):
     """sha256 of the notebook's cells other than the settings and the bundle (the ones a user edits by hand)."""
-    own = [[c.cell_type, c.source] for c in nb.cells if not {"settings", "bundle"} & set(c.metadata.get("tags", []))]
+    own = [[c.cell_type, c.source.replace("\r\n", "\n").rstrip()] for c in nb.cells  # as editors save them
+           if not {"settings", "bundle"} & set(c.metadata.get("tags", []))]
     return hashlib.sha256(json.dumps(own).encode()).hexdigest()
 
 
@@ -384,21 +385,24 @@ def generate(out, kernel_id, settings=None, gpu=False, continue_run=False):
     return out / METADATA, out / NOTEBOOK
 
 
-def refuse_to_overwrite_edits(out):
+def refuse_to_overwrite_edits(out, given):
     """The notebook in `out` is rebuilt whole: a cell edited by hand since it was built (any but the settings
     cell, whose values `make kernel` is given, and the bundle) would be lost unsaid. Refused, unless FORCE=1.
-    Told by the hash the build recorded, so a template changed since is no edit."""
+    Told by the hash the build recorded, so a template changed since is no edit (a notebook built before the
+    hash was kept is not protected). given: the make variables of this build, for the advice."""
     import nbformat
 
     path = Path(out) / NOTEBOOK
     try:
         old = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
-    except (OSError, ValueError):
+        record = old.metadata.get("pipeline")
+        built = record.get("built_cells_sha256") if isinstance(record, dict) else None
+        now = own_cells_sha256(old) if built is not None else None
+    except (OSError, ValueError, AttributeError, TypeError):
         return  # none, or not a notebook one could still edit: nothing to keep
-    built = old.metadata.get("pipeline", {}).get("built_cells_sha256")
-    if built is not None and built != own_cells_sha256(old):
+    if built is not None and built != now:
         raise UserError(f"{path} has cells edited by hand since it was built: `make kernel` rebuilds the notebook "
-                        f"whole; keep your edits elsewhere, then `make kernel FORCE=1`")
+                        f"whole; keep your edits elsewhere, then `{rebuild_command({**given, 'FORCE': 1})}`")
 
 
 def built_options(folder):
@@ -564,7 +568,8 @@ def refuse_unused_settings(environ):
     from pipeline.config import TrainConfig
 
     names = {f.name.upper() for f in dataclasses.fields(TrainConfig)} - set(SETTINGS)
-    unused = [v for v in environ.get("PIPELINE_MAKE_VARS", "").split() if v.upper() in names]
+    exported = set(environ.get("PIPELINE_ENV_SETTINGS", "").split())  # (VAL_FRACTION=0.2 for make train: not ours)
+    unused = [v for v in environ.get("PIPELINE_MAKE_VARS", "").split() if v.upper() in names and v not in exported]
     if unused:
         raise UserError(f"{', '.join(unused)}: the notebook's settings cell holds only {', '.join(SETTINGS)}, so "
                         f"the notebook would train without {'it' if len(unused) == 1 else 'them'}; set other "
@@ -585,7 +590,8 @@ def main(argv=None):
         settings = {name: value for name, value in given.items() if value is not None}
         check_session(check_settings(settings)["DEVICE"], args.gpu)
         if not args.force:
-            refuse_to_overwrite_edits(args.out)
+            refuse_to_overwrite_edits(args.out, {**settings, "GPU": int(args.gpu), "CONTINUE": int(args.continue_run),
+                                                 **({"KAGGLE_KERNEL_ID": args.id} if args.id else {})})
         meta, notebook = generate(args.out, kernel_id, settings, args.gpu, args.continue_run)
         print(f"wrote {meta} ({kernel_id}, {'a T4 GPU' if args.gpu else 'a CPU'} session"
               f"{', continuing its previous output' if args.continue_run else ''}) and {notebook}")

@@ -872,6 +872,17 @@ def test_the_settings_cell_names_each_presets_epochs():
         assert f"{preset} {build_config(preset).epochs}" in line, line
 
 
+def test_a_setting_exported_for_training_does_not_stop_make_kernel(tmp_path, monkeypatch):
+    # VAL_FRACTION exported for `make train` reaches PIPELINE_MAKE_VARS as an environment setting: make kernel
+    # refused it as a setting the notebook lacks
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "VAL_FRACTION")
+    monkeypatch.setenv("PIPELINE_ENV_SETTINGS", "VAL_FRACTION")
+    monkeypatch.setenv("PIPELINE_VAR_VAL_FRACTION", "0.2")
+    assert kernel.main(["generate", "--id", KERNEL_ID, "--out", str(tmp_path / "k")]) == 0
+    monkeypatch.setenv("PIPELINE_ENV_SETTINGS", "")  # typed on make's command line: refused, as before
+    assert kernel.main(["generate", "--id", KERNEL_ID, "--out", str(tmp_path / "k")]) == 2
+
+
 @pytest.mark.parametrize("edit,words", [(('PRESET = "standard"', 'PRESET = "standrad"'), "unknown preset 'standrad'"),
                                         (('DEVICE = "auto"', 'DEVICE = "gpu"'), "a CPU session lacks"),
                                         (('MAX_TIME = "10h"', 'MAX_TIME = "12h"'), "ends a session at 12h")])
@@ -905,8 +916,15 @@ def test_make_kernel_keeps_cells_edited_by_hand_unless_forced(tmp_path, capsys):
     cell.source += "\nprint('my own line')"
     nbformat.write(nb, notebook)
     capsys.readouterr()
-    assert kernel.main(args) == 2
+    assert kernel.main([*args, "--preset", "quick"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "edited by hand" in err and "FORCE=1" in err, err
-    assert "my own line" in notebook.read_text()
+    assert err.count("\n") == 1 and "edited by hand" in err and "make kernel PRESET=quick " in err, err
+    assert "FORCE=1" in err and "my own line" in notebook.read_text()  # the advice keeps what was asked for
+    text = notebook.read_text()
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["pipeline"] = []  # damaged: a one-line matter at most, never a traceback
+    nbformat.write(nb, notebook)
+    assert kernel.main([*args, "--force"]) == 0
+    notebook.write_text(text)
+    assert kernel.main(args) == 2
     assert kernel.main([*args, "--force"]) == 0 and "my own line" not in notebook.read_text()

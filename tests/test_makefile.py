@@ -513,10 +513,14 @@ def test_tta_given_to_submit_or_predict_reaches_predict(tmp_path):
         assert predicted == ([] if expected is None else [["--run", "x", *expected]]), (args, predicted)
 
 
-def test_force_reaches_make_kernel(tmp_path):
+def test_force_reaches_make_kernel_from_the_command_line_only(tmp_path):
+    # an exported FORCE=1 (meant for something else) rebuilt over hand edits; FORCE=yes forced nothing, unsaid
     box = sandbox(tmp_path)
-    for args, forced in ((["kernel"], False), (["kernel", "FORCE=1"], True), (["kernel", "FORCE=0"], False)):
+    for args, env, forced in ((["kernel"], {}, False), (["kernel", "FORCE=1"], {}, True),
+                              (["kernel", "FORCE=0"], {}, False), (["kernel"], {"FORCE": "1"}, False)):
         (box / "calls.jsonl").unlink(missing_ok=True)
-        assert sandbox_make(box, *args).returncode == 0
+        assert sandbox_make(box, *args, env=dict(os.environ, **env)).returncode == 0
         (call,) = [c for c in calls(box) if c["argv"][1] == "pipeline.kernel"]
-        assert ("--force" in call["argv"]) is forced, call["argv"]
+        assert ("--force" in call["argv"]) is forced, (args, env, call["argv"])
+    result = sandbox_make(box, "kernel", "FORCE=yes")
+    assert result.returncode != 0 and "FORCE='yes' is not a switch" in result.stderr

@@ -9,7 +9,7 @@ How to read it, top down:
 - architectures.py: each net as a list of layer specs (plain dicts); spec.py: the table from a spec's
   "type" to its layer class.
 - plan.py: spec -> the layers that run, some of them fused classes (fused.py: ConvReLUMaxPool2x2,
-  BatchNormReLU, ReLUMaxPool), by an explicit table of patterns; model.py: the Model over those layers
+  ConvMaxPool2x2, BatchNormReLU, ReLUMaxPool), by an explicit table of patterns; model.py: the Model over those layers
   (forward, backward, state by spec index) and for_inference(), a copy with BatchNorms folded.
 - layers.py (layers with parameters) and parameterless.py: thin classes over the ops.
 - One file per op, CS231n style: a `*_forward` / `*_backward` pair with shapes in the docstring, the
