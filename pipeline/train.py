@@ -192,10 +192,6 @@ def resolve_config(args, folder):
         for key in PREDATED:  # a setting the preset gained after the run started: the run keeps what it had
             if key not in saved and key not in given:
                 setattr(wanted, key, getattr(TrainConfig(), key))
-        kept = apply_values(TrainConfig(), saved, source=str(saved_path))
-        for key in RUN_CONTROL:  # MAX_TIME, DEVICE, ...: the run's own until given again, preset named or not
-            if key not in given:
-                setattr(wanted, key, getattr(kept, key))
     else:
         wanted = apply_values(TrainConfig(), saved, str(saved_path), overrides=args.overrides)
     # what the run was trained with: an edit FORCE=1 adopts is a change like an override, under the same guards

@@ -761,11 +761,3 @@ def test_a_batch_of_one_through_a_batchnorm_on_a_1x1_map_is_one_line(root, capsy
     one_error_line(capsys, "use BATCH_SIZE of 2 or more")
     assert not (root / "runs" / "e1").exists()
     assert train.main(["--run", "e1", *ENSEMBLE, "ARCH=deotte", "BATCH_SIZE=2"]) == 0, capsys.readouterr().err
-
-
-def test_max_time_stays_with_a_run_when_its_preset_is_named_too(root, capsys):
-    # `make train RUN=x` kept the run's MAX_TIME=8h, `make train PRESET=quick RUN=x` dropped it (no limit)
-    assert train.main(["--run", "x", "--preset", "quick", *FAST, "EPOCHS=3", "CKPT_EVERY=1", "MAX_TIME=0.001s"]) == 3
-    for named in ([], ["--preset", "quick", *FAST, "EPOCHS=3"]):
-        assert train.main(["--run", "x", *named]) == 3, capsys.readouterr().err  # stopped again at once
-    assert train.main(["--run", "x", "--preset", "quick", *FAST, "EPOCHS=3", "MAX_TIME="]) == 0
