@@ -2,6 +2,7 @@
 
 A stage that fails half-way leaves the previous output untouched and no partial file behind.
 """
+import fcntl
 import hashlib
 import io
 import json
@@ -13,6 +14,28 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+
+
+@contextmanager
+def held_lock(path, note, busy, shared=False):
+    """Hold an flock on `path` (created when absent) for the block, with `note` written into it for whoever
+    finds it held. fcntl.flock: the kernel drops it when the holder dies, even by kill -9. Never waits: held
+    elsewhere, it is a UserError of busy(the holder's note)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open the lock: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy(os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process")) \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note.encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager

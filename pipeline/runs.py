@@ -20,7 +20,6 @@ A cached prediction is used only when its `made_from` matches the data and model
 means recompute, never reuse.
 """
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ import numpy as np
 from pipeline import console, paths
 from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
-from pipeline.fileio import file_sha256, load_npz, read_json_object, save_npz
+from pipeline.fileio import file_sha256, held_lock, load_npz, read_json_object, save_npz
 
 # A run, or one member of an ensemble run ("night/members/3").
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
@@ -215,20 +214,13 @@ class Run:
         if not shared:
             root.folder.mkdir(parents=True, exist_ok=True)
         path = root.folder / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot open the run's lock: {exc.strerror}") from None
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
-                raise UserError(f"runs/{root.name} is in use by {holder}: wait until it ends, or stop it "
-                                f"(a stopped training resumes later)") from None
-            note = f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, note.encode(), 0)
+        note = f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+
+        def busy(holder):
+            return (f"runs/{root.name} is in use by {holder}: wait until it ends, or stop it (a stopped training "
+                    f"resumes later)")
+
+        with held_lock(path, note, busy, shared=shared):
             try:
                 yield self
             finally:
@@ -238,8 +230,6 @@ class Run:
                         os.rmdir(root.folder)
                     except OSError:  # another command opened the lock meanwhile: the folder is its now
                         pass
-        finally:
-            os.close(fd)
 
     # ---------------------------------------------------------------- its config
 

@@ -14,7 +14,6 @@ and never repeats a successful one.
 """
 import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ import pandas as pd
 
 from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import file_sha256, write_bytes, write_json, write_text
+from pipeline.fileio import file_sha256, held_lock, write_bytes, write_json, write_text
 
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
@@ -205,23 +204,11 @@ def upload_lock(path):
     """Hold .upload.lock beside the CSV while one upload checks its record, uploads and writes it: two
     `make submit` at once each found no record and uploaded the same file twice (two of the day's submissions).
     Never waits: the second is refused in one line."""
-    lock = Path(path).parent / UPLOAD_LOCK
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise UserError(f"{lock}: cannot open the upload lock: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise UserError(f"{path} is being uploaded by {holder}: wait until it ends (a second upload would "
-                            f"spend another of the day's submissions)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+    note = f"pid {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    with held_lock(Path(path).parent / UPLOAD_LOCK, note, lambda holder: (
+            f"{path} is being uploaded by {holder}: wait until it ends (a second upload would spend another of "
+            f"the day's submissions)")):
         yield
-    finally:
-        os.close(fd)
 
 
 def upload(path, run_name, message, copy):

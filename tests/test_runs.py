@@ -1,5 +1,6 @@
 """The run model under misuse: its lock, the config its checkpoint carries, damaged artifacts said in one line
 with advice that works, and predictions never reused for other data (issue 12)."""
+import contextlib
 import errno
 import json
 import os
@@ -110,6 +111,23 @@ def test_two_trainings_of_one_run_never_mix(trained, tmp_path):
 
 
 # ---------------------------------------------------------------- the config the checkpoint carries
+
+@contextlib.contextmanager
+def signal_while_judged(sig=signal.SIGINT):
+    """train.evaluate patched for the block: `sig` (Ctrl-C, a scheduler's SIGTERM) arrives while the first epoch
+    is judged; the loop reads it at its next step, or right after the last epoch."""
+    real, sent = train.evaluate, []
+
+    def judged(*args, **kwargs):
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "evaluate", judged)
+        yield
+
 
 def stopped_run(root, name, extra=()):
     """A run stopped mid-training with a checkpoint (MAX_TIME after the first step or so)."""
@@ -649,14 +667,7 @@ def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsy
     assert train.main(["--run", "x", f"VAL_FRACTION={prepared}"]) == 0  # its config's 0.3 is not a change
     # an ensemble alike: its members' configs say 0.3 too, which is no change of theirs either (a member refused
     # it after the ensemble's record took it, and every later resume was refused)
-    real = train.evaluate
-
-    def stopped(*args, **kwargs):  # Ctrl-C while member 0's epoch is judged: it stops with its checkpoint
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "evaluate", stopped)
+    with signal_while_judged():  # member 0 stops with its checkpoint
         assert train.main(["--run", "e", *ENSEMBLE, "VAL_FRACTION=0.3"]) == 128 + signal.SIGINT
     assert (root / "runs" / "e" / "members" / "0" / "checkpoints").is_dir()
     assert train.main(["--run", "e", f"VAL_FRACTION={prepared}"]) == 0, capsys.readouterr().err
@@ -672,19 +683,8 @@ def test_max_time_zero_means_no_limit_for_an_ensemble_too(root, capsys):
 def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoints_first(root, capsys, monkeypatch):
     # `make train RUN=x EPOCHS=4 FORCE=1` over a run stopped after its best epoch: best.npz was then refused as
     # "made with another config" and the last epoch delivered, whatever SELECT=best said
-    real = train.evaluate
-    seen = []
-
-    def stopped_after_the_first_epoch(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if not seen:
-            seen.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while epoch 1 is judged: training stops at epoch 2
-        return out
-
-    monkeypatch.setattr(train, "evaluate", stopped_after_the_first_epoch)
-    assert train.main(["--run", "b", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
-    monkeypatch.setattr(train, "evaluate", real)
+    with signal_while_judged():  # Ctrl-C while epoch 1 is judged: training stops at epoch 2
+        assert train.main(["--run", "b", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
     ckpt = root / "runs" / "b" / "checkpoints"
     assert checkpoint.unpack(checkpoint.read(ckpt / checkpoint.BEST))[3]["config"]["epochs"] == 3
     capsys.readouterr()
@@ -701,19 +701,8 @@ def test_a_forced_change_keeps_the_best_epoch_so_far_and_says_it_in_the_checkpoi
 def test_a_forced_change_of_the_metric_judges_the_epochs_after_it_afresh(root, capsys, monkeypatch):
     # EARLY_STOP_METRIC=val_loss FORCE=1 over a run judged by val_acc: the best val_acc (about 0.9) could never be
     # beaten by a -val_loss, and the old epoch stayed the one delivered
-    real = train.evaluate
-    seen = []
-
-    def stopped_after_the_first_epoch(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if not seen:
-            seen.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(train, "evaluate", stopped_after_the_first_epoch)
-    assert train.main(["--run", "m", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
-    monkeypatch.setattr(train, "evaluate", real)
+    with signal_while_judged():
+        assert train.main(["--run", "m", "--preset", "quick", *FAST, "EPOCHS=3"]) != 0
     assert train.main(["--run", "m", "EARLY_STOP_METRIC=val_loss", "FORCE=1"]) == 0
     assert runs.Run("m").summary()["best_epoch"] > 1  # judged by val_loss from epoch 2 on: epoch 2 is its first
 
@@ -721,17 +710,10 @@ def test_a_forced_change_of_the_metric_judges_the_epochs_after_it_afresh(root, c
 def test_a_signal_while_the_last_epoch_is_judged_stops_the_ensemble(root, capsys, monkeypatch):
     # the flag was read between steps only: a Ctrl-C (or a scheduler's SIGTERM) during the last epoch's validation
     # was lost, and the ensemble went on to train its next member
-    real = train.evaluate
-
-    def interrupted(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", interrupted)
-    assert train.main(["--run", "ens", *ENSEMBLE]) == 128 + signal.SIGTERM
+    with signal_while_judged(signal.SIGTERM):
+        assert train.main(["--run", "ens", *ENSEMBLE]) == 128 + signal.SIGTERM
     assert "stopped by signal" in capsys.readouterr().err
     assert not (root / "runs" / "ens" / "members" / "1").exists()
-    monkeypatch.setattr(train, "evaluate", real)
     assert train.main(["--run", "ens"]) == 0 and runs.Run("ens").finished
 
 
