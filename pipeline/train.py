@@ -114,8 +114,8 @@ def record_ensemble_config(folder, preset, cfg):
     config = {"preset": preset, **cfg.to_dict()}
     # both on disk before either is moved in: a kill between two writes left a config.toml that read as an edit
     with atomic_paths([folder / ENSEMBLE_RECORD, folder / "config.toml"]) as (record, copy):
-        record.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copy.write_text(to_toml(config))
+        write_json(record, config)
+        write_text(copy, to_toml(config))
 
 
 def recorded_config(folder, force):
