@@ -28,6 +28,7 @@ CREDENTIAL_HELP = ("put kaggle.json in ~/.kaggle (or KAGGLE_CONFIG_DIR), or set 
                    "or KAGGLE_API_TOKEN")
 RETRIES = 3          # tries after the first one, for transient failures only
 BASE_DELAY = 2.0     # seconds before the first retry; doubles each time (2, 4, 8)
+TIMEOUT = (15, 300)  # seconds to connect, and at most between two reads of an answer: then a Timeout, retried
 # RPCs that create something: a retry after a 5xx could submit twice or push a second version.
 NOT_RETRIED = {"CreateSubmission": f"check {SUBMISSIONS_URL} before submitting again",
                "SaveKernel": "check your kernels on Kaggle before pushing again"}
@@ -221,6 +222,8 @@ def explain(exc, doing, tries=1, forbidden=None, missing=None) -> UserError:
         if status >= 500 and _rpc(exc) in NOT_RETRIED:
             note = f"; not retried, since Kaggle may have acted on it: {NOT_RETRIED[_rpc(exc)]}"
         return UserError(f"Kaggle answered HTTP {status} while {doing}{after}: {_detail(exc)}{note}")
+    acted = f"; not retried, since Kaggle may have acted on it: {NOT_RETRIED[_rpc(exc)]}" \
+        if _rpc(exc) in NOT_RETRIED else ""  # a connection lost after the request went out
     if _cut_short(exc):
         return UserError(f"the download from Kaggle was cut short while {doing}{after}: {_detail(exc)}; "
                          f"nothing was kept, try again")
@@ -229,7 +232,7 @@ def explain(exc, doing, tries=1, forbidden=None, missing=None) -> UserError:
         return UserError(f"could not reach Kaggle while {doing}: its name does not resolve (no network, or DNS "
                          f"is down); not retried: check the connection, then try again")
     if "Connection" in kind or "Timeout" in kind or isinstance(exc, OSError):
-        return UserError(f"could not reach Kaggle while {doing}{after}: {scrub(exc)}")
+        return UserError(f"could not reach Kaggle while {doing}{after}: {scrub(exc)}{acted}")
     return UserError(f"the Kaggle client failed while {doing}: {kind}: {scrub(exc)}")
 
 
@@ -262,9 +265,32 @@ def with_retries(action, doing, retries=RETRIES, base_delay=BASE_DELAY, sleep=No
 
 @contextlib.contextmanager
 def _quiet():
-    """Swallow the client's prints (help texts, progress) so our stages say things their own way."""
-    with contextlib.redirect_stdout(io.StringIO()) as out:
+    """Swallow the client's prints (help texts, progress) so our stages say things their own way, and bound
+    every request it sends in time (it sets none: a stalled connection hung the stage for ever)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, _bounded_requests():
         yield out
+
+
+@contextlib.contextmanager
+def _bounded_requests():
+    """requests.Session.send with TIMEOUT wherever the caller gave none, for the block."""
+    try:
+        import requests
+    except ImportError:  # no client installed: _client says so
+        yield
+        return
+    real = requests.Session.send
+
+    def send(self, request, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = TIMEOUT
+        return real(self, request, **kwargs)
+
+    requests.Session.send = send
+    try:
+        yield
+    finally:
+        requests.Session.send = real
 
 
 _API_CLASS = None

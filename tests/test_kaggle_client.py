@@ -312,3 +312,29 @@ def test_fetch_kaggle_replaces_an_offline_copy_and_records_its_source(fake, root
     requests = len(fake.requests)
     assert fetch.main(["--source", "kaggle", "--if-needed"]) == 0  # now it is there: nothing to do
     assert len(fake.requests) == requests
+
+
+def test_a_stalled_connection_is_given_up_in_one_line_not_waited_on_for_ever(fake, root, monkeypatch):
+    # the client sends every request without a timeout: a server that stops answering hung `make fetch` for ever
+    import time
+
+    monkeypatch.setattr(kaggle_api, "TIMEOUT", (5, 0.3))
+    fake.on_request = lambda request: time.sleep(1.5) if request.rpc == "DownloadDataFiles" else None
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"could not reach Kaggle while downloading .*gave up after 2 tries"):
+        kaggle_api.download_competition(root / "download", retries=1, base_delay=0.01)
+    assert time.monotonic() - started < 10
+
+
+def test_a_submission_whose_answer_never_came_says_it_may_have_been_made(fake, root, monkeypatch):
+    # a connection lost after CreateSubmission went out read "could not reach Kaggle": the user submitted again
+    import time
+
+    csv = root / "submission.csv"
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    csv.write_text("ImageId,Label\n1,3\n")
+    monkeypatch.setattr(kaggle_api, "TIMEOUT", (5, 0.3))
+    fake.on_request = lambda request: time.sleep(1.5) if request.rpc == "CreateSubmission" else None
+    with pytest.raises(UserError, match="not retried, since Kaggle may have acted on it"):
+        kaggle_api.submit(csv, "x", base_delay=TINY)
+    assert fake.rpcs().count("CreateSubmission") == 1
