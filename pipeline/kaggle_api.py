@@ -39,11 +39,26 @@ def _home() -> Path:
 
 
 def _config_dirs():
-    """Where the client looks for kaggle.json: KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG folder."""
+    """Where the client looks for kaggle.json: KAGGLE_CONFIG_DIR, else ~/.kaggle when that folder exists (even
+    without a kaggle.json in it), else the XDG folder."""
     if os.environ.get("KAGGLE_CONFIG_DIR"):
         return [Path(os.environ["KAGGLE_CONFIG_DIR"])]
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or _home() / ".config") / "kaggle"
-    return [_home() / ".kaggle", xdg]
+    if (_home() / ".kaggle").is_dir():
+        return [_home() / ".kaggle"]
+    return [Path(os.environ.get("XDG_CONFIG_HOME") or _home() / ".config") / "kaggle"]
+
+
+def kaggle_json_problem(path):
+    """Why the kaggle.json at `path` cannot log in (the client only says it found no credentials), or None."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    except ValueError as exc:  # bad JSON, or not UTF-8
+        return f"is not valid JSON ({str(exc).splitlines()[0][:120]})"
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k] for k in ("username", "key")):
+        return 'lacks "username" or "key" (Kaggle\'s Settings > API > Create New Token writes both)'
+    return None
 
 
 def _token_files():
@@ -58,8 +73,12 @@ def has_credentials() -> bool:
         return True
     if os.environ.get("KAGGLE_API_TOKEN"):
         return True
-    if any((folder / "kaggle.json").is_file() for folder in _config_dirs()):
-        return True
+    for path in (folder / "kaggle.json" for folder in _config_dirs()):
+        if path.is_file():
+            problem = kaggle_json_problem(path)
+            if problem:  # meant as credentials: said, rather than the mnist copy fetched or no upload made unsaid
+                raise UserError(f"{path} {problem}: fix it, or move it away to work without Kaggle")
+            return True
     return any(path.is_file() and path.stat().st_size > 0 for path in _token_files())
 
 

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,29 @@ def test_credentials_are_detected(setup, no_kaggle, tmp_path, monkeypatch):
     assert kaggle_api.has_credentials()
 
 
+@pytest.mark.parametrize("text,words", [("{not json", "is not valid JSON"), ('{"username": "u"}', 'lacks "username" or "key"'),
+                                        ("[]", 'lacks "username" or "key"')])
+def test_a_broken_kaggle_json_is_named_not_taken_for_credentials(no_kaggle, capsys, text, words):
+    # the client swallowed the reason and said it found no credentials, while `fetch --source auto` took the file
+    # for credentials and went to Kaggle
+    (no_kaggle / ".kaggle").mkdir()
+    (no_kaggle / ".kaggle" / "kaggle.json").write_text(text)
+    with pytest.raises(UserError, match=f"kaggle.json {re.escape(words)}"):
+        kaggle_api.has_credentials()
+    assert fetch.main(["--raw", str(no_kaggle / "raw")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+
+
+def test_the_xdg_kaggle_json_counts_only_without_a_home_kaggle_folder(no_kaggle):
+    # the client reads the XDG folder only when ~/.kaggle does not exist; we counted it beside ~/.kaggle
+    (no_kaggle / ".config" / "kaggle").mkdir(parents=True)
+    (no_kaggle / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert kaggle_api.has_credentials()
+    (no_kaggle / ".kaggle").mkdir()  # holding no kaggle.json: the client stops looking there
+    assert not kaggle_api.has_credentials()
+
+
 def _zip_of(files):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -391,7 +415,7 @@ def test_real_client_is_imported_quietly(no_kaggle):
     (no_kaggle / ".kaggle").mkdir()
     (no_kaggle / ".kaggle" / "kaggle.json").write_text("{}")
     refused = _run_real_client(no_kaggle, {})
-    assert refused.stdout.startswith("UserError: the Kaggle client found no usable credentials")
+    assert refused.stdout.startswith("UserError: ") and "kaggle.json lacks \"username\" or \"key\"" in refused.stdout
     assert refused.stdout.count("\n") == 1 and refused.stderr == ""
     # A username and key authenticate locally (the legacy key is only sent with a request).
     accepted = _run_real_client(no_kaggle, {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": SECRET})
