@@ -317,6 +317,8 @@ def main(argv=None):
     configure_threads()  # as training ran: the engine's threads, NumPy's BLAS held to one
 
     run = runs.Run.existing(args.run)
+    if run.is_member:  # blended by its ensemble
+        raise UserError(f"runs/{run.name} is a member: blend its ensemble, `make ensemble RUN={run.parent.name}`")
     if not run.is_ensemble:
         raise UserError(f"runs/{run.name} has no members/: train it with an ensemble preset "
                         f"(`make train PRESET=overnight RUN={run.name}`)")

@@ -420,3 +420,11 @@ def test_predict_keeps_a_blend_that_is_up_to_date_and_tries_shifts_again_when_it
         assert tried() is bool(asked)
         assert ("is up to date" in capsys.readouterr().out) is kept
     assert runs.Run("ens").test_probs(12).shape == (12, 10)
+
+
+def test_blending_a_member_names_its_ensemble(tmp_path, monkeypatch, capsys):
+    # `make ensemble RUN=ens/members/1` advised `make train ... RUN=ens/members/1`, which train refuses
+    blend_project(tmp_path, monkeypatch)
+    assert ensemble.main(["--run", "ens/members/1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "make ensemble RUN=ens`" in err, err
