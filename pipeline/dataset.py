@@ -142,12 +142,18 @@ def stratified_split(y, val_fraction, seed):
     return np.flatnonzero(mask).astype(np.int64), val_idx
 
 
-def answer_key_test_sha256(raw_dir):
-    """The sha256 of the test.csv the answer key in raw_dir was written with (an mnist fetch), or None when no
-    record says (a copy fetched before the record kept it, or none)."""
+def source_record(raw_dir):
+    """The fetch's record beside the raw CSVs as a dict ({} when missing or damaged): source, test_sha256, seed."""
     try:
         record = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text())
     except (OSError, ValueError):
-        return None
-    sha = record.get("test_sha256") if isinstance(record, dict) and record.get("source") == "mnist" else None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def answer_key_test_sha256(raw_dir):
+    """The sha256 of the test.csv the answer key in raw_dir was written with (an mnist fetch), or None when no
+    record says (a copy fetched before the record kept it, or none)."""
+    record = source_record(raw_dir)
+    sha = record.get("test_sha256") if record.get("source") == "mnist" else None
     return sha if isinstance(sha, str) else None

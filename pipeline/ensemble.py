@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline import dataset, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import atomic_paths, save_npz
+from pipeline.fileio import atomic_paths, json_text, save_npz
 
 TEST_CACHE = {False: "test_probs.npz", True: "test_probs_tta.npz"}
 
@@ -290,7 +290,7 @@ def build(folder, xp=np, tta=False):
                 f"{ALPHA} over the candidates (exact one-sided McNemar, `p`); estimate is the chosen blend on the "
                 "other half, which took no part in any choice",
     }
-    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    text = json_text(report)
     run = runs.run_of(folder)
     made_from = {**run.made_from(data), "blend": hashlib.sha256(text.encode()).hexdigest()}  # the blend they are
     # all three on disk before any is moved in: a kill between separate writes left one blend's files beside another's

@@ -56,19 +56,13 @@ def current_source(raw_dir):
     raw_dir = Path(raw_dir)
     if (raw_dir / dataset.FETCH_INCOMPLETE).exists() or any(dataset.raw_csv_problem(raw_dir / name) for name in ("train.csv", "test.csv")):
         return None
-    try:
-        source = json.loads((raw_dir / SOURCE_RECORD).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
+    source = dataset.source_record(raw_dir).get("source")
     return source if source in ("kaggle", "mnist") else "unknown"
 
 
 def recorded_seed(raw_dir):
     """The seed an mnist fetch split the competition with (0 for a record from before it kept one)."""
-    try:
-        seed = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text()).get("seed", 0)
-    except (OSError, ValueError, AttributeError):
-        return 0
+    seed = dataset.source_record(raw_dir).get("seed", 0)
     return seed if isinstance(seed, int) else 0
 
 

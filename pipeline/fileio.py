@@ -104,8 +104,13 @@ def write_text(path, text: str):
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj):
+    """The JSON every output is written as (write_json): indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json_text(obj))
 
 
 def read_json_object(path, advice):

@@ -228,6 +228,9 @@ def explain(exc, doing, tries=1, forbidden=None, missing=None) -> UserError:
     """
     status = _status(exc)
     after = f" (gave up after {tries} tries)" if tries > 1 else ""
+    # a request that creates something, failed after it went out (a 5xx, a connection lost): it may have been made
+    acted = f"; not retried, since Kaggle may have acted on it: {NOT_RETRIED[_rpc(exc)]}" \
+        if _rpc(exc) in NOT_RETRIED else ""
     if status == 401:
         return UserError(f"Kaggle refused the credentials while {doing} (HTTP 401): check them ({CREDENTIAL_HELP})")
     if status == 403:
@@ -237,12 +240,8 @@ def explain(exc, doing, tries=1, forbidden=None, missing=None) -> UserError:
         return UserError(missing or f"Kaggle answered 404 Not Found while {doing}: "
                                     f"competition '{COMPETITION}' not found")
     if status is not None:
-        note = ""
-        if status >= 500 and _rpc(exc) in NOT_RETRIED:
-            note = f"; not retried, since Kaggle may have acted on it: {NOT_RETRIED[_rpc(exc)]}"
-        return UserError(f"Kaggle answered HTTP {status} while {doing}{after}: {_detail(exc)}{note}")
-    acted = f"; not retried, since Kaggle may have acted on it: {NOT_RETRIED[_rpc(exc)]}" \
-        if _rpc(exc) in NOT_RETRIED else ""  # a connection lost after the request went out
+        return UserError(f"Kaggle answered HTTP {status} while {doing}{after}: {_detail(exc)}"
+                         f"{acted if status >= 500 else ''}")
     if _cut_short(exc):
         return UserError(f"the download from Kaggle was cut short while {doing}{after}: {_detail(exc)}; "
                          f"nothing was kept, try again")

@@ -198,10 +198,8 @@ def resolve_config(args, folder):
     current = apply_values(TrainConfig(), recorded, source=str(saved_path))
     for key in RUN_CONTROL:
         setattr(current, key, getattr(wanted, key))
-    if runs.prepared_split(current.to_dict()) and runs.prepared_split(wanted.to_dict()):
-        current.val_fraction = wanted.val_fraction  # not what the run trains on (the data record checks that)
-    if wanted != current or preset != recorded_preset:
-        changed = [k for k in current.to_dict() if getattr(current, k) != getattr(wanted, k)]
+    changed = runs.config_changes(current.to_dict(), wanted.to_dict())  # as every config comparison (val_fraction)
+    if changed or preset != recorded_preset:
         if preset != recorded_preset:
             changed.insert(0, "preset")
         if changed == ["members"] and current.members > 1 and wanted.members > current.members:
