@@ -88,8 +88,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
+$(VENV)/.dev-installed: requirements-dev.txt requirements-kernel.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Building the notebook needs nbformat only: `make kernel` never installs the test tools (PyTorch among them).
+$(VENV)/.kernel-installed: requirements-kernel.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-kernel.txt
 	touch $@
 
 fetch: | $(VENV)/.installed ## download the competition data (SOURCE=auto|kaggle|mnist; again when SOURCE names another)
@@ -173,14 +178,14 @@ KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "
 	$(if $(filter 1,$(GPU)),--gpu) $(if $(filter 1,$(CONTINUE)),--continue) \
 	$(if $(KAGGLE_KERNEL_ID),--id "$$KAGGLE_KERNEL_ID") $(if $(FORCE_GIVEN),--force)
 
-kernel: | $(VENV)/.dev-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1, KAGGLE_KERNEL_ID, FORCE=1)
+kernel: | $(VENV)/.kernel-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1, KAGGLE_KERNEL_ID, FORCE=1)
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
 # kernel-push uploads the build as it is; with no build yet, it makes one with the defaults first.
-$(KERNEL): | $(VENV)/.dev-installed
+$(KERNEL): | $(VENV)/.kernel-installed
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
-kernel-push: | $(KERNEL) ## push build/kernel/ to Kaggle and wait until its run completes or fails
+kernel-push: | $(KERNEL) $(VENV)/.kernel-installed ## push build/kernel/ to Kaggle and wait until its run completes or fails
 	$(PY) -m pipeline.kernel push
 
 kernel-output: $(KERNEL_SUBMISSION) ## download the kernel's submission.csv (and log) into submissions/kernel/

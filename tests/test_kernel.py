@@ -148,7 +148,7 @@ def test_make_kernel_passes_every_variable_through_the_environment(tmp_path):
     variables = {"PRESET": "quick", "EPOCHS": "4", "MAX_TIME": "2h", "DEVICE": "gpu", "SEED": "7", "GPU": "1",
                  "CONTINUE": "1", "KAGGLE_KERNEL_ID": KERNEL_ID}
     result = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", "-n", "-o", ".venv/.installed", "-o",
-                             ".venv/.dev-installed", "kernel", *(f"{k}={v}" for k, v in variables.items())],
+                             ".venv/.kernel-installed", "kernel", *(f"{k}={v}" for k, v in variables.items())],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stdout.splitlines() if "pipeline.kernel generate" in l)

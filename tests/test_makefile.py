@@ -35,7 +35,7 @@ def sandbox(tmp_path, venv=True):
     """A copy of the Makefile in tmp_path whose .venv python only logs how it was called (argv, PIPELINE_ env)."""
     box = tmp_path / "box"
     box.mkdir()
-    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt", "requirements-kernel.txt"):
         shutil.copy(REPO / name, box / name)
     shutil.copytree(REPO / "configs", box / "configs")
     if venv:
@@ -43,7 +43,7 @@ def sandbox(tmp_path, venv=True):
         python = box / ".venv" / "bin" / "python"
         python.write_text(FAKE_PYTHON)
         python.chmod(0o755)
-        for marker in (".installed", ".dev-installed"):
+        for marker in (".installed", ".dev-installed", ".kernel-installed"):
             (box / ".venv" / marker).touch()
     return box
 
@@ -216,6 +216,18 @@ def test_ensemble_creates_the_venv_first(tmp_path):
     box = sandbox(tmp_path, venv=False)
     out = sandbox_make(box, "-n", "ensemble", "RUN=night").stdout
     assert "-m venv" in out and out.index("-m venv") < out.index("pipeline.ensemble")
+
+
+def test_make_kernel_installs_nbformat_and_never_the_test_tools(tmp_path):
+    # `make kernel` installed requirements-dev.txt (PyTorch: gigabytes on a CUDA machine) to get nbformat
+    box = sandbox(tmp_path)
+    for marker in (".dev-installed", ".kernel-installed"):
+        (box / ".venv" / marker).unlink()
+    assert sandbox_make(box, "kernel").returncode == 0
+    installed = [c["argv"][c["argv"].index("-r") + 1] for c in calls(box) if "-r" in c["argv"]]
+    assert installed == ["requirements-kernel.txt"], installed
+    assert "torch" not in (box / "requirements-kernel.txt").read_text()
+    assert calls(box)[-1]["argv"][1:3] == ["pipeline.kernel", "generate"]
 
 
 def fake_pythons(tmp_path, versions, broken=(), python3_minor=10):
