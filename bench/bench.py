@@ -252,7 +252,7 @@ def ours_steps(arch, batch, infer_batch, seed=0):
     from pipeline.nn import build_model, make_optimizer, softmax_cross_entropy
 
     model = build_model(arch, seed=seed, dtype=np.float32, xp=np)
-    opt = make_optimizer("adam", lr=1e-3)
+    opt = make_optimizer("adam")
     x, y = random_batch(batch, seed)
     xi, _ = random_batch(infer_batch, seed + 1)
 

@@ -461,7 +461,7 @@ def check_buildable(cfg):
     select_device(cfg.device)
     for arch in member_archs(cfg):
         build_model(arch, seed=cfg.seed, dtype=np.float32)
-    make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    make_optimizer(cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
     make_schedule(cfg.schedule, cfg.lr, cfg.epochs, 1, lr_decay=cfg.lr_decay, step_epochs=cfg.step_epochs,
                   warmup_epochs=cfg.warmup_epochs)
@@ -561,7 +561,7 @@ def _train_one(folder, preset, cfg, force, label=None):
     n_train = len(y_tr)
     steps_per_epoch = batches_per_epoch(n_train, cfg.batch_size)
     model = build_model(cfg.arch, seed=cfg.seed, dtype=np.float32, xp=xp)
-    opt = make_optimizer(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    opt = make_optimizer(cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
                          weight_decay=cfg.weight_decay, l1=cfg.l1, l2=cfg.l2)
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs, steps_per_epoch, lr_decay=cfg.lr_decay,
                              step_epochs=cfg.step_epochs, warmup_epochs=cfg.warmup_epochs)

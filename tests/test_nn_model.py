@@ -226,7 +226,7 @@ def test_an_inference_copy_is_a_snapshot_that_training_steps_do_not_reach():
     x = np.random.default_rng(4).random((6, 28, 28, 1), dtype=np.float32)
     inference = model.for_inference()
     before = inference.forward(x, train=False).copy()
-    opt = make_optimizer("adam", lr=1e-2)
+    opt = make_optimizer("adam")
     for _ in range(2):
         model.backward(softmax_cross_entropy(model.forward(x, train=True), np.arange(6))[1], input_grad=False)
         opt.step(model.params(), 1e-2)

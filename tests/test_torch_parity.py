@@ -173,7 +173,7 @@ def test_train_step_and_eval_match_torch(arch, dtype):
 
     # One plain SGD step on each side, then params and BN running stats (updated by the train forward) agree.
     lr = 0.05
-    make_optimizer("sgd", lr=lr, momentum=0.0).step(model.params(), lr)
+    make_optimizer("sgd", momentum=0.0).step(model.params(), lr)
     torch.optim.SGD(net.parameters(), lr=lr).step()
     ours_state = {k: to_numpy(v) for k, v in model.state_dict().items()}
     t_state = bench.torch_state(links)
@@ -234,7 +234,7 @@ def test_optimizer_steps_match_torch(arch, case):
     ours_kwargs, torch_cls, torch_kwargs, kernel_kwargs, lrs = OPTIMIZER_CASES[case]
     model, net, links = twins(without_dropout(ARCHITECTURES[arch]), np.float64)
     kwargs = dict(ours_kwargs)
-    opt = make_optimizer(kwargs.pop("name"), lr=lrs[0], **kwargs)
+    opt = make_optimizer(kwargs.pop("name"), **kwargs)
     named = bench.torch_params(links)
     kernels = [p for name, p in named if name.endswith(".w")]
     others = [p for name, p in named if not name.endswith(".w")]

@@ -144,9 +144,9 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
-def make_optimizer(name, lr=1e-3, momentum=0.9, nesterov=False, betas=(0.9, 0.999), eps=1e-8,
+def make_optimizer(name, momentum=0.9, nesterov=False, betas=(0.9, 0.999), eps=1e-8,
                    weight_decay=0.0, l1=0.0, l2=0.0):
-    """An optimizer by name: sgd | adam | adamw. lr is accepted for symmetry; step() takes the lr to use."""
+    """An optimizer by name: sgd | adam | adamw. It holds no learning rate: each step() is given the schedule's."""
     name = str(name).lower()
     if name not in OPTIMIZERS:
         raise EngineError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
@@ -158,5 +158,4 @@ def make_optimizer(name, lr=1e-3, momentum=0.9, nesterov=False, betas=(0.9, 0.99
         opt = SGD(momentum=momentum, nesterov=nesterov, **reg)
     else:
         opt = OPTIMIZERS[name](betas=betas, eps=eps, **reg)
-    opt.lr = float(lr)
     return opt
