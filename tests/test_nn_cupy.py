@@ -41,6 +41,8 @@ def cp(request, monkeypatch):
 
 
 def close(gpu, cpu, rtol=1e-4, atol=1e-5):
+    """gpu, computed on the device (an op that took its inputs to the host would give a NumPy array), is cpu."""
+    assert get_array_module(gpu) is not np, type(gpu)
     np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=rtol, atol=atol)
 
 

@@ -146,18 +146,34 @@ def test_corrupt_latest_is_skipped_with_a_warning(reference, tmp_path):
     assert_same_weights(load_npz(tmp_path / "runs" / "corrupt" / "model.npz"), ref_weights)
 
 
-def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
+TERM_AFTER_CHECKPOINT = """
+import os, signal, sys
+from pipeline import checkpoint, train
+calls = {"n": 0}
+real_replace = os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith("latest.npz"):
+        calls["n"] += 1
+        if calls["n"] == int(os.environ["TERM_AT"]):
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, in the middle of the epoch
+checkpoint.os.replace = replace
+sys.exit(train.main())
+"""
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_weights(reference, tmp_path, monkeypatch):
+    root, ref_weights, ref_metrics = reference
     write_processed(tmp_path)
-    proc = train(tmp_path, "term")
-    deadline = time.time() + 60
-    latest = tmp_path / "runs" / "term" / "checkpoints" / "latest.npz"
-    while not latest.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    code, out, err = finish(proc)
-    assert code in (143, 0), err  # 0 only if it finished before the signal landed
-    if code == 143:  # in the loop: a checkpoint; after it (writing the outputs): a clean stop, finished on resume
-        assert "checkpoint saved" in err or err.endswith("terminated\n"), err
+    monkeypatch.setenv("TERM_AT", "3")  # epoch 1 of 2, step 3 of 6
+    code, out, err = finish(train(tmp_path, "term", wrapper=TERM_AFTER_CHECKPOINT))
+    assert code == 143, err
+    assert "stopped by signal 15: checkpoint saved at epoch 1" in err, err  # train's own stop, not cli_main's
+    assert not (tmp_path / "runs" / "term" / "model.npz").exists()
+    code, out, err = finish(train(tmp_path, "term"))
+    assert code == 0, err
+    assert_same_weights(load_npz(tmp_path / "runs" / "term" / "model.npz"), ref_weights)
+    assert history(tmp_path / "runs" / "term" / "metrics.jsonl") == history(ref_metrics)
 
 
 def test_changed_config_on_resume_is_refused_unless_forced(reference, tmp_path):

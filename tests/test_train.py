@@ -81,8 +81,9 @@ def test_a_max_time_beyond_a_year_or_unreadable_is_one_line(text):
 
 @pytest.mark.parametrize("item, words", [("RUN=night", "--run"), ("PRESET=overnight", "--preset"),
                                          ("TTA=1", "read by make")])
-def test_make_variables_typed_on_trains_own_command_line_are_refused(item, words, capsys):
+def test_make_variables_typed_on_trains_own_command_line_are_refused(item, words, capsys, monkeypatch, tmp_path):
     # `python -m pipeline.train PRESET=overnight RUN=night` trained `standard` into runs/standard, unsaid
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))  # a regression trains in a folder of its own, not in runs/
     assert train.main([item, "EPOCHS=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and item in err, err
