@@ -142,7 +142,8 @@ ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run 
 
 # The submission is rebuilt when RUN names another run than submissions/.run, the run pipeline.submit wrote it
 # from (decided here rather than by a FORCE'd file, so that `make -n submit` tells the truth).
-SUBMITTED_RUN := $(shell cat submissions/.run 2>/dev/null)
+# Without the record submit writes beside it (.submission.json, written first), the CSV is written again too.
+SUBMITTED_RUN := $(shell [ -f submissions/.submission.json ] && cat submissions/.run 2>/dev/null)
 
 $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN))$(if $(SUBMITTED_RUN),,none),FORCE) | $(VENV)/.installed
 	$(PY) -m pipeline.submit --run $(RUN) --upload 0

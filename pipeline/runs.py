@@ -358,6 +358,13 @@ class Run:
             raise UserError(f"{path} is damaged (a field of the wrong type): {advice}")
         return data
 
+    def learnt_train_sha256(self):
+        """The sha256 of the train.csv the run learnt (an ensemble: its finished members', when they agree), or
+        None when no summary records it (runs from before it was recorded) or members disagree."""
+        learners = [m for m in self.members() if m.finished] if self.is_ensemble else [self]
+        shas = {r.summary().get("train_sha256") for r in learners}
+        return shas.pop() if len(shas) == 1 else None
+
     # ---------------------------------------------------------------- predictions and what they were made from
 
     def made_from(self, data=None):

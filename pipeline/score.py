@@ -109,6 +109,10 @@ def prepared_test():
         raise UserError(f"{paths.data_raw() / 'test.csv'} changed since it was prepared, so the key answers another "
                         f"test.csv than the submission: `make prepare`, then `make submit RUN=...` and `make score`")
     answered = dataset.answer_key_test_sha256(paths.data_raw())
+    key = paths.data_raw() / "test_labels.csv"
+    if answered is None and key.is_file():  # Kaggle's CSVs unzipped over such a copy were graded, ~10 %, exit 0
+        raise UserError(f"no fetch record says which test.csv {key} answers (a copy fetched before fetches kept "
+                        f"one, or a key put there by hand): `make fetch SOURCE=mnist` writes both anew")
     if answered and meta.get("test_sha256") and answered != meta["test_sha256"]:
         raise UserError(f"{paths.data_raw() / 'test_labels.csv'} answers the test.csv the mnist fetch wrote, not the "
                         f"one in {paths.data_raw()} now (replaced since): `make fetch SOURCE=mnist` writes both anew")
@@ -128,7 +132,7 @@ def score_submission(submission_path, key_path, test_rows=None):
 
 
 def submission_origin(submission, sha, run_name, prepared):
-    """(run name or None, a note) for the CSV at `submission` whose bytes have `sha`: the run `make submit`
+    """(run name or None, a note, a warning) for the CSV at `submission` whose bytes have `sha`: the run `make submit`
     wrote it from, by the record it keeps beside the default submission, which must answer the test.csv of
     `prepared` (meta.json; {}: not checked). RUN= given (run_name) must be that run:
     a score read as one run's would be another's. A run changed since (trained on, blended, data prepared again)
@@ -147,6 +151,11 @@ def submission_origin(submission, sha, run_name, prepared):
         raise UserError(f"{submission} answers the test.csv of when it was written from runs/{written_from} "
                         f"({record.get('time')}), not the one prepared now: `make submit RUN={written_from}` "
                         f"writes its predictions of this one")
+    learnt, prepared_train = (record or {}).get("train_sha256"), prepared.get("train_sha256")
+    if written_from and learnt and prepared_train and learnt != prepared_train:  # the key's rows include its own
+        raise UserError(f"{submission} comes from runs/{written_from}, which learnt another train.csv than the one "
+                        f"prepared now: the key's rows may be images it learnt from, and its score would flatter "
+                        f"it; train a run on this data (`make train RUN=...`), or prepare the data it learnt")
     if run_name and written_from != run_name:
         if written_from:  # `make submit RUN=run_name` writes the CSV anew: .run names another run
             raise UserError(f"{submission} was written from runs/{written_from}, not runs/{run_name}: "
@@ -156,21 +165,24 @@ def submission_origin(submission, sha, run_name, prepared):
                         f"then `make submit RUN={run_name}` writes that run's")
     if written_from is None:
         if record:
-            print(f"warning: {submission} changed since `make submit` wrote it from runs/{record['run']}: "
-                  f"scored as it is", file=sys.stderr)
-        return None, ""
+            return None, "", (f"{submission} changed since `make submit` wrote it from runs/{record['run']}: "
+                              f"scored as it is")
+        if submission.resolve() == submit.default_out().resolve():  # a submit killed while it wrote
+            return None, "", (f"no `make submit` record of {submission} (a submit cut short?): scored as it is, "
+                              f"unchecked; `make submit RUN=...` writes it anew")
+        return None, "", ""
     run = runs.Run(written_from)
     if not run.folder.is_dir():
-        return written_from, f"runs/{written_from} is gone since"
+        return written_from, f"runs/{written_from} is gone since", ""
     try:
         now = run.made_from()
     except UserError as exc:  # the data or the run cannot be read now: the CSV is still the one recorded
-        return written_from, f"whether runs/{written_from} changed since cannot be told ({exc})"
+        return written_from, f"whether runs/{written_from} changed since cannot be told ({exc})", ""
     if json.dumps(now, sort_keys=True) != json.dumps(record.get("made_from"), sort_keys=True):
         return written_from, (f"runs/{written_from} changed since (trained on, blended, or its data prepared "
                               f"again): this is its score as of {record.get('time')}; `make submit "
-                              f"RUN={written_from}` writes its predictions of now")
-    return written_from, ""
+                              f"RUN={written_from}` writes its predictions of now"), ""
+    return written_from, "", ""
 
 
 def format_accuracy(score):
@@ -223,11 +235,13 @@ def main(argv=None):
     with submit.private_copy(submission) as copy:  # one CSV scored, hashed and named, whatever a submit does
         sha = file_sha256(copy)
         prepared = prepared_test() if args.key is None else {}
-        name, note = submission_origin(submission, sha, args.run, prepared)
+        name, note, warning = submission_origin(submission, sha, args.run, prepared)
         score = score_submission(copy, key, prepared.get("test_rows"))
     score = {**score, "submission": str(submission), "run": name, "submission_sha256": sha}
     write_json(out, score)
     print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")
+    if warning:  # said after the score: a refusal stays one line
+        print(f"warning: {warning}", file=sys.stderr)
     if note:
         print(f"note: {note}")
     print(format_accuracy(score))

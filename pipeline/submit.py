@@ -290,19 +290,24 @@ def main(argv=None):
     with run.lock("submit", shared=True):
         message = run_message(run, args.message)
         made_from = run.made_from()
-        test_sha = dataset.load_meta().get("test_sha256")  # the test.csv they answer, which score checks
+        meta = dataset.load_meta()
+        test_sha = meta.get("test_sha256")  # the test.csv they answer, which score checks
+        learnt = run.learnt_train_sha256()  # the train.csv it learnt, which score checks against the key's
         probs = run.test_probs(n_test)  # made from the data and model of now, finite, one row per test image
+    if learnt and meta.get("train_sha256") and learnt != meta["train_sha256"]:
+        print(f"warning: runs/{run.name} learnt another train.csv than the one prepared now (the data was fetched "
+              f"or prepared since): the test images may include images it learnt from", file=sys.stderr)
     labels = labels_from_probs(probs)
     default = out.resolve() == default_out().resolve()  # however it is spelled: `--out ./submissions/submission.csv`
     if default and out.parent.is_dir():  # a write cut short leaves no record naming a run: make writes it again
         for record in (RUN_RECORD, SUBMISSION_RECORD, SCORE_RECORD):  # the score too: it names the CSV it scored
             (out.parent / record).unlink(missing_ok=True)
     sha = write_submission(build_submission(labels), out, n_test)
-    if default:
-        write_text(out.parent / RUN_RECORD, f"{run.name}\n")
+    if default:  # the record first: make writes the CSV again unless both are there (a kill between them)
         write_json(out.parent / SUBMISSION_RECORD, {"run": run.name, "sha256": sha, "made_from": made_from,
-                                                    "test_sha256": test_sha,
+                                                    "test_sha256": test_sha, "train_sha256": learnt,
                                                     "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_text(out.parent / RUN_RECORD, f"{run.name}\n")
     counts = np.bincount(labels, minlength=dataset.NUM_CLASSES)
     print(f"{out}: {n_test} rows from run {args.run}; labels per class: {' '.join(str(int(c)) for c in counts)}")
     return upload_if_current(out, run, message, args.upload, n_test, probs, just_written=True)

@@ -69,7 +69,8 @@ def built(box, run="x"):
     """Every file of `make train submit RUN=run` in place, each newer than what it is made from (test.csv before
     train.csv, as fetch writes them)."""
     files = ["data/raw/test.csv", "data/raw/train.csv", "data/processed/meta.json", f"runs/{run}/summary.json",
-             f"runs/{run}/test_probs.npz", "submissions/.run", "submissions/submission.csv"]
+             f"runs/{run}/test_probs.npz", "submissions/.submission.json", "submissions/.run",
+             "submissions/submission.csv"]
     now = time.time()
     for i, name in enumerate(files):
         path = box / name
@@ -189,6 +190,9 @@ def test_dry_run_of_submit_after_everything_is_built_lists_only_the_upload(tmp_p
     assert stages == ["pipeline.submit"] and "--upload-only" in result.stdout, result.stdout
     other = sandbox_make(box, "-n", "submit", "RUN=y").stdout  # another run: its submission is written
     assert "pipeline.submit --run y --upload 0" in other
+    # a submit killed after .run but before its record: the CSV is unchecked by score until written anew
+    (box / "submissions" / ".submission.json").unlink()
+    assert "pipeline.submit --run x --upload 0" in sandbox_make(box, "-n", "submit", "RUN=x").stdout
 
 
 def test_a_failed_upload_is_tried_again_by_the_next_submit(tmp_path):

@@ -24,10 +24,16 @@ def write_submission(path, labels=SUBMITTED):
     path.write_text("ImageId,Label\n" + "".join(f"{i + 1},{label}\n" for i, label in enumerate(labels)))
 
 
+def write_source_record(raw, test_sha256="0" * 64):
+    """The mnist fetch's record of which test.csv its key answers (no meta.json here records one to match)."""
+    (raw / "source.json").write_text(json.dumps({"source": "mnist", "seed": 0, "test_sha256": test_sha256}))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     write_key(tmp_path / "data" / "raw" / "test_labels.csv")
+    write_source_record(tmp_path / "data" / "raw")
     write_submission(tmp_path / "submissions" / "submission.csv")
     return tmp_path
 
@@ -92,6 +98,7 @@ def test_a_truncated_key_is_blamed_not_the_submission(project, capsys):
     (project / "data" / "processed").mkdir(parents=True)
     (project / "data" / "processed" / "meta.json").write_text('{"test_rows": 10}')
     assert score.main([]) == 0  # key, submission and test.csv agree
+    assert "no `make submit` record" in capsys.readouterr().err  # a CSV of one's own at the default path: said
     write_key(project / "data" / "raw" / "test_labels.csv", KEY_LABELS[:8], OFFICIAL[:8])
     assert score.main([]) == 2
     err = capsys.readouterr().err

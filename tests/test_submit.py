@@ -333,13 +333,18 @@ def test_a_csv_write_cut_short_leaves_no_record_that_names_a_run(project, monkey
 
 # ---------------------------------------------------------------- score: the submission of which run
 
-def scored(project, capsys, *args):
-    """pipeline.score on the default submission against a key that matches r1's labels: (code, out, err)."""
+def scored(project, capsys, *args, fetched=True):
+    """pipeline.score on the default submission against a key that matches r1's labels: (code, out, err).
+    fetched: the key comes with an mnist fetch's record of the test.csv in data/raw now (False: the test's own)."""
     from pipeline import score
 
     key = project.root / "data" / "raw" / "test_labels.csv"
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},{y},1\n" for i, y in enumerate(project.labels)))
+    if fetched:
+        test_csv = key.parent / "test.csv"
+        sha = hashlib.sha256(test_csv.read_bytes()).hexdigest() if test_csv.is_file() else "0" * 64
+        (key.parent / "source.json").write_text(json.dumps({"source": "mnist", "seed": 0, "test_sha256": sha}))
     capsys.readouterr()
     code = score.main(["--submission", str(project.csv), *args])
     out, err = capsys.readouterr()
@@ -480,14 +485,40 @@ def test_a_key_is_never_used_for_another_test_csv_than_the_one_its_fetch_wrote(p
     record.write_text(json.dumps({"source": "mnist", "test_sha256": sha}))
     runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])
     assert submit.main(["--run", "r1", "--upload", "0"]) == 0
-    assert scored(project, capsys)[0] == 0
+    assert scored(project, capsys, fetched=False)[0] == 0
     prepared_test_csv(project, "pixel0\n2\n")  # unzipped over it, and prepared
     runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])  # predicted again
     assert submit.main(["--run", "r1", "--upload", "0"]) == 0
-    code, _, err = scored(project, capsys)
+    code, _, err = scored(project, capsys, fetched=False)
     assert code == 2 and err.count("\n") == 1 and "answers the test.csv the mnist fetch wrote" in err, err
-    record.write_text(json.dumps({"source": "mnist"}))  # fetched before the record kept the hash: cannot be told
+    # fetched before the record kept the hash (or a key put there by hand): cannot be told, so not used
+    for text in (json.dumps({"source": "mnist"}), None):
+        record.write_text(text) if text else record.unlink()
+        code, _, err = scored(project, capsys, fetched=False)
+        assert code == 2 and err.count("\n") == 1 and "no fetch record says which test.csv" in err, err
+        assert "make fetch SOURCE=mnist" in err
+
+
+def test_a_run_that_learnt_another_train_csv_is_warned_at_submit_and_not_scored(project, capsys):
+    # a run trained, then `python -m pipeline.fetch --seed 1` and `make prepare`: about 12 600 rows of the new key
+    # were images the run learnt, and `make score` graded its submission (flattered, exit 0) without a word
+    summary = json.loads((project.run / "summary.json").read_text())
+    (project.run / "summary.json").write_text(json.dumps({**summary, "train_sha256": "a" * 64}))
+    meta = project.root / "data" / "processed" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "train_sha256": "a" * 64}))
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    assert "learnt another train.csv" not in capsys.readouterr().err
+    assert json.loads((project.csv.parent / submit.SUBMISSION_RECORD).read_text())["train_sha256"] == "a" * 64
     assert scored(project, capsys)[0] == 0
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "train_sha256": "b" * 64}))  # prepared anew
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])  # predicted on the new test.csv
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: runs/r1 learnt another train.csv than the one prepared now" in err, err
+    code, _, err = scored(project, capsys)
+    assert code == 2 and err.count("\n") == 1 and "learnt another train.csv than the one prepared now" in err, err
+    assert not (project.csv.parent / submit.SCORE_RECORD).exists()
 
 
 def test_a_second_upload_while_one_runs_is_refused_not_sent_twice(project, capsys, monkeypatch):
