@@ -350,6 +350,8 @@ def main(argv=None):
         preset, cfg = resolve_config(args, folder)
         if args.check_config:
             check_split_asked(folder, args.overrides, args.force)
+        elif not args.preset and runs.run_of(folder).finished:
+            note_preset_changed(folder, preset, cfg)
         if cfg.members > 1:
             if cfg.member_archs.strip() and cfg.arch != member_archs(cfg)[0]:  # `PRESET=overnight ARCH=lenet5`
                 raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
@@ -362,6 +364,20 @@ def main(argv=None):
             raise UserError(f"MEMBER_ARCHS={cfg.member_archs} gives the members of an ensemble their architectures: "
                             f"it needs MEMBERS of 2 or more; a single net takes ARCH= with MEMBER_ARCHS= (empty)")
         return 0 if args.check_config else train_one(folder, preset, cfg, args.force)
+
+
+def note_preset_changed(folder, preset, cfg):
+    """A finished run resumed without PRESET= keeps its own config and trains nothing: say so when its preset's
+    file now differs (an edit of configs/standard.toml would otherwise seem trained by `make train submit`)."""
+    try:
+        now = build_config(preset).to_dict()
+    except UserError:  # the preset's file is gone or broken: nothing to compare
+        return
+    changed = runs.config_changes(now, cfg.to_dict())
+    if changed:
+        print(f"note: configs/{preset}.toml differs from what runs/{folder.name} was trained with "
+              f"({', '.join(changed)}); the run keeps its own: `make train PRESET={preset} RUN=NEW` trains the "
+              f"preset as it is now")
 
 
 def started_split(folder):

@@ -159,6 +159,28 @@ def test_force_on_a_finished_run_with_another_config_is_refused_not_ignored(root
     assert train.main(["--run", "base", "FORCE=1"]) == 0  # the same config: nothing to do, as before
 
 
+def test_a_finished_run_says_when_its_presets_file_changed_since(root, capsys, monkeypatch, tmp_path):
+    # configs/standard.toml edited, then `make train submit`: "nothing to do", and the old model was submitted as
+    # if it were the edited preset's
+    from pipeline import paths
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(paths, "configs", lambda: configs)
+    (configs / "quick.toml").write_text(to_toml(runs.Run("base").config().to_dict()))  # the run's preset, as it was
+    capsys.readouterr()
+    assert train.main(["--run", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "note:" not in out, out
+    (configs / "quick.toml").write_text(to_toml({**runs.Run("base").config().to_dict(), "epochs": 7}))
+    assert train.main(["--run", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "note: configs/quick.toml differs from what runs/base was trained with (epochs)" in out, out
+    assert "make train PRESET=quick RUN=NEW" in out and runs.Run("base").config().epochs == 1
+    assert train.main(["--run", "base", "--preset", "quick"]) == 2  # asked for: the config change is refused
+    one_error_line(capsys, "another config", "epochs")
+
+
 def test_a_damaged_config_toml_is_restored_from_the_checkpoint(root):
     folder = stopped_run(root, "binary")
     (folder / "config.toml").write_bytes(bytes(range(256)))
