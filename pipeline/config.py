@@ -100,10 +100,10 @@ def load_toml(path, advice=None):
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}{tail}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text, so not TOML{tail}") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an integer of 4300+ digits, nesting too deep
+        raise UserError(f"{path}: invalid TOML: {exc}{tail}") from None
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}{tail}") from None
 
@@ -152,8 +152,8 @@ def _coerce(name, default, value):
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if not isinstance(value, str):
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:
+            return float(value)  # (one too large for a float is refused below, as a wrong type would be)
         raise UserError(f"{name}: expected {kind.__name__}, got {value!r}")
     text = value.strip()
     try:
@@ -170,7 +170,7 @@ def _coerce(name, default, value):
             return float(text)
         if kind is str:
             return text
-    except ValueError:
+    except ValueError:  # (float() of any text never overflows: "1e999" is inf, which the range checks refuse)
         pass
     raise UserError(f"{name}: expected {kind.__name__}, got {value!r}")
 

@@ -3,6 +3,7 @@
 The notebook calls use_notebook() once; nothing else switches. It is an environment variable so that it
 survives the notebook re-importing the pipeline, and it holds for every stage the notebook's process runs.
 """
+import math
 import os
 import sys
 
@@ -19,6 +20,18 @@ NEXT_STEPS = {
     "restart": ("use another RUN=, or FORCE=1 to continue with the new one",
                 "change the settings cell back, or delete runs/{run} under PIPELINE_ROOT to start it afresh"),
 }
+
+
+def finite(value):
+    """value as a float when it is a finite number (as a hand-edited JSON record may not be: a string, NaN, an
+    integer too large for a float), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def use_notebook():

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.errors import UserError
-from pipeline.fileio import load_npz, read_json_object
+from pipeline.fileio import json_loads, load_npz, read_json_object
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -72,9 +72,17 @@ def _load(name, keys, folder=None):
 
 
 def load_train(folder=None):
-    """(x, y): every row of train.csv."""
+    """(x, y): every row of train.csv, images float32 (N, 28, 28, 1) and labels 0..9 (checked: prepare writes them
+    so, and anything else is a file replaced by hand, which training would meet as a traceback)."""
     d = _load("train.npz", ("x", "y"), folder)
-    return d["x"], d["y"]
+    x, y = d["x"], d["y"]
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+        raise UserError(f"train.npz: expected float32 images (N, 28, 28, 1), got {x.dtype} {x.shape}: "
+                        f"{_rebuild_advice(folder)}")
+    if y.dtype.kind not in "iu" or y.shape != (len(x),) or (len(y) and not 0 <= y.min() <= y.max() < NUM_CLASSES):
+        raise UserError(f"train.npz: expected one label 0..9 per image ({len(x)}), got {y.dtype} {y.shape}: "
+                        f"{_rebuild_advice(folder)}")
+    return x, y
 
 
 def load_test(folder=None):
@@ -101,6 +109,13 @@ def load_test_images(folder=None):
 def load_split(folder=None):
     """(train_idx, val_idx) written by prepare."""
     d = _load("split.npz", ("train_idx", "val_idx"), folder)
+    rows = load_meta(folder).get("train_rows")
+    for name in ("train_idx", "val_idx"):
+        idx = d[name]
+        if idx.dtype.kind not in "iu" or idx.ndim != 1 or (
+                len(idx) and not (0 <= idx.min() and (not isinstance(rows, int) or idx.max() < rows))):
+            raise UserError(f"split.npz: {name} is not a list of train.csv rows ({idx.dtype} {idx.shape}): "
+                            f"{_rebuild_advice(folder)}")
     return d["train_idx"], d["val_idx"]
 
 
@@ -145,7 +160,7 @@ def stratified_split(y, val_fraction, seed):
 def source_record(raw_dir):
     """The fetch's record beside the raw CSVs as a dict ({} when missing or damaged): source, test_sha256, seed."""
     try:
-        record = json.loads((Path(raw_dir) / SOURCE_RECORD).read_text())
+        record = json_loads((Path(raw_dir) / SOURCE_RECORD).read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -53,8 +53,9 @@ def trained_on(members):
     left out (shared_holdout checks them by their labels)."""
     found = {}
     for m in members:
-        found.setdefault(runs.run_of(m).summary().get("train_sha256"), []).append(m.name)
-    found.pop(None, None)
+        sha = runs.run_of(m).summary().get("train_sha256")
+        if isinstance(sha, str):  # (anything else is a hand edit: as if none were recorded)
+            found.setdefault(sha, []).append(m.name)
     return found
 
 

@@ -113,10 +113,19 @@ def write_json(path, obj):
     write_text(path, json_text(obj))
 
 
+def json_loads(text):
+    """json.loads, where text nested too deeply for the parser (a RecursionError) is bad JSON like any other: a
+    ValueError, which every reader of a damaged file turns into its one line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json_object(path, advice):
     """The JSON object in `path` as a dict; a damaged file is one UserError ending with `advice`."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json_loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path} is damaged (not JSON): {advice}") from None
     if not isinstance(data, dict):

@@ -12,7 +12,6 @@ server acted, and a second try would spend a submission or make a second kernel 
 import base64
 import contextlib
 import io
-import json
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.fileio import json_loads
 
 COMPETITION = "digit-recognizer"
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
@@ -51,7 +51,7 @@ def _config_dirs():
 def kaggle_json_problem(path):
     """Why the kaggle.json at `path` cannot log in (the client only says it found no credentials), or None."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json_loads(Path(path).read_text())
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     except ValueError as exc:  # bad JSON, or not UTF-8
@@ -86,7 +86,7 @@ def _kaggle_jsons():
     """Every readable kaggle.json, as dicts, in the client's order of precedence."""
     for folder in _config_dirs():
         try:
-            data = json.loads((folder / "kaggle.json").read_text())
+            data = json_loads((folder / "kaggle.json").read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pipeline import kaggle_api, kaggle_env, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import write_bytes, write_text
+from pipeline.fileio import json_loads, write_bytes, write_text
 
 TEMPLATE_DIR = paths.REPO / "kernels" / "digit-recognizer"
 TEMPLATE = TEMPLATE_DIR / "digit-recognizer.md"
@@ -302,7 +302,7 @@ def bundle_source_of(notebook):
     try:
         text = notebook.read_text(encoding="utf-8") if isinstance(notebook, Path) else notebook
         nb = nbformat.reads(text, as_version=4)
-    except (OSError, ValueError) as exc:  # an edit that broke its JSON: NotJSONError is a ValueError
+    except (OSError, ValueError, RecursionError) as exc:  # an edit that broke its JSON: NotJSONError is a ValueError
         where = notebook if isinstance(notebook, Path) else "the notebook"
         raise UserError(f"{where} is not a readable notebook ({str(exc).splitlines()[0][:200]}): undo the edit, "
                         f"or `make kernel` builds it anew") from None
@@ -331,7 +331,7 @@ def read_metadata(folder):
     if not path.is_file():
         raise UserError(f"{path} is missing: build the kernel first (`make kernel`)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json_loads(path.read_text())
     except ValueError as exc:
         raise UserError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("code_file", NOTEBOOK), str):  # a hand edit
@@ -361,7 +361,7 @@ def metadata_text(kernel_id, gpu=False, continue_run=False):
     T4 session (else a CPU one); `continue_run` attaches the kernel's own previous output as an input."""
     _, slug = parse_kernel_id(kernel_id)
     try:
-        defaults = json.loads(METADATA_DEFAULTS.read_text())
+        defaults = json_loads(METADATA_DEFAULTS.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{METADATA_DEFAULTS}: {exc}") from None
     meta = {"id": kernel_id, "title": title_for(slug), "code_file": NOTEBOOK, **defaults}
@@ -398,7 +398,7 @@ def refuse_to_overwrite_edits(out, given):
         record = old.metadata.get("pipeline")
         built = record.get("built_cells_sha256") if isinstance(record, dict) else None
         now = own_cells_sha256(old) if built is not None else None
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
         return  # none, or not a notebook one could still edit: nothing to keep
     if built is not None and built != now:
         raise UserError(f"{path} has cells edited by hand since it was built: `make kernel` rebuilds the notebook "
@@ -416,7 +416,7 @@ def built_options(folder):
         nb = nbformat.reads(notebook.read_text(encoding="utf-8"), as_version=4)
         cells = [c.source for c in nb.cells if c.cell_type == "code" and "settings" in c.metadata.get("tags", [])]
         values = {name: ast.literal_eval(node.value) for name, node in _assignments(cells[0]).items()}
-    except (OSError, ValueError, SyntaxError, IndexError, UserError) as exc:
+    except (OSError, ValueError, RecursionError, SyntaxError, IndexError, UserError) as exc:
         raise UserError(f"{notebook} has no readable settings cell ({exc}): build it again (`make kernel`, with "
                         f"the settings you want)") from None
     options = {name: value for name, value in values.items() if value is not None}

@@ -33,3 +33,22 @@ def submissions() -> Path:
 def configs() -> Path:
     """Presets ship with the code, so they are found beside it, not under PIPELINE_ROOT."""
     return REPO / "configs"
+
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file however they are spelled (os.path.realpath: a symlink loop is no
+    error here, where Path.resolve raised RuntimeError)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_out(out):
+    """An --out given for a stage's result must not lie where the stages keep their own files (runs/, data/raw,
+    data/processed, data/external): `--out runs/r1/model.npz` replaced a model with a CSV."""
+    from pipeline.errors import UserError
+
+    target = Path(os.path.realpath(out))
+    owned = [Path(os.path.realpath(f())) for f in (runs, data_raw, data_processed, data_external)]
+    if any(target == folder or folder in target.parents for folder in owned):
+        raise UserError(f"--out {out} lies where the pipeline keeps its own files (runs/, data/): give a path "
+                        f"under submissions/ or elsewhere")

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from pipeline import dataset, runs
+from pipeline import console, dataset, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import atomic_path, write_text
 from pipeline.score import confusion_matrix, per_class_scores
@@ -33,17 +33,18 @@ def load_val_predictions(folder):
 
 def first_conv_kernel(state):
     """The first conv layer's kernel (kh, kw, Cin, Cout) from a state dict: '0.w', else the first 4-D weight."""
-    if "0.w" in state and state["0.w"].ndim == 4:
-        return state["0.w"]
+    def kernel(key):
+        w = state[key]
+        return w.ndim == 4 and w.dtype.kind == "f" and w.size > 0  # (an empty or text one: a hand-made file)
 
     def layer_order(key):
         head = key.split(".", 1)[0]
-        return (int(head), key) if head.isdigit() else (math.inf, key)
+        return (int(head), key) if head.isascii() and head.isdigit() else (math.inf, key)
 
-    for key in sorted(state, key=layer_order):
-        if state[key].ndim == 4:
+    for key in (["0.w"] if "0.w" in state else []) + sorted(state, key=layer_order):
+        if kernel(key):
             return state[key]
-    raise UserError("model.npz has no 4-D convolution kernel")
+    raise UserError("model.npz has no 4-D convolution kernel of numbers: retrain the run")
 
 
 # ---------------------------------------------------------------- figures
@@ -63,8 +64,10 @@ def _save(fig, path):
 
 
 def _series(metrics, key):
-    """(epochs, values) of the records that carry `key` with a number."""
-    pairs = [(m["epoch"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
+    """(epochs, values) of the records that carry `key` with a finite number (a diverged loss is left out: an
+    infinite or huge value broke the axes)."""
+    pairs = [(m["epoch"], console.finite(m.get(key))) for m in metrics]
+    pairs = [p for p in pairs if p[1] is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -197,10 +200,8 @@ def plot_filters(kernel, path):
 # ---------------------------------------------------------------- report.md
 
 def format_duration(seconds):
-    try:
-        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):  # NaN in a hand-edited summary
-            return "unknown"
-    except OverflowError:  # an integer too large for a float
+    seconds = console.finite(seconds)  # NaN or a string in a hand-edited summary
+    if seconds is None:
         return "unknown"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -209,11 +210,13 @@ def format_duration(seconds):
 
 
 def _percent(value):
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "unknown"
+    value = console.finite(value)
+    return "unknown" if value is None else f"{100 * value:.2f}%"
 
 
 def _number(value):
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "unknown"
+    value = console.finite(value)
+    return "unknown" if value is None else f"{value:.4f}"
 
 
 def per_class_markdown(per_class):

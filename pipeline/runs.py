@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import console, paths
 from pipeline.config import TrainConfig, apply_values, load_toml
 from pipeline.errors import UserError
-from pipeline.fileio import file_sha256, held_lock, load_npz, read_json_object, save_npz
+from pipeline.fileio import file_sha256, held_lock, json_loads, load_npz, read_json_object, save_npz
 
 # A run, or one member of an ensemble run ("night/members/3").
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/members/[0-9]+)?$")
@@ -165,7 +165,7 @@ class Run:
         root = self.folder / "members"
         if self.is_member or not root.is_dir():
             return []
-        ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+        ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
         return [Run(f"{self.name}/members/{k}") for k in ks]
 
     def member(self, k):
@@ -274,9 +274,10 @@ class Run:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {line_no}: invalid JSON ({exc.msg}): {self._advice_train()}") from None
+                record = json_loads(line)
+            except ValueError as exc:  # bad JSON, nesting too deep, an integer of 4300+ digits
+                raise UserError(f"{path} line {line_no}: invalid JSON ({getattr(exc, 'msg', exc)}): "
+                                f"{self._advice_train()}") from None
             if not isinstance(record, dict) or "epoch" not in record:
                 raise UserError(f"{path} line {line_no}: no 'epoch' field: {self._advice_train()}")
             epoch = record["epoch"]
@@ -310,6 +311,9 @@ class Run:
         missing = {"idx", "y", "probs"} - set(d)
         if missing:
             raise UserError(f"{path} lacks {', '.join(sorted(missing))}: {self._advice_train()}")
+        if d["idx"].dtype.kind not in "iu" or d["y"].dtype.kind not in "iu" or d["probs"].dtype.kind != "f":
+            raise UserError(f"{path}: idx {d['idx'].dtype}, y {d['y'].dtype}, probs {d['probs'].dtype} are not "
+                            f"integer rows, labels and probabilities: {self._advice_train()}")
         idx, y, probs = d["idx"].astype(np.int64), d["y"].astype(np.int64), d["probs"]
         if idx.ndim != 1 or probs.shape != (len(idx), NUM_CLASSES) or y.shape != idx.shape:
             raise UserError(f"{path}: idx {idx.shape}, y {y.shape}, probs {probs.shape} do not agree: "
@@ -362,8 +366,9 @@ class Run:
         """The sha256 of the train.csv the run learnt (an ensemble: its finished members', when they agree), or
         None when no summary records it (runs from before it was recorded) or members disagree."""
         learners = [m for m in self.members() if m.finished] if self.is_ensemble else [self]
-        shas = {r.summary().get("train_sha256") for r in learners}
-        return shas.pop() if len(shas) == 1 else None
+        shas = [r.summary().get("train_sha256") for r in learners]
+        known = {sha for sha in shas if isinstance(sha, str)}  # (anything else is a hand edit: none recorded)
+        return known.pop() if len(known) == 1 and len(shas) == sum(isinstance(sha, str) for sha in shas) else None
 
     # ---------------------------------------------------------------- predictions and what they were made from
 
@@ -412,7 +417,7 @@ class Run:
         rows); None when they must be recomputed."""
         try:
             d = load_npz(self.folder / name)
-            record = json.loads(str(d["made_from"]))
+            record = json_loads(str(d["made_from"]))
             probs = d["probs"]
         except Exception:  # noqa: BLE001 (missing, damaged or without a record: recompute)
             return None
@@ -430,7 +435,7 @@ class Run:
         if "probs" not in d:
             raise UserError(f"{path} has no 'probs' array: {advice}")
         try:
-            record = json.loads(str(d.get("made_from")))
+            record = json_loads(str(d.get("made_from")))
         except ValueError:
             record = None
         if record != self.made_from():

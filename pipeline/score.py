@@ -138,7 +138,7 @@ def submission_origin(submission, sha, run_name, prepared):
     a score read as one run's would be another's. A run changed since (trained on, blended, data prepared again)
     is said, not refused: the CSV holds its predictions of then, perhaps the ones uploaded."""
     record = None
-    if submission.resolve() == submit.default_out().resolve():
+    if paths.same_file(submission, submit.default_out()):
         try:
             record = read_json_object(submission.parent / submit.SUBMISSION_RECORD, "")
         except (OSError, UserError):
@@ -167,7 +167,7 @@ def submission_origin(submission, sha, run_name, prepared):
         if record:
             return None, "", (f"{submission} changed since `make submit` wrote it from runs/{record['run']}: "
                               f"scored as it is")
-        if submission.resolve() == submit.default_out().resolve():  # a submit killed while it wrote
+        if paths.same_file(submission, submit.default_out()):  # a submit killed while it wrote
             return None, "", (f"no `make submit` record of {submission} (a submit cut short?): scored as it is, "
                               f"unchecked; `make submit RUN=...` writes it anew")
         return None, "", ""
@@ -229,9 +229,11 @@ def main(argv=None):
         what = "is not a file" if submission.exists() else "does not exist"  # a folder: not "missing"
         raise UserError(f"{submission} {what}: `make submit` writes submissions/submission.csv")
     out = args.out or submission.parent / submit.SCORE_RECORD
-    if out.resolve() in (submission.resolve(), key.resolve()):
-        raise UserError(f"--out {out} is the {'submission' if out.resolve() == submission.resolve() else 'key'} "
+    if paths.same_file(out, submission) or paths.same_file(out, key):
+        raise UserError(f"--out {out} is the {'submission' if paths.same_file(out, submission) else 'key'} "
                         f"itself: give another path for the JSON")
+    if args.out:
+        paths.check_out(out)
     with submit.private_copy(submission) as copy:  # one CSV scored, hashed and named, whatever a submit does
         sha = file_sha256(copy)
         prepared = prepared_test() if args.key is None else {}

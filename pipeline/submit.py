@@ -16,7 +16,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
 import os
 import shlex
 import shutil
@@ -30,7 +29,7 @@ import pandas as pd
 
 from pipeline import console, dataset, paths, runs
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import file_sha256, held_lock, write_bytes, write_json, write_text
+from pipeline.fileio import file_sha256, held_lock, json_loads, write_bytes, write_json, write_text
 
 COLUMNS = ["ImageId", "Label"]
 COMPETITION = "digit-recognizer"
@@ -135,8 +134,8 @@ def write_submission(df, path, n_test):
 
 def upload_message(run_name, summary, extra=""):
     """Kaggle submission message naming the run, its architecture and its validation accuracy."""
-    acc = summary.get("best_val_acc")
-    acc_text = f"val acc {100 * acc:.2f}%" if isinstance(acc, (int, float)) else "val acc unknown"
+    acc = console.finite(summary.get("best_val_acc"))
+    acc_text = "val acc unknown" if acc is None else f"val acc {100 * acc:.2f}%"
     arch = summary.get("arch")
     head = f"run {run_name}" + (f" ({arch})" if arch else "") + f", {acc_text}"
     return f"{extra.strip()} | {head}" if extra and extra.strip() else head
@@ -161,7 +160,7 @@ def upload_record(path):
 def already_uploaded(path, sha):
     """The record beside `path` of an upload of the bytes whose sha256 is `sha`, or None."""
     try:
-        record = json.loads(upload_record(path).read_text())
+        record = json_loads(upload_record(path).read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("sha256") == sha else None
@@ -277,6 +276,8 @@ def main(argv=None):
     args = parse_args(argv)
     run = runs.Run.existing(args.run)
     out = args.out or default_out()
+    if args.out:
+        paths.check_out(out)
     if args.upload_only:
         if not out.is_file():
             raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
@@ -298,7 +299,7 @@ def main(argv=None):
         print(f"warning: runs/{run.name} learnt another train.csv than the one prepared now (the data was fetched "
               f"or prepared since): the test images may include images it learnt from", file=sys.stderr)
     labels = labels_from_probs(probs)
-    default = out.resolve() == default_out().resolve()  # however it is spelled: `--out ./submissions/submission.csv`
+    default = paths.same_file(out, default_out())  # however it is spelled: `--out ./submissions/submission.csv`
     if default and out.parent.is_dir():  # a write cut short leaves no record naming a run: make writes it again
         for record in (RUN_RECORD, SUBMISSION_RECORD, SCORE_RECORD):  # the score too: it names the CSV it scored
             (out.parent / record).unlink(missing_ok=True)

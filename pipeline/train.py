@@ -25,7 +25,7 @@ from pipeline.averaging import WeightAverage
 from pipeline.config import (TRAIN_VARIABLES, TrainConfig, apply_values, build_config, load_toml, make_overrides,
                              stage_variables, to_toml)
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import atomic_paths, save_npz, write_json, write_text
+from pipeline.fileio import atomic_paths, json_loads, save_npz, write_json, write_text
 from pipeline.nn import (build_model, configure_threads, get_array_module, make_optimizer, make_schedule,
                          select_device, softmax, softmax_cross_entropy, to_numpy)
 from pipeline.nn.threads import num_threads
@@ -100,7 +100,7 @@ def parse_duration(text):
 def ensemble_record(folder):
     """The config an ensemble recorded in ENSEMBLE_RECORD (what a checkpoint is to a single run), or None."""
     try:
-        record = json.loads((folder / ENSEMBLE_RECORD).read_text())
+        record = json_loads((folder / ENSEMBLE_RECORD).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -436,7 +436,8 @@ def check_members(folder, cfg, force):
     config.toml): each member it has begun must have been trained with the config it derives now, unless FORCE=1
     says otherwise. A finished member is never trained again, so this is the only place its config is read."""
     root = folder / "members"
-    ks = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    ks = sorted(int(p.name) for p in root.iterdir()
+                if p.is_dir() and p.name.isascii() and p.name.isdigit()) if root.is_dir() else []
     for k in ks:
         changed = member_changes(root / str(k), member_config(cfg, k), force)
         if changed and not force:

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import os
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -126,8 +127,16 @@ class FakeKaggle:
         class Handler(_Handler):
             server_fake = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                # a handler still writing to a client that gave up (the timeout tests) outlives its test: its
+                # traceback went to stderr, into whichever test captured it then (a flaky one-line check)
+                fake.handler_errors.append(sys.exc_info()[1])
+
+        self.handler_errors = []
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()

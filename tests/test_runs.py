@@ -264,12 +264,42 @@ def label_ten(path):
     save_npz(path, d)
 
 
+def nested(path):
+    """JSON or TOML nested deeper than the parser recurses (a RecursionError, not a ValueError, was a traceback)."""
+    path.write_text(("x = " if path.suffix == ".toml" else "") + "[" * 100_000 + "\n")
+
+
+def huge_integer(path):
+    """A number of 5000 digits (past Python's int-from-text limit: a ValueError that was not JSON's)."""
+    if path.suffix == ".toml":
+        path.write_text(path.read_text().replace("epochs = 1", "epochs = 1" + "0" * 5000))
+    else:
+        path.write_text(path.read_text().replace('"epoch": 1', '"epoch": 1' + "0" * 5000, 1))
+
+
+def text_indices(path):
+    """A readable val_predictions.npz whose rows are strings."""
+    d = load_npz(path)
+    d["idx"] = d["idx"].astype(str)
+    save_npz(path, d)
+
+
+def text_kernel(path):
+    """A readable model.npz whose first conv kernel is strings."""
+    d = load_npz(path)
+    d = {k: (v.astype(str) if v.ndim == 4 else v) for k, v in d.items()}
+    save_npz(path, d)
+
+
 @pytest.mark.parametrize("name,damage,stage", [
     ("model.npz", garbage, "predict"), ("model.npz", truncated, "predict"), ("model.npz", garbage, "report"),
     ("model.npz", "delete", "predict"), ("model.npz", "delete", "report"),
     ("val_predictions.npz", truncated, "report"), ("val_predictions.npz", label_ten, "report"),
-    ("summary.json", garbage, "report"),
-    ("metrics.jsonl", garbage, "report"), ("config.toml", garbage, "predict"), ("config.toml", garbage, "report"),
+    ("val_predictions.npz", text_indices, "report"),
+    ("summary.json", garbage, "report"), ("summary.json", nested, "report"),
+    ("metrics.jsonl", garbage, "report"), ("metrics.jsonl", nested, "report"), ("metrics.jsonl", huge_integer, "report"),
+    ("config.toml", garbage, "predict"), ("config.toml", garbage, "report"), ("config.toml", nested, "predict"),
+    ("config.toml", huge_integer, "report"),
 ])
 def test_a_damaged_artifact_is_one_line_and_make_train_repairs_it(root, capsys, name, damage, stage):
     path = root / "runs" / "base" / name
@@ -285,6 +315,56 @@ def test_a_damaged_artifact_is_one_line_and_make_train_repairs_it(root, capsys, 
     assert main("--run", "base") == 0
 
 
+def test_a_model_without_a_kernel_of_numbers_is_one_line_in_report(root, capsys):
+    text_kernel(root / "runs" / "base" / "model.npz")  # a TypeError in the filters figure
+    assert report.main(["--run", "base"]) == 2
+    one_error_line(capsys, "model.npz has no 4-D convolution kernel of numbers")
+
+
+def test_an_out_where_the_pipeline_keeps_its_files_is_refused_and_a_symlink_loop_is_no_traceback(root, capsys):
+    # `submit --out runs/base/model.npz` replaced the model with the CSV, exit 0; a loop was a RuntimeError
+    assert predict_main("--run", "base") == 0
+    model = (root / "runs" / "base" / "model.npz").read_bytes()
+    for out in (root / "runs" / "base" / "model.npz", root / "data" / "raw" / "train.csv"):
+        capsys.readouterr()
+        assert submit.main(["--run", "base", "--upload", "0", "--out", str(out)]) == 2
+        one_error_line(capsys, "lies where the pipeline keeps its own files")
+    assert (root / "runs" / "base" / "model.npz").read_bytes() == model
+    assert submit.main(["--run", "base", "--upload", "0"]) == 0
+    from pipeline import score
+
+    key = root / "data" / "raw" / "test_labels.csv"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},0,1\n" for i in range(20)))
+    capsys.readouterr()
+    assert score.main(["--key", str(key), "--out", str(root / "runs" / "base" / "summary.json")]) == 2
+    one_error_line(capsys, "lies where the pipeline keeps its own files")
+    for stage in (lambda out: submit.main(["--run", "base", "--upload", "0", "--out", out]),
+                  lambda out: score.main(["--key", str(key), "--out", out])):
+        loop = root / "loop"
+        loop.unlink(missing_ok=True)
+        loop.symlink_to(loop)
+        assert stage(str(loop)) == 0  # (Path.resolve raised RuntimeError on it) the output replaces the link
+        assert loop.is_file() and not loop.is_symlink()
+
+
+def test_odd_numbers_and_names_in_run_files_are_read_as_unknown_not_a_traceback(root, capsys):
+    metrics = root / "runs" / "base" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[0]["val_acc"] = float("inf")  # matplotlib: "Axis limits cannot be NaN or Inf"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = root / "runs" / "base" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_val_acc": 10 ** 400}))  # OverflowError
+    assert report.main(["--run", "base"]) == 0
+    assert "unknown" in (root / "runs" / "base" / "report" / "report.md").read_text()
+    assert submit.upload_message("base", json.loads(summary.read_text())) == "run base (seed_small), val acc unknown"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "train_sha256": [1]}))  # unhashable
+    assert runs.Run("base").learnt_train_sha256() is None
+    night = ensemble_root(root)
+    (night / "members" / "\u00b2").mkdir()  # a digit to str.isdigit, not to int(): a ValueError
+    assert [m.name for m in runs.Run("night").members()] == ["night/members/0", "night/members/1"]
+
+
 def test_damaged_test_probs_are_one_line_and_make_predict_recomputes_them(root, capsys):
     assert predict_main("--run", "base") == 0
     garbage(root / "runs" / "base" / "test_probs.npz")
@@ -294,10 +374,23 @@ def test_damaged_test_probs_are_one_line_and_make_predict_recomputes_them(root, 
     assert submit.main(["--run", "base", "--upload", "0"]) == 0
 
 
+def replaced(**arrays):
+    """A valid npz with these arrays changed (written by hand: what prepare never writes)."""
+    def damage(path):
+        d = load_npz(path)
+        save_npz(path, {**d, **{k: f(d) for k, f in arrays.items()}})
+    return damage
+
+
 @pytest.mark.parametrize("name,damage,stage", [
     ("test.npz", truncated, "predict"), ("test.npz", garbage, "predict"), ("meta.json", garbage, "predict"),
-    ("meta.json", garbage, "submit"), ("train.npz", truncated, "train"), ("split.npz", garbage, "train"),
-    ("split.npz", "other", "train"),
+    ("meta.json", garbage, "submit"), ("meta.json", nested, "predict"), ("train.npz", truncated, "train"),
+    ("split.npz", garbage, "train"), ("split.npz", "other", "train"),
+    # an IndexError or the loss's ValueError deep in training, where these lines were promised
+    ("train.npz", replaced(y=lambda d: d["y"][:30]), "train"), ("train.npz", replaced(y=lambda d: d["y"] + 10), "train"),
+    ("train.npz", replaced(x=lambda d: d["x"].reshape(len(d["x"]), -1)), "train"),
+    ("split.npz", replaced(val_idx=lambda d: d["val_idx"] + 1000), "train"),
+    ("split.npz", replaced(val_idx=lambda d: d["val_idx"].astype(np.float64)), "train"),
 ])
 def test_damaged_processed_data_is_one_line_that_says_how_to_rebuild_it(root, capsys, name, damage, stage):
     path = root / "data" / "processed" / name
