@@ -60,6 +60,12 @@ def current_source(raw_dir):
     return source if source in ("kaggle", "mnist") else "unknown"
 
 
+def key_answers_test_csv(raw_dir):
+    """Whether the fetch's record names the test.csv in raw_dir as the one its answer key answers."""
+    sha = dataset.answer_key_test_sha256(raw_dir)
+    return sha is not None and file_sha256(Path(raw_dir) / "test.csv") == sha
+
+
 def recorded_seed(raw_dir):
     """The seed an mnist fetch split the competition with (0 for a record from before it kept one)."""
     seed = dataset.source_record(raw_dir).get("seed", 0)
@@ -214,6 +220,10 @@ def main(argv=None):
             print(f"{raw_dir} holds the mnist competition split with seed {recorded_seed(raw_dir)}; fetching it with "
                   f"seed {args.seed}")
             have = None  # --seed asks for another split: not "nothing to do"
+        elif have == "mnist" and source == "mnist" and not key_answers_test_csv(raw_dir):
+            print(f"{raw_dir}: no record ties its answer key to the test.csv there (fetched before the record kept "
+                  f"it, or test.csv replaced since); fetching the mnist competition again")
+            have = None  # what score's refusal asks for: a key and a test.csv that belong together
         if have is not None and source in ("auto", have):
             print(f"{raw_dir} already holds the competition (source: {have}); nothing to do"
                   + (" (SOURCE=kaggle or SOURCE=mnist chooses one)" if source == "auto" else ""))

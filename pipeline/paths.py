@@ -42,13 +42,16 @@ def same_file(a, b) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_out(out):
-    """An --out given for a stage's result must not lie where the stages keep their own files (runs/, data/raw,
-    data/processed, data/external): `--out runs/r1/model.npz` replaced a model with a CSV."""
+def check_out(out, records=()):
+    """An --out given for a stage's result must not lie where the stages keep their own files (runs/, data/, the
+    presets, the code) nor be one of `records` (the files beside the submission make reads): `--out
+    runs/r1/model.npz` replaced a model with a CSV."""
     from pipeline.errors import UserError
 
     target = Path(os.path.realpath(out))
-    owned = [Path(os.path.realpath(f())) for f in (runs, data_raw, data_processed, data_external)]
-    if any(target == folder or folder in target.parents for folder in owned):
-        raise UserError(f"--out {out} lies where the pipeline keeps its own files (runs/, data/): give a path "
-                        f"under submissions/ or elsewhere")
+    owned = [Path(os.path.realpath(f())) for f in (runs, data_raw, data_processed, data_external, configs)]
+    owned.append(Path(os.path.realpath(REPO / "pipeline")))
+    if any(target == folder or folder in target.parents for folder in owned) or \
+            any(same_file(out, record) for record in records):
+        raise UserError(f"--out {out} is where the pipeline keeps its own files (runs/, data/, configs/, its "
+                        f"records in submissions/): give another path, e.g. under submissions/")

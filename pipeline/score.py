@@ -112,7 +112,8 @@ def prepared_test():
     key = paths.data_raw() / "test_labels.csv"
     if answered is None and key.is_file():  # Kaggle's CSVs unzipped over such a copy were graded, ~10 %, exit 0
         raise UserError(f"no fetch record says which test.csv {key} answers (a copy fetched before fetches kept "
-                        f"one, or a key put there by hand): `make fetch SOURCE=mnist` writes both anew")
+                        f"one, or a key put there by hand): `make fetch SOURCE=mnist` writes both anew (a key of "
+                        f"your own: `python -m pipeline.score --key FILE`)")
     if answered and meta.get("test_sha256") and answered != meta["test_sha256"]:
         raise UserError(f"{paths.data_raw() / 'test_labels.csv'} answers the test.csv the mnist fetch wrote, not the "
                         f"one in {paths.data_raw()} now (replaced since): `make fetch SOURCE=mnist` writes both anew")
@@ -152,7 +153,7 @@ def submission_origin(submission, sha, run_name, prepared):
                         f"({record.get('time')}), not the one prepared now: `make submit RUN={written_from}` "
                         f"writes its predictions of this one")
     learnt, prepared_train = (record or {}).get("train_sha256"), prepared.get("train_sha256")
-    if written_from and learnt and prepared_train and learnt != prepared_train:  # the key's rows include its own
+    if written_from and isinstance(learnt, str) and prepared_train and learnt != prepared_train:  # the key's rows include its own
         raise UserError(f"{submission} comes from runs/{written_from}, which learnt another train.csv than the one "
                         f"prepared now: the key's rows may be images it learnt from, and its score would flatter "
                         f"it; train a run on this data (`make train RUN=...`), or prepare the data it learnt")
@@ -214,7 +215,8 @@ def parse_args(argv):
     p = StageArgumentParser(prog="python -m pipeline.score", description=__doc__.splitlines()[0])
     p.add_argument("--submission", type=Path, default=None, help="default submissions/submission.csv")
     p.add_argument("--key", type=Path, default=None, help="default data/raw/test_labels.csv")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default score.json beside the submission)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default score.json beside the submission; never under runs/, data/ or configs/)")
     p.add_argument("--run", default=None, help="the run the submission must come from (default: the one "
                    "`make submit` recorded; none for another CSV)")
     return p.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv=None):
         raise UserError(f"--out {out} is the {'submission' if paths.same_file(out, submission) else 'key'} "
                         f"itself: give another path for the JSON")
     if args.out:
-        paths.check_out(out)
+        paths.check_out(out, submit.records())
     with submit.private_copy(submission) as copy:  # one CSV scored, hashed and named, whatever a submit does
         sha = file_sha256(copy)
         prepared = prepared_test() if args.key is None else {}

@@ -146,11 +146,17 @@ def parse_args(argv):
     p.add_argument("--run", required=True, help="run name under runs/ (its test_probs.npz is used)")
     p.add_argument("--upload", type=int, choices=[0, 1], default=1,
                    help="1: upload when Kaggle credentials exist (default); 0: only write the CSV")
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default submissions/submission.csv)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV path (default submissions/submission.csv; never under runs/, data/ or configs/)")
     p.add_argument("--message", default="", help="text added to the submission message")
     p.add_argument("--upload-only", action="store_true",
                    help="do not write the CSV: upload the existing one unless it was uploaded already")
     return p.parse_args(argv)
+
+
+def records():
+    """The files beside the default submission that make and score read (never an --out)."""
+    return [paths.submissions() / name for name in (RUN_RECORD, SUBMISSION_RECORD, UPLOAD_RECORD, UPLOAD_LOCK)]
 
 
 def upload_record(path):
@@ -277,7 +283,7 @@ def main(argv=None):
     run = runs.Run.existing(args.run)
     out = args.out or default_out()
     if args.out:
-        paths.check_out(out)
+        paths.check_out(out, records())
     if args.upload_only:
         if not out.is_file():
             raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")

@@ -368,15 +368,20 @@ def main(argv=None):
 
 def note_preset_changed(folder, preset, cfg):
     """A finished run resumed without PRESET= keeps its own config and trains nothing: say so when its preset's
-    file now differs (an edit of configs/standard.toml would otherwise seem trained by `make train submit`)."""
+    file was edited since the run started and now differs from the run's config (an edit of
+    configs/standard.toml would otherwise seem trained by `make train submit`). Settings the run was started with
+    differ from the file too, so a file older than the run says nothing."""
+    path = paths.configs() / f"{preset}.toml"
     try:
+        if path.stat().st_mtime <= (folder / "config.toml").stat().st_mtime:
+            return
         now = build_config(preset).to_dict()
-    except UserError:  # the preset's file is gone or broken: nothing to compare
+    except (OSError, UserError):  # the preset's file is gone or broken: nothing to compare
         return
     changed = runs.config_changes(now, cfg.to_dict())
     if changed:
-        print(f"note: configs/{preset}.toml differs from what runs/{folder.name} was trained with "
-              f"({', '.join(changed)}); the run keeps its own: `make train PRESET={preset} RUN=NEW` trains the "
+        print(f"note: configs/{preset}.toml was edited since runs/{folder.name} started, and differs from its config "
+              f"in {', '.join(changed)}; the run keeps its own: `make train PRESET={preset} RUN=NEW` trains the "
               f"preset as it is now")
 
 

@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -471,6 +472,25 @@ def test_fetch_if_needed_keeps_good_data_and_replaces_what_prepare_refused(tiny,
     assert err.count("\n") == 1 and "is a folder" in err and (raw / "test.csv").stat().st_mtime_ns == test_before
     (raw / "train.csv" / "mine.txt").unlink()  # an empty one is only in the way
     assert run_mnist(tiny, raw, "--if-needed") == 0 and (raw / "train.csv").read_bytes() == before
+
+
+def test_fetch_if_needed_fetches_again_a_copy_whose_key_is_not_tied_to_its_test_csv(tiny, tmp_path, capsys):
+    # score refuses such a key and advises `make fetch SOURCE=mnist`, which said "nothing to do"
+    raw = tmp_path / "raw"
+    assert run_mnist(tiny, raw) == 0
+    record = json.loads((raw / "source.json").read_text())
+    older_record = json.dumps({"source": "mnist", "seed": 0})  # from before the record kept test.csv's sha256
+    other_test_csv = (raw / "test.csv").read_text().replace(",0,", ",1,", 1)  # test.csv replaced since
+    for path, text in ((raw / "source.json", older_record), (raw / "test.csv", other_test_csv)):
+        path.write_text(text)
+        capsys.readouterr()
+        assert fetch.main(["--source", "auto", "--raw", str(raw), "--if-needed"]) == 0  # never a switch of source
+        assert "nothing to do" in capsys.readouterr().out
+        assert run_mnist(tiny, raw, "--if-needed") == 0
+        assert "fetching the mnist competition again" in capsys.readouterr().out
+        assert json.loads((raw / "source.json").read_text()) == record and fetch.key_answers_test_csv(raw)
+    assert run_mnist(tiny, raw, "--if-needed") == 0
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_fetch_if_needed_with_another_seed_fetches_again(tiny, tmp_path, capsys, monkeypatch):

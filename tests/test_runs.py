@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import checkpoint, predict, report, runs, submit, train
+from pipeline import checkpoint, paths, predict, report, runs, submit, train
 from pipeline.config import to_toml
 from pipeline.dataset import stratified_split
 from pipeline.errors import UserError
@@ -162,20 +162,25 @@ def test_force_on_a_finished_run_with_another_config_is_refused_not_ignored(root
 def test_a_finished_run_says_when_its_presets_file_changed_since(root, capsys, monkeypatch, tmp_path):
     # configs/standard.toml edited, then `make train submit`: "nothing to do", and the old model was submitted as
     # if it were the edited preset's
-    from pipeline import paths
-
     configs = tmp_path / "configs"
     configs.mkdir()
     monkeypatch.setattr(paths, "configs", lambda: configs)
-    (configs / "quick.toml").write_text(to_toml(runs.Run("base").config().to_dict()))  # the run's preset, as it was
+    preset = configs / "quick.toml"
+    shutil.copy(REPO / "configs" / "quick.toml", preset)  # base was started with settings of its own (FAST)
+    started = (root / "runs" / "base" / "config.toml").stat().st_mtime
+    os.utime(preset, (started - 60, started - 60))
     capsys.readouterr()
     assert train.main(["--run", "base"]) == 0
     out = capsys.readouterr().out
-    assert "nothing to do" in out and "note:" not in out, out
-    (configs / "quick.toml").write_text(to_toml({**runs.Run("base").config().to_dict(), "epochs": 7}))
+    assert "nothing to do" in out and "note:" not in out, out  # its own settings are no edit of the preset
+    preset.write_text(to_toml(runs.Run("base").config().to_dict()))  # edited since, to what the run has
+    assert train.main(["--run", "base"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    preset.write_text(to_toml({**runs.Run("base").config().to_dict(), "epochs": 7}))
     assert train.main(["--run", "base"]) == 0
     out = capsys.readouterr().out
-    assert "note: configs/quick.toml differs from what runs/base was trained with (epochs)" in out, out
+    assert "note: configs/quick.toml was edited since runs/base started, and differs from its config in epochs" \
+        in out, out
     assert "make train PRESET=quick RUN=NEW" in out and runs.Run("base").config().epochs == 1
     assert train.main(["--run", "base", "--preset", "quick"]) == 2  # asked for: the config change is refused
     one_error_line(capsys, "another config", "epochs")
@@ -325,10 +330,11 @@ def test_an_out_where_the_pipeline_keeps_its_files_is_refused_and_a_symlink_loop
     # `submit --out runs/base/model.npz` replaced the model with the CSV, exit 0; a loop was a RuntimeError
     assert predict_main("--run", "base") == 0
     model = (root / "runs" / "base" / "model.npz").read_bytes()
-    for out in (root / "runs" / "base" / "model.npz", root / "data" / "raw" / "train.csv"):
+    for out in (root / "runs" / "base" / "model.npz", root / "data" / "raw" / "train.csv",
+                root / "submissions" / ".run", paths.configs() / "standard.toml"):
         capsys.readouterr()
         assert submit.main(["--run", "base", "--upload", "0", "--out", str(out)]) == 2
-        one_error_line(capsys, "lies where the pipeline keeps its own files")
+        one_error_line(capsys, "is where the pipeline keeps its own files")
     assert (root / "runs" / "base" / "model.npz").read_bytes() == model
     assert submit.main(["--run", "base", "--upload", "0"]) == 0
     from pipeline import score
@@ -338,7 +344,7 @@ def test_an_out_where_the_pipeline_keeps_its_files_is_refused_and_a_symlink_loop
     key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},0,1\n" for i in range(20)))
     capsys.readouterr()
     assert score.main(["--key", str(key), "--out", str(root / "runs" / "base" / "summary.json")]) == 2
-    one_error_line(capsys, "lies where the pipeline keeps its own files")
+    one_error_line(capsys, "is where the pipeline keeps its own files")
     for stage in (lambda out: submit.main(["--run", "base", "--upload", "0", "--out", out]),
                   lambda out: score.main(["--key", str(key), "--out", out])):
         loop = root / "loop"
@@ -356,7 +362,7 @@ def test_odd_numbers_and_names_in_run_files_are_read_as_unknown_not_a_traceback(
     summary = root / "runs" / "base" / "summary.json"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "best_val_acc": 10 ** 400}))  # OverflowError
     assert report.main(["--run", "base"]) == 0
-    assert "unknown" in (root / "runs" / "base" / "report" / "report.md").read_text()
+    assert "validation accuracy of the delivered model: unknown" in (root / "runs" / "base" / "report" / "report.md").read_text()
     assert submit.upload_message("base", json.loads(summary.read_text())) == "run base (seed_small), val acc unknown"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "train_sha256": [1]}))  # unhashable
     assert runs.Run("base").learnt_train_sha256() is None
