@@ -103,27 +103,31 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(reference
     assert history(tmp_path / "runs" / "killed" / "metrics.jsonl") == history(ref_metrics)
 
 
-KILL_IN_CHECKPOINT = """
+SIGNAL_AT_A_RENAME = """
 import os, signal, sys
 from pipeline import checkpoint, train
-calls = {"n": 0}
+calls = {{"n": 0}}
 real_replace = os.replace
 def replace(src, dst):
     real_replace(src, dst)
-    if str(dst).endswith("previous.npz"):
+    if str(dst).endswith("{renamed_to}"):
         calls["n"] += 1
-        if calls["n"] == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # between 'latest -> previous' and 'incoming -> latest'
+        if calls["n"] == int(os.environ["SIGNAL_AT"]):
+            os.kill(os.getpid(), signal.{signal})
 checkpoint.os.replace = replace
 sys.exit(train.main())
 """
+# a kill between 'latest -> previous' and 'incoming -> latest' of the SIGNAL_AT-th checkpoint
+KILL_IN_CHECKPOINT = SIGNAL_AT_A_RENAME.format(renamed_to="previous.npz", signal="SIGKILL")
+# `kill PID` right after the SIGNAL_AT-th checkpoint, in the middle of an epoch
+TERM_AFTER_CHECKPOINT = SIGNAL_AT_A_RENAME.format(renamed_to="latest.npz", signal="SIGTERM")
 
 
 @pytest.mark.parametrize("kill_at", [4, 7])  # mid-epoch 1 and epoch 2 (6 steps per epoch)
 def test_sigkill_inside_a_checkpoint_write_then_resume(reference, tmp_path, kill_at, monkeypatch):
     root, ref_weights, _ = reference
     write_processed(tmp_path)
-    monkeypatch.setenv("KILL_AT", str(kill_at))
+    monkeypatch.setenv("SIGNAL_AT", str(kill_at))
     code, _, err = finish(train(tmp_path, "ckpt", wrapper=KILL_IN_CHECKPOINT))
     assert code == -signal.SIGKILL, err
     assert not (tmp_path / "runs" / "ckpt" / "checkpoints" / "latest.npz").exists()
@@ -146,26 +150,10 @@ def test_corrupt_latest_is_skipped_with_a_warning(reference, tmp_path):
     assert_same_weights(load_npz(tmp_path / "runs" / "corrupt" / "model.npz"), ref_weights)
 
 
-TERM_AFTER_CHECKPOINT = """
-import os, signal, sys
-from pipeline import checkpoint, train
-calls = {"n": 0}
-real_replace = os.replace
-def replace(src, dst):
-    real_replace(src, dst)
-    if str(dst).endswith("latest.npz"):
-        calls["n"] += 1
-        if calls["n"] == int(os.environ["TERM_AT"]):
-            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, in the middle of the epoch
-checkpoint.os.replace = replace
-sys.exit(train.main())
-"""
-
-
 def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_weights(reference, tmp_path, monkeypatch):
     root, ref_weights, ref_metrics = reference
     write_processed(tmp_path)
-    monkeypatch.setenv("TERM_AT", "3")  # epoch 1 of 2, step 3 of 6
+    monkeypatch.setenv("SIGNAL_AT", "3")  # epoch 1 of 2, step 3 of 6
     code, out, err = finish(train(tmp_path, "term", wrapper=TERM_AFTER_CHECKPOINT))
     assert code == 143, err
     assert "stopped by signal 15: checkpoint saved at epoch 1" in err, err  # train's own stop, not cli_main's
