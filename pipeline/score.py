@@ -153,7 +153,8 @@ def submission_origin(submission, sha, run_name, prepared):
                         f"({record.get('time')}), not the one prepared now: `make submit RUN={written_from}` "
                         f"writes its predictions of this one")
     learnt, prepared_train = (record or {}).get("train_sha256"), prepared.get("train_sha256")
-    if written_from and isinstance(learnt, str) and prepared_train and learnt != prepared_train:  # the key's rows include its own
+    # the key's test rows may be rows the run learnt (a fetch with another seed or source since)
+    if written_from and isinstance(learnt, str) and prepared_train and learnt != prepared_train:
         raise UserError(f"{submission} comes from runs/{written_from}, which learnt another train.csv than the one "
                         f"prepared now: the key's rows may be images it learnt from, and its score would flatter "
                         f"it; train a run on this data (`make train RUN=...`), or prepare the data it learnt")
