@@ -3,6 +3,7 @@
 Overrides are type-checked against the preset's defaults and unknown keys fail loudly (nanoGPT's
 rules, without its exec). Keys are case-insensitive so `make train EPOCHS=3` and `epochs=3` agree.
 """
+import contextlib
 import json
 import math
 import os
@@ -152,8 +153,9 @@ def _coerce(name, default, value):
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if not isinstance(value, str):
-        if kind is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 1000:
-            return float(value)  # (one too large for a float is refused below, as a wrong type would be)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            with contextlib.suppress(OverflowError):  # (one too large for a float is refused below)
+                return float(value)
         raise UserError(f"{name}: expected {kind.__name__}, got {value!r}")
     text = value.strip()
     try:

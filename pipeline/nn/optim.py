@@ -155,7 +155,5 @@ def make_optimizer(name, momentum=0.9, nesterov=False, betas=(0.9, 0.999), eps=1
                         "use optimizer=adamw, or l2 for a coupled penalty with adam")
     reg = dict(weight_decay=weight_decay, l1=l1, l2=l2)
     if name == "sgd":
-        opt = SGD(momentum=momentum, nesterov=nesterov, **reg)
-    else:
-        opt = OPTIMIZERS[name](betas=betas, eps=eps, **reg)
-    return opt
+        return SGD(momentum=momentum, nesterov=nesterov, **reg)
+    return OPTIMIZERS[name](betas=betas, eps=eps, **reg)
