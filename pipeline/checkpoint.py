@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from pipeline.fileio import load_npz, save_npz
+from pipeline.fileio import json_loads, load_npz, save_npz
 
 LATEST, PREVIOUS, BEST = "latest.npz", "previous.npz", "best.npz"
 
@@ -50,7 +50,7 @@ def unpack(arrays):
         head, _, name = key.partition("/")
         if head in parts:
             parts[head][name] = value
-    return parts["model"], parts["opt"], parts["rng"], json.loads(str(arrays["state"]))
+    return parts["model"], parts["opt"], parts["rng"], json_loads(str(arrays["state"]))
 
 
 def average_part(arrays):
@@ -67,6 +67,12 @@ def read(path):
     stored = arrays.pop("checksum", None)
     if stored is None or str(stored) != _checksum(arrays):
         raise CorruptCheckpoint(f"{path}: checksum mismatch")
+    try:
+        state = json_loads(str(arrays.get("state")))
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):  # a file rewritten by hand, its checksum with it
+        raise CorruptCheckpoint(f"{path}: its training state is not a JSON object")
     return arrays
 
 
@@ -80,7 +86,7 @@ def restamp_best(folder, config):
         arrays = read(path)
     except CorruptCheckpoint:
         return  # load_delivered says so, and delivers the last epoch
-    state = json.loads(str(arrays["state"]))
+    state = json_loads(str(arrays["state"]))
     arrays["state"] = np.array(json.dumps({**state, "config": config}, sort_keys=True))
     arrays["checksum"] = np.array(_checksum(arrays))
     save_npz(path, arrays)

@@ -40,6 +40,11 @@ CKPT_SECONDS = 120.0  # default checkpoint cadence: about every 2 minutes of wor
 # Clean training images whose statistics the BatchNorms of the weight average get (about 4 % of an epoch's
 # work for deotte): per channel that is 5 000 to 3.4 million values, plenty for a mean and a variance.
 CALIBRATION_ROWS = 5000
+# What resuming reads from a checkpoint's training state, and its type: a state rewritten by hand (its checksum
+# with it) that lacks one is refused in one line, not a KeyError mid-resume.
+RESUMED_STATE = {"epoch": int, "step": int, "bad_epochs": int, "done": bool, "history": list, "epoch_sums": dict,
+                 "wall_time_s": (int, float), "best_score": (int, float, type(None)),
+                 "best_epoch": (int, type(None))}
 BAG_STREAM = 0xBA6  # the bag's own random stream, apart from the seed's others (weights, batches, augmentation)
 
 
@@ -598,6 +603,11 @@ def _train_one(folder, preset, cfg, force, label=None):
     arrays = checkpoint.load_newest(ckpt_dir)
     if arrays is not None:
         model_state, opt_state, rng_state, state = checkpoint.unpack(arrays)
+        odd = [key for key, kind in RESUMED_STATE.items() if not isinstance(state.get(key), kind)
+               or key == "epoch_sums" and not {"loss", "correct", "seen", "seconds"} <= state[key].keys()]
+        if odd:
+            raise UserError(f"the checkpoint in {ckpt_dir} lacks its training state ({', '.join(odd)}); remove "
+                            f"{ckpt_dir} to train runs/{label} afresh")
         try:
             model.load_state_dict(model_state)
             opt.load_state_dict(opt_state)

@@ -45,3 +45,16 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, damage):
 
 def test_no_checkpoint_gives_none(tmp_path):
     assert checkpoint.load_newest(tmp_path) is None
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", "{not json", "[" * 100000])
+def test_a_state_that_is_not_a_json_object_counts_as_damaged(tmp_path, state):
+    """A checkpoint rewritten by hand with its checksum: the previous one is used, with a warning."""
+    checkpoint.write_latest(tmp_path, packed(1))
+    arrays = packed(2)
+    arrays.pop("checksum")
+    arrays["state"] = np.array(state)
+    arrays["checksum"] = np.array(checkpoint._checksum(arrays))
+    checkpoint.write_latest(tmp_path, arrays)
+    with pytest.warns(UserWarning, match="not a JSON object"):
+        assert checkpoint.unpack(checkpoint.load_newest(tmp_path))[3]["epoch"] == 1

@@ -156,6 +156,26 @@ def test_a_checkpoint_with_conv_biases_before_batchnorm_is_refused_in_one_line(t
     assert err.count("\n") == 1 and "older version" in err and "runs/old" in err
 
 
+@pytest.mark.parametrize("edit", [lambda s: s.pop("epoch"), lambda s: s.update(step="3"),
+                                  lambda s: s["epoch_sums"].pop("seen")],
+                         ids=["no epoch", "step a string", "epoch sums without seen"])
+def test_a_checkpoint_whose_state_lacks_what_resuming_reads_is_refused_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                                    edit):
+    """A checkpoint rewritten by hand, its checksum with it: one line naming the checkpoint, not a KeyError."""
+    write_processed(tmp_path)
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    args = ["--preset", "quick", "--run", "hand", "EPOCHS=2", "BATCH_SIZE=16", "DEVICE=cpu"]
+    assert train.main([*args, "MAX_TIME=0.001s"]) == 3
+    folder = tmp_path / "runs" / "hand" / "checkpoints"
+    model_state, opt_state, rng_state, state = checkpoint.unpack(checkpoint.read(folder / checkpoint.LATEST))
+    edit(state)
+    checkpoint.write_latest(folder, checkpoint.pack(model_state, opt_state, rng_state, state))
+    capsys.readouterr()
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks its training state" in err and "runs/hand" in err, err
+
+
 def test_a_run_that_learned_nothing_says_so_in_one_line(tmp_path):
     write_processed(tmp_path)
     code, _, err = finish(run_train(tmp_path, "fine"))
