@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -60,14 +61,32 @@ class Settings:
         return name
 
     def train_args(self, device):
-        """train's argv for these settings on `device` ('cpu' or 'gpu', from training_device())."""
-        args = ["--preset", self.preset, "--run", self.run, f"MAX_TIME={self.max_time}", f"SEED={self.seed}",
-                f"DEVICE={device}"]
+        """train's argv for these settings on `device` ('cpu' or 'gpu', from training_device()). MAX_TIME is
+        what is left of the session's training time when that is less (the Train cell run again)."""
+        args = ["--preset", self.preset, "--run", self.run, f"MAX_TIME={session_budget(self.max_time)}",
+                f"SEED={self.seed}", f"DEVICE={device}"]
         return args + ([f"EPOCHS={self.epochs}"] if self.epochs is not None else [])
 
 
 # Kaggle ends a CPU or GPU session after 12 hours: training stops an hour before, so the submission is written.
 MAX_TRAINING_S = 11 * 3600
+# About when the session began: the notebook imports this module once, in its Setup cell. MAX_TIME counts from
+# each Train cell's start, so the Train cell run again late in a session would train past Kaggle's 12 hours.
+SESSION_STARTED = time.monotonic()
+
+
+def session_budget(max_time):
+    """MAX_TIME, or what is left of MAX_TRAINING_S since the session began when that is less (then in seconds,
+    with a line saying so). At least a second: training then stops at once and delivers what it has."""
+    from pipeline.report import format_duration
+    from pipeline.train import parse_duration
+
+    left = MAX_TRAINING_S - (time.monotonic() - SESSION_STARTED)
+    if parse_duration(max_time) <= left:
+        return max_time
+    print(f"MAX_TIME: {format_duration(max(left, 0))} left of this session's {MAX_TRAINING_S // 3600}h of training "
+          f"(it began {format_duration(time.monotonic() - SESSION_STARTED)} ago), so training stops then")
+    return f"{max(int(left), 1)}s"
 
 
 def settings(preset, epochs, max_time, device, seed) -> Settings:
@@ -162,16 +181,23 @@ def use_working_dir() -> Path:
     root = working_dir() / "pipeline"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["PIPELINE_ROOT"] = str(root)
+    stale = working_dir() / "submission.csv"
+    if stale.is_file():  # an earlier Run All's: a cell failing this time would leave it there, as if this run's
+        stale.unlink()
+        print(f"removed {stale} of an earlier run; this run writes its own")
     return root
 
 
-def restore_earlier_run(run, input_root=None):
+def restore_earlier_run(run, input_root=None, train_argv=None):
     """Copy runs/RUN from an earlier version's output attached as input, unless this session has it already.
 
     Kaggle starts every version with an empty working/; attaching the notebook's own earlier output as an
-    input lets training continue from its checkpoints. Returns the folder copied from, or None.
+    input lets training continue from its checkpoints. With `train_argv` (Settings.train_args), a run that
+    train would refuse to continue with them (its preset changed since, in a newer build of the kernel) is
+    not restored: this version trains it afresh, and says so. Returns the folder copied from, or None.
     """
-    from pipeline import paths
+    from pipeline import paths, train
+    from pipeline.errors import UserError
 
     target = paths.runs() / run
     if (target / "config.toml").is_file() or (target / "checkpoints").is_dir() or (target / "summary.json").is_file():
@@ -180,8 +206,26 @@ def restore_earlier_run(run, input_root=None):
     for folder in _folders(root, SEARCH_DEPTH + 3):  # <input>/<slug>/pipeline/runs/<run>
         if folder.name == run and folder.parent.name == "runs" and (folder / "config.toml").is_file():
             shutil.copytree(folder, target, dirs_exist_ok=True)
+            if train_argv is not None:
+                try:
+                    train.resolve_config(train.parse_args([str(a) for a in train_argv]), target)
+                except UserError as exc:
+                    shutil.rmtree(target)
+                    print(f"not continuing {folder}: {str(exc).split(';')[0]}. This version trains runs/{run} "
+                          f"afresh")
+                    return None
             return folder
     return None
+
+
+def prepare_if_tidied(data_dir):
+    """Prepare the data again when Tidy up removed it: the Train cell run again after a Run All. Returns the
+    stage's exit code, or None when the arrays are there."""
+    from pipeline import paths, prepare
+
+    if all((paths.data_processed() / name).is_file() for name in ("meta.json", "train.npz", "split.npz")):
+        return None
+    return run_stage(prepare.main, ["--raw", data_dir, "--if-needed"])
 
 
 class StageFailed(RuntimeError):

@@ -230,6 +230,14 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
     last = metrics[-1]
     n_val = int(confusion.sum())
     errors = n_val - int(np.trace(confusion))
+    if summary:
+        delivered = f"{_percent(summary.get('best_val_acc'))}** " \
+                    f"({'the weight average of ' if summary.get('weight_average') else ''}epoch " \
+                    f"{summary.get('best_epoch', '?')}, " \
+                    f"{'the last' if summary.get('select') == 'last' else 'the best by validation'}; " \
+                    f"loss {_number(summary.get('best_val_loss'))})"
+    else:  # no summary.json: training stopped (MAX_TIME) and a checkpoint was delivered so far
+        delivered = f"{_percent((n_val - errors) / n_val if n_val else None)}** (the checkpoint delivered so far)"
     lines = [
         f"# Run `{name}`",
         "",
@@ -237,12 +245,9 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
         f"(lr {config.lr:g}, schedule `{config.schedule}`), batch {config.batch_size}, "
         f"augment {'on' if config.augment else 'off'}, seed {config.seed}"
         f"{f', on a bag of {config.bag:.0%} of the training rows' if config.bag < 1 else ''}",
-        f"- **validation accuracy of the delivered model: {_percent(summary.get('best_val_acc'))}** "
-        f"({'the weight average of ' if summary.get('weight_average') else ''}epoch {summary.get('best_epoch', '?')}, "
-        f"{'the last' if summary.get('select') == 'last' else 'the best by validation'}; "
-        f"loss {_number(summary.get('best_val_loss'))})",
+        f"- **validation accuracy of the delivered model: {delivered}",
         f"- epochs: {summary.get('epochs_done', len(metrics))} of {config.epochs}"
-        f"{'' if summary.get('finished', True) else ' (unfinished)'}",
+        f"{'' if summary.get('finished', bool(summary)) else ' (unfinished)'}",
         f"- wall time: {format_duration(summary.get('wall_time_s'))}",
         f"- validation: {n_val} images, {errors} misclassified by the delivered model",
         f"- last epoch: train acc {_percent(last.get('train_acc'))}, val acc {_percent(last.get('val_acc'))}",

@@ -396,6 +396,47 @@ def test_an_earlier_versions_run_is_restored(tmp_path, monkeypatch):
     assert kaggle_env.restore_earlier_run("other-run", tmp_path / "input") is None
 
 
+def test_an_earlier_run_of_another_config_is_not_restored_but_trained_afresh(tmp_path, monkeypatch, capsys):
+    """A newer build whose preset changed: train would refuse the earlier version's run, and a saved version
+    cannot delete it, so it is left in the input and this version trains afresh."""
+    from pipeline.config import build_config, to_toml
+
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path / "working" / "pipeline"))
+    argv = kaggle_env.settings("quick", None, "10h", "auto", 0).train_args("cpu")
+    runs_in = tmp_path / "input" / "my-kernel" / "pipeline" / "runs"
+    (runs_in / "kaggle-quick").mkdir(parents=True)
+    same = {"preset": "quick", **build_config("quick", ["SEED=0", "DEVICE=gpu", "MAX_TIME=2h"]).to_dict()}
+    (runs_in / "kaggle-quick" / "config.toml").write_text(to_toml({**same, "epochs": 3}))
+    assert kaggle_env.restore_earlier_run("kaggle-quick", tmp_path / "input", train_argv=argv) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "not continuing" in out and "changed: epochs" in out and "afresh" in out, out
+    assert not (tmp_path / "working" / "pipeline" / "runs" / "kaggle-quick").exists()
+
+    (runs_in / "kaggle-quick" / "config.toml").write_text(to_toml(same))  # MAX_TIME and DEVICE may differ
+    assert kaggle_env.restore_earlier_run("kaggle-quick", tmp_path / "input", train_argv=argv) == \
+        runs_in / "kaggle-quick"
+    assert (tmp_path / "working" / "pipeline" / "runs" / "kaggle-quick" / "config.toml").is_file()
+
+
+def test_the_train_cell_run_again_late_in_a_session_trains_only_what_is_left(monkeypatch, capsys):
+    settings = kaggle_env.settings("quick", None, "10h", "auto", 0)
+    assert "MAX_TIME=10h" in settings.train_args("cpu")
+    monkeypatch.setattr(kaggle_env, "SESSION_STARTED", kaggle_env.time.monotonic() - 10.5 * 3600)
+    (budget,) = [a for a in settings.train_args("cpu") if a.startswith("MAX_TIME=")]
+    assert 1700 < int(budget[len("MAX_TIME="):-1]) <= 1800 and budget.endswith("s")
+    assert "left of this session's 11h" in capsys.readouterr().out
+    monkeypatch.setattr(kaggle_env, "SESSION_STARTED", kaggle_env.time.monotonic() - 12 * 3600)
+    assert "MAX_TIME=1s" in settings.train_args("cpu")  # stops at once and delivers what it has
+
+
+def test_setup_removes_an_earlier_runs_submission(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
+    (tmp_path / "working").mkdir()
+    (tmp_path / "working" / "submission.csv").write_text("ImageId,Label\n1,3\n")
+    assert kaggle_env.use_working_dir() == tmp_path / "working" / "pipeline"
+    assert not (tmp_path / "working" / "submission.csv").exists() and "removed" in capsys.readouterr().out
+
+
 def test_an_ensemble_this_session_trains_is_not_rolled_back_by_the_train_cell_run_again(tmp_path, monkeypatch):
     # an ensemble's folder has config.toml and members/ but no checkpoints/ or summary.json of its own until its
     # last member ends: the Train cell run again copied the earlier version's members over this session's
@@ -587,6 +628,25 @@ def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, 
     assert (run / "checkpoints" / "latest.npz").is_file() and (run / "summary.json").is_file()
     assert not (working / "pipeline" / "data" / "processed").exists()  # tidied: the output keeps no arrays
     assert _size(working) < output_bound("small_bn", 1)  # the bound the presets are checked against holds
+
+
+def test_the_train_cell_run_again_after_run_all_continues(fake_kaggle_tree, tiny_competition):
+    """Out of time: Run All delivers the checkpoint so far and tidies the arrays away; the Train cell run again,
+    as the notebook says, prepares them again and finishes the run."""
+    kaggle = fake_kaggle_tree
+    text = kernel.notebook_text(settings={**TINY, "MAX_TIME": "0.001s"})
+    import nbformat
+
+    cells = nbformat.reads(text, as_version=4).cells
+    (train_cell,) = [c.source for c in cells if c.source.startswith("from pipeline import runs, train")]
+    nb = _execute(text, kaggle, ['settings = kaggle_env.settings("quick", 1, "10h", "cpu", 0)', train_cell,
+                                 "assert code == 0, code"])
+    _check_submission(kaggle, tiny_competition)
+    outputs = [o for c in nb.cells for o in _outputs(c)]
+    assert not any(o.output_type == "error" for o in outputs)
+    text = _text(nb)
+    assert "delivering the newest checkpoint so far" in text and "resuming runs/kaggle-quick-1ep" in text
+    assert (kaggle / "working" / "pipeline" / "runs" / "kaggle-quick-1ep" / "summary.json").is_file()
 
 
 def test_an_edited_settings_cell_gets_what_was_typed(fake_kaggle_tree, tiny_competition):

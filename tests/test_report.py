@@ -81,6 +81,15 @@ def test_report_says_a_net_trained_on_a_bag(tmp_path, monkeypatch):
     assert "on a bag of 90% of the training rows" in (tmp_path / "runs" / "bagged" / "report" / "report.md").read_text()
 
 
+def test_report_of_a_run_stopped_by_max_time_says_what_was_delivered(run):
+    """No summary.json: training stopped at MAX_TIME and a checkpoint was delivered (the notebook's report)."""
+    (run / "summary.json").unlink()
+    assert report.main(["--run", "r1"]) == 0
+    md = (run / "report" / "report.md").read_text()
+    assert "validation accuracy of the delivered model: 85.00%** (the checkpoint delivered so far)" in md  # 17 of 20
+    assert "3 of 3 (unfinished)" in md and "unknown" not in md.split("wall time")[0] and "epoch ?" not in md
+
+
 def test_report_leaves_pyplot_and_its_backend_alone(run, tmp_path):
     """A notebook that writes the report still plots inline in its later cells: no backend switch, no pyplot."""
     code = ("import sys, matplotlib\n"
