@@ -231,6 +231,14 @@ def _upload(path, run_name, message, copy):
         return 0
     from pipeline import kaggle_api
 
+    if answers_offline_test_csv():  # Kaggle would grade it against its own test.csv: about 10 %, a day's try spent
+        said = f"{path} answers the offline copy's test.csv (`make fetch` without credentials), not Kaggle's, " \
+               f"so it is not uploaded: `make score` scores it here; for Kaggle, `make fetch SOURCE=kaggle` then " \
+               f"`make train submit`"
+        if kaggle_api.has_credentials():
+            raise UserError(said)
+        print(said)
+        return 0
     if not kaggle_api.has_credentials():
         print(f"{path} is ready; no Kaggle credentials found, so it was not uploaded. Upload it with "
               f"`kaggle competitions submit -c {COMPETITION} -f {shlex.quote(str(path))} -m {shlex.quote(message)}` "
@@ -241,6 +249,12 @@ def _upload(path, run_name, message, copy):
                                      "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"uploaded {path} ({message}): {answer}")
     return 0
+
+
+def answers_offline_test_csv():
+    """Whether the test.csv prepared is the one an mnist fetch wrote (its record names it), not Kaggle's."""
+    sha = dataset.answer_key_test_sha256(paths.data_raw())
+    return sha is not None and dataset.load_meta().get("test_sha256") == sha
 
 
 def run_message(run, extra):

@@ -208,6 +208,31 @@ def test_no_credentials_prints_how_to_upload(project, capsys, monkeypatch):
     assert "98.77%" in out
 
 
+@pytest.mark.parametrize("credentials", [True, False])
+def test_predictions_of_the_offline_test_csv_are_never_uploaded(project, capsys, monkeypatch, credentials):
+    """An mnist fetch's test.csv is its own shuffle of MNIST: Kaggle would grade the CSV against its test.csv
+    (about 10 %) and count the day's try. Credentials set after an offline fetch: refused in one line."""
+    meta = project.root / "data" / "processed" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "test_sha256": "ab" * 32}))
+    runs.Run("r1").write_probs(np.load(project.run / "test_probs.npz")["probs"])  # made from this meta.json
+    raw = project.root / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "source.json").write_text(json.dumps({"source": "kaggle"}))
+    calls = fake_kaggle_api(monkeypatch, credentials=credentials)
+    assert submit.main(["--run", "r1", "--upload", "1"]) == 0 and len(calls) == int(credentials)  # Kaggle's data
+    project.csv.unlink()
+    submit.upload_record(project.csv).unlink(missing_ok=True)
+    calls.clear()
+    (raw / "source.json").write_text(json.dumps({"source": "mnist", "seed": 0, "test_sha256": "ab" * 32}))
+    capsys.readouterr()
+    assert submit.main(["--run", "r1", "--upload", "1"]) == (2 if credentials else 0)
+    out, err = capsys.readouterr()
+    said = err if credentials else out
+    assert calls == [] and "offline copy's test.csv" in said and "make fetch SOURCE=kaggle" in said
+    assert not credentials or (err.count("\n") == 1 and err.startswith("error: "))
+    submit.validate_submission(project.csv, N_TEST)  # written, for `make score`
+
+
 def test_upload_message_without_accuracy():
     assert submit.upload_message("r9", {}) == "run r9, val acc unknown"
 
