@@ -48,14 +48,18 @@ endif
 ifneq ($(or $(if $(strip $(VENV)),,empty),$(subst $(eval) ,<space>,$(call strip_chars,$(subst /,,$(VENV)),$(name_chars)))),)
 $(error VENV='$(VENV)' is not a folder name: use letters, digits, '.', '_', '-' and '/')
 endif
-# Make's variables are case-sensitive: `make submit run=x` would leave RUN as it was and submit another run.
-$(foreach p,run:RUN preset:PRESET source:SOURCE upload:UPLOAD message:MESSAGE tta:TTA gpu:GPU continue:CONTINUE \
-  force:FORCE val_fraction:VAL_FRACTION kaggle_kernel_id:KAGGLE_KERNEL_ID python_base:PYTHON_BASE venv:VENV,\
-  $(if $(filter $(firstword $(subst :, ,$(p))),$(CMDLINE_VARS)),\
-    $(error $(firstword $(subst :, ,$(p)))= is not read: make's variables are case-sensitive, write $(lastword $(subst :, ,$(p)))=)))
+# Make's variables are case-sensitive: `make submit run=x` or `Upload=0` would leave RUN or UPLOAD as they were,
+# and submit another run or upload. Any spelling of one of these names but its own is refused.
+upper = $(strip $(subst a,A,$(subst b,B,$(subst c,C,$(subst d,D,$(subst e,E,$(subst f,F,$(subst g,G,$(subst h,H,$(subst i,I,\
+  $(subst j,J,$(subst k,K,$(subst l,L,$(subst m,M,$(subst n,N,$(subst o,O,$(subst p,P,$(subst q,Q,$(subst r,R,\
+  $(subst s,S,$(subst t,T,$(subst u,U,$(subst v,V,$(subst w,W,$(subst x,X,$(subst y,Y,$(subst z,Z,$(1))))))))))))))))))))))))))))
+CASED_VARS := RUN PRESET SOURCE UPLOAD MESSAGE TTA GPU CONTINUE FORCE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV
+$(foreach v,$(CMDLINE_VARS),$(if $(and $(filter-out $(v),$(call upper,$(v))),$(filter $(call upper,$(v)),$(CASED_VARS))),\
+  $(error $(v)= is not read: make's variables are case-sensitive, write $(call upper,$(v))=)))
 # Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
 # (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
 INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA FORCE_GIVEN name_chars strip_chars not_a_name \
+  upper CASED_VARS \
   RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS
 $(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.

@@ -373,9 +373,11 @@ def test_what_training_delivers_is_predicted_before_it_is_submitted(tmp_path):
 
 
 @pytest.mark.parametrize("target,variable", [("submit", "run=y"), ("train", "preset=quick"), ("fetch", "source=mnist"),
-                                             ("kernel", "force=1"), ("train", "val_fraction=0.2")])
-def test_a_make_variable_in_lower_case_is_refused_before_any_recipe(tmp_path, target, variable):
-    # `make submit run=y` submitted the default run, `make train preset=quick` trained the standard preset,
+                                             ("kernel", "force=1"), ("train", "val_fraction=0.2"),
+                                             ("submit", "Upload=0"), ("submit", "Run=y"), ("ensemble", "tTa=1")])
+def test_a_make_variable_in_another_case_is_refused_before_any_recipe(tmp_path, target, variable):
+    # `make submit run=y` submitted the default run, `make submit Upload=0` uploaded, `make train preset=quick` trained
+    # the standard preset,
     # `make kernel force=1` rebuilt nothing, `make train val_fraction=0.2` recorded 0.2 on a split prepare kept
     box = sandbox(tmp_path)
     built(box)
