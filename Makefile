@@ -150,11 +150,12 @@ ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run 
 SUBMITTED_RUN := $(shell [ -f submissions/.submission.json ] && cat submissions/.run 2>/dev/null)
 
 $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN))$(if $(SUBMITTED_RUN),,none),FORCE) | $(VENV)/.installed
-	$(PY) -m pipeline.submit --run $(RUN) --upload 0
+	$(PY) -m pipeline.submit --run $(RUN) --upload 0 $(if $(FORCE_GIVEN),--force)
 
 # The upload is its own step: retried by every `make submit` until one succeeds, never repeated after that.
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
-	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message="$$PIPELINE_VAR_MESSAGE"
+	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message="$$PIPELINE_VAR_MESSAGE" \
+	  $(if $(FORCE_GIVEN),--force)
 
 score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key, naming its run (RUN= must be that run)
 	$(PY) -m pipeline.score --submission $(SUBMISSION) $(if $(filter command line environment override,$(origin RUN)),--run $(RUN))

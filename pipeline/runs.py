@@ -41,6 +41,7 @@ TEST_PROBS = "test_probs.npz"
 LOCK = ".lock"
 # How a run is executed, not what it computes: these may differ between invocations of one run.
 RUN_CONTROL = ("max_time", "ckpt_every", "device")
+CHANCE_LEVEL = 0.2  # a delivered model below this validation accuracy learned next to nothing
 
 
 def check_name(name):

@@ -149,6 +149,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None,
                    help="CSV path (default submissions/submission.csv; never under runs/, data/ or configs/)")
     p.add_argument("--message", default="", help="text added to the submission message")
+    p.add_argument("--force", action="store_true",
+                   help="submit a run that did not learn (validation accuracy near chance) all the same")
     p.add_argument("--upload-only", action="store_true",
                    help="do not write the CSV: upload the existing one unless it was uploaded already")
     return p.parse_args(argv)
@@ -257,6 +259,18 @@ def answers_offline_test_csv():
     return sha is not None and dataset.load_meta().get("test_sha256") == sha
 
 
+def check_learnt(run, force):
+    """Refuse a run whose delivered model did not learn (a diverged loss: every image one digit), unless forced:
+    `make train submit LR=50` replaced a good submission with one of about 10 %, and uploaded it."""
+    blend = run.ensemble_report() if run.is_ensemble else None
+    accuracy = blend["estimate"].get("accuracy") if blend else run.summary().get("best_val_acc")
+    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and not accuracy >= runs.CHANCE_LEVEL \
+            and not force:  # NaN too; unknown (a run delivered so far, an old record): not judged
+        raise UserError(f"runs/{run.name} did not learn (validation accuracy {accuracy:.4f}; chance is 0.10), so "
+                        f"its submission is neither written nor uploaded: retrain it (a smaller LR?), or FORCE=1 "
+                        f"submits it all the same")
+
+
 def run_message(run, extra):
     """The upload message of a run: its name, its model (or blend) and its validation accuracy."""
     summary = run.summary()
@@ -303,12 +317,14 @@ def main(argv=None):
             raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
         n_test = count_test_rows(run)
         with run.lock("submit", shared=True):
+            check_learnt(run, args.force)
             message = run_message(run, args.message)
             probs = run.test_probs(n_test)
         return upload_if_current(out, run, message, args.upload, n_test, probs)
 
     n_test = count_test_rows(run)
     with run.lock("submit", shared=True):
+        check_learnt(run, args.force)
         message = run_message(run, args.message)
         made_from = run.made_from()
         meta = dataset.load_meta()

@@ -31,7 +31,6 @@ from pipeline.nn import (build_model, configure_threads, get_array_module, make_
 from pipeline.nn.threads import num_threads
 
 DEFAULT_PRESET = "standard"
-CHANCE_LEVEL = 0.2  # a delivered model below this validation accuracy learned next to nothing
 # An ensemble's recorded config (it has no checkpoint of its own to carry it): config.toml is its copy to read.
 ENSEMBLE_RECORD = ".config.json"
 # How a run is executed, not what it computes: these may change on resume without FORCE.
@@ -838,7 +837,7 @@ def finish(folder, label, cfg, model, ckpt_dir, x_val, y_val, val_idx, state, la
     print(f"runs/{label}: {'last' if cfg.select == 'last' else 'best'} epoch {best_epoch}"
           f"{' (weight average)' if cfg.ema_decay else ''}, val_acc {val_acc:.4f}, "
           f"{state['wall_time_s'] / 60:.1f} min of training -> runs/{label}/model.npz")
-    if not val_acc >= CHANCE_LEVEL:  # NaN too
+    if not val_acc >= runs.CHANCE_LEVEL:  # NaN too
         warnings.warn(f"runs/{label} did not learn: validation accuracy {val_acc:.4f} is near chance (0.10 for ten "
                       f"digits); the loss may have diverged (a smaller LR) or the labels may not match the images",
                       stacklevel=2)

@@ -193,6 +193,9 @@ def test_dry_run_of_submit_after_everything_is_built_lists_only_the_upload(tmp_p
     # a submit killed after .run but before its record: the CSV is unchecked by score until written anew
     (box / "submissions" / ".submission.json").unlink()
     assert "pipeline.submit --run x --upload 0" in sandbox_make(box, "-n", "submit", "RUN=x").stdout
+    assert "--force" not in other
+    forced = sandbox_make(box, "-n", "submit", "RUN=y", "FORCE=1").stdout  # a run that did not learn, all the same
+    assert forced.count("--force") == 2, forced
 
 
 def test_a_failed_upload_is_tried_again_by_the_next_submit(tmp_path):

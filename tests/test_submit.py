@@ -233,6 +233,23 @@ def test_predictions_of_the_offline_test_csv_are_never_uploaded(project, capsys,
     submit.validate_submission(project.csv, N_TEST)  # written, for `make score`
 
 
+@pytest.mark.parametrize("accuracy", [0.1020, float("nan")])
+def test_a_run_that_did_not_learn_is_neither_written_nor_uploaded_unless_forced(project, capsys, monkeypatch,
+                                                                                accuracy):
+    """`make train submit LR=50`: a diverged run replaced the good submission with one digit for every image."""
+    calls = fake_kaggle_api(monkeypatch)
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 0
+    good = project.csv.read_bytes()
+    (project.run / "summary.json").write_text(json.dumps({"arch": "seed_small", "best_val_acc": accuracy}))
+    capsys.readouterr()
+    for extra in ([], ["--upload-only"]):
+        assert submit.main(["--run", "r1", "--upload", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "runs/r1 did not learn" in err and "FORCE=1" in err, err
+    assert project.csv.read_bytes() == good and calls == []
+    assert submit.main(["--run", "r1", "--upload", "1", "--force"]) == 0 and len(calls) == 1
+
+
 def test_upload_message_without_accuracy():
     assert submit.upload_message("r9", {}) == "run r9, val acc unknown"
 
