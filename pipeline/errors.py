@@ -12,9 +12,9 @@ import warnings
 # Failures of the machine, not of our code: said in one line like a UserError. EISDIR, ENOTDIR and EEXIST: a
 # folder stands where an output goes (submissions/submission.csv made a directory), or a file where a folder
 # does (submissions itself a file: mkdir says EEXIST); ENAMETOOLONG: an --out name past the file system's limit;
-# ELOOP: a symlink loop where a file is read or written.
+# ELOOP: a symlink loop where a file is read or written; EFBIG: a file past the size limit (`ulimit -f`).
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE,
-                      errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+                      errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
 
 
 class UserError(Exception):

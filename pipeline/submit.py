@@ -247,8 +247,13 @@ def _upload(path, run_name, message, copy):
               f"or set credentials and rerun `make submit RUN={run_name}`")
         return 0
     answer = kaggle_api.submit(copy, message)  # UserError on failure: exit 2, the CSV stays, the next try uploads
-    write_json(upload_record(path), {"sha256": sha, "run": run_name, "message": message, "answer": answer,
-                                     "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    try:
+        write_json(upload_record(path), {"sha256": sha, "run": run_name, "message": message, "answer": answer,
+                                         "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except OSError as exc:  # a disk full now: without the record the next `make submit` would send it again
+        raise UserError(f"uploaded {path} ({answer}), but its record {upload_record(path)} could not be written "
+                        f"({exc.strerror}), so a plain `make submit` would send it again: it is on Kaggle already, use "
+                        f"`make submit UPLOAD=0` for this file") from None
     print(f"uploaded {path} ({message}): {answer}")
     return 0
 

@@ -1,5 +1,6 @@
 """How a stage fails: one line on stderr and an exit code, never a traceback for what the user can fix."""
 import errno
+import os
 import subprocess
 import sys
 import warnings
@@ -27,9 +28,10 @@ def test_user_and_engine_errors_are_one_line_exit_2(exc, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
 
 
-def test_a_full_disk_is_one_line_and_a_bug_is_a_traceback(capsys):
-    assert stage(OSError(errno.ENOSPC, "No space left on device", "runs/x"))([]) == 2
-    assert capsys.readouterr().err == "error: runs/x: No space left on device\n"
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])  # EFBIG: past `ulimit -f`
+def test_a_full_disk_is_one_line_and_a_bug_is_a_traceback(capsys, code):
+    assert stage(OSError(code, os.strerror(code), "runs/x"))([]) == 2
+    assert capsys.readouterr().err == f"error: runs/x: {os.strerror(code)}\n"
     with pytest.raises(ValueError):
         stage(ValueError("a bug of ours"))([])
 

@@ -250,6 +250,26 @@ def test_a_run_that_did_not_learn_is_neither_written_nor_uploaded_unless_forced(
     assert submit.main(["--run", "r1", "--upload", "1", "--force"]) == 0 and len(calls) == 1
 
 
+def test_an_upload_whose_record_cannot_be_written_says_it_went_up(project, capsys, monkeypatch):
+    """A disk full after Kaggle took the file: `error: No space left on device` named nothing, and each rerun
+    uploaded it again."""
+    import errno
+
+    calls = fake_kaggle_api(monkeypatch)
+    real = submit.write_json
+
+    def full(path, obj):
+        if Path(path).name == submit.UPLOAD_RECORD:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, obj)
+
+    monkeypatch.setattr(submit, "write_json", full)
+    assert submit.main(["--run", "r1", "--upload", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uploaded" in err and "on Kaggle already" in err and "UPLOAD=0" in err, err
+    assert len(calls) == 1
+
+
 def test_upload_message_without_accuracy():
     assert submit.upload_message("r9", {}) == "run r9, val acc unknown"
 
