@@ -297,6 +297,8 @@ class Run:
     def _npz(self, name, advice):
         path = self.folder / name
         if not path.is_file():
+            if path.exists() or path.is_symlink():  # a folder in its place: make takes it as built, every time
+                raise UserError(f"{path} is not a file: remove it, then {advice}")
             return None
         try:
             return load_npz(path)

@@ -318,8 +318,10 @@ def main(argv=None):
     if args.out:
         paths.check_out(out, records())
     if args.upload_only:
-        if not out.is_file():
-            raise UserError(f"{out} does not exist: `make submit RUN={run.name}` writes it")
+        if not out.is_file():  # a folder in its place: make takes it as written, so the advice must remove it
+            raise UserError(f"{out} is not a file: remove it, then `make submit RUN={run.name}` writes it"
+                            if out.exists() or out.is_symlink() else
+                            f"{out} does not exist: `make submit RUN={run.name}` writes it")
         n_test = count_test_rows(run)
         with run.lock("submit", shared=True):
             check_learnt(run, args.force)

@@ -352,6 +352,18 @@ def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeyp
     fake_kaggle_api(monkeypatch)
     assert submit.main(["--run", "r1", "--upload-only"]) == 2
     assert "make submit RUN=r1" in capsys.readouterr().err
+    # a folder in its place: make takes it as written, so "make submit writes it" went round in a loop
+    project.csv.mkdir(parents=True)
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2
+    assert "submission.csv is not a file: remove it" in capsys.readouterr().err
+
+
+def test_a_folder_in_place_of_the_test_probabilities_is_said_so(project, capsys):
+    (project.run / "test_probs.npz").unlink()
+    (project.run / "test_probs.npz").mkdir()
+    assert submit.main(["--run", "r1", "--upload", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test_probs.npz is not a file: remove it" in err, err
 
 
 def test_make_submit_never_uploads_a_csv_written_from_another_run(project, capsys, monkeypatch):
