@@ -37,12 +37,14 @@ export PYTHONDONTWRITEBYTECODE := 1
 name_chars := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z \
               0 1 2 3 4 5 6 7 8 9 _ . -
 strip_chars = $(if $(2),$(call strip_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,999,$(2))),$(1))
-not_a_name = $(or $(if $(strip $(1)),,empty),$(subst $(eval) ,<space>,$(call strip_chars,$(subst /members/,,$(1)),$(name_chars))))
+# A name begins with a letter or digit: `RUN=-x` reached train as an option, `PRESET=..` named a folder.
+not_a_name = $(or $(if $(strip $(1)),,empty),$(filter -% .% _%,$(1)),\
+  $(subst $(eval) ,<space>,$(call strip_chars,$(subst /members/,,$(1)),$(name_chars))))
 ifneq ($(call not_a_name,$(PRESET)),)
 $(error PRESET='$(PRESET)' is not a preset name: use one of $(basename $(notdir $(wildcard configs/*.toml))))
 endif
 ifneq ($(call not_a_name,$(RUN)),)
-$(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-' (or NAME/members/K))
+$(error RUN='$(RUN)' is not a run name: use letters, digits, '.', '_' and '-', beginning with a letter or digit (or NAME/members/K))
 endif
 # VENV is pasted into every recipe (as $(PY)): a path of name characters and '/', nothing bash would read as code.
 ifneq ($(or $(if $(strip $(VENV)),,empty),$(subst $(eval) ,<space>,$(call strip_chars,$(subst /,,$(VENV)),$(name_chars)))),)

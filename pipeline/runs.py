@@ -46,7 +46,8 @@ CHANCE_LEVEL = 0.2  # a delivered model below this validation accuracy learned n
 
 def check_name(name):
     if not RUN_NAME.fullmatch(str(name)):  # fullmatch: `$` alone also matches before a final newline
-        raise UserError(f"invalid run name '{name}': use letters, digits, '.', '_' and '-' (or NAME/members/K)")
+        raise UserError(f"invalid run name '{name}': up to 100 letters, digits, '.', '_' and '-', beginning with a "
+                        f"letter or digit (or NAME/members/K)")
     return str(name)
 
 

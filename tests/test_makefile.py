@@ -160,7 +160,8 @@ def test_message_reaches_python_as_data(tmp_path, message):
     assert submit.parse_args(upload["argv"][2:]).message == message
 
 
-@pytest.mark.parametrize("run", ["x`touch {mark}`", "x$$(touch {mark})", "x;touch {mark}", "a b", "../../x"])
+@pytest.mark.parametrize("run", ["x`touch {mark}`", "x$$(touch {mark})", "x;touch {mark}", "a b", "../../x", "-x", "-h",
+                                 ".hidden", "_x"])
 def test_a_bad_run_name_is_refused_before_any_recipe(tmp_path, run):
     box = sandbox(tmp_path)
     mark = tmp_path / "pwned"
@@ -170,9 +171,10 @@ def test_a_bad_run_name_is_refused_before_any_recipe(tmp_path, run):
     assert not mark.exists() and calls(box) == []
 
 
-def test_a_preset_outside_configs_is_refused(tmp_path):
+@pytest.mark.parametrize("preset", ["../../x", "..", "-h"])
+def test_a_preset_outside_configs_is_refused(tmp_path, preset):
     box = sandbox(tmp_path)
-    result = sandbox_make(box, "train", "PRESET=../../x")
+    result = sandbox_make(box, "train", f"PRESET={preset}")
     assert result.returncode != 0 and "is not a preset name" in result.stderr and calls(box) == []
     from pipeline.config import build_config
     from pipeline.errors import UserError
