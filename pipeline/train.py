@@ -659,8 +659,10 @@ def _train_one(folder, preset, cfg, force, label=None):
             else:
                 checkpoint.write_latest(ckpt_dir, packed)
         except OSError as exc:
-            raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; the previous checkpoint is "
-                            f"kept: make room, then {console.next_step('continue', run=run.root.name)}") from None
+            kept = "the previous checkpoint is kept" if (ckpt_dir / checkpoint.LATEST).is_file() else \
+                "no checkpoint was written yet"
+            raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; {kept}: make room, then "
+                            f"{console.next_step('continue', run=run.root.name)}") from None
 
     if force:
         if adopted:  # the checkpoints say so before config.toml does: a kill between them is no "edit" to refuse

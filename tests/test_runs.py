@@ -251,6 +251,17 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     assert train.main(["--preset", "quick", "--run", "full", *FAST, "EPOCHS=2", "CKPT_EVERY=1"]) == 0
 
 
+def test_a_full_disk_at_the_first_checkpoint_does_not_claim_one_was_kept(root, monkeypatch, capsys):
+    write_processed(root)
+
+    def save(path, arrays, compressed=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "save_npz", save)
+    assert train.main(["--preset", "quick", "--run", "empty", *FAST, "EPOCHS=2", "CKPT_EVERY=1"]) == 2
+    one_error_line(capsys, "No space left on device", "no checkpoint was written yet", "make train RUN=empty")
+
+
 # ---------------------------------------------------------------- damaged artifacts: one line, and advice that works
 
 def garbage(path):
