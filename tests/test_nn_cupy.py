@@ -74,7 +74,8 @@ def test_pooling_and_batchnorm(cp):
     rng = np.random.default_rng(1)
     x = np.maximum(rng.standard_normal((4, 6, 6, 3)), 0).astype(np.float32)
     dout = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    for fwd, bwd in ((pool.maxpool_forward, pool.maxpool_backward), (pool.avgpool_forward, pool.avgpool_backward)):
+    for fwd, bwd in ((pool.maxpool_forward, pool.maxpool_backward), (pool.avgpool_forward, pool.avgpool_backward),
+                     (lambda x, size: pool.maxpool2x2_forward(x), pool.maxpool2x2_backward)):
         out, cache = fwd(x, 2)
         gout, gcache = fwd(cp.asarray(x), 2)
         close(gout, out)

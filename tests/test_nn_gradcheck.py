@@ -109,6 +109,8 @@ def test_maxpool_backward(shape, size, stride):
     x = distinct(rng, shape)
     check_layer(lambda x: pool.maxpool_forward(x, size, stride), lambda d, c: (pool.maxpool_backward(d, c),),
                 [x], rng)
+    if size == stride == 2:  # MaxPool2x2's own pair
+        check_layer(pool.maxpool2x2_forward, lambda d, c: (pool.maxpool2x2_backward(d, c),), [x], rng)
 
 
 @pytest.mark.parametrize("shape,size,stride", [((2, 4, 4, 3), 2, 2), ((1, 5, 5, 2), 3, 2)])

@@ -7,7 +7,7 @@ from pipeline.nn import ARCHITECTURES, build_model, select_device, softmax_cross
 from pipeline.nn.fused import BatchNormReLU, ConvMaxPool2x2, ConvReLUMaxPool2x2, ReLUMaxPool
 from pipeline.nn.errors import EngineError
 from pipeline.nn.layers import BatchNorm, Conv2D, Dense, Layer
-from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, MaxPool2D, ReLU
+from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, MaxPool2D, MaxPool2x2, ReLU
 from pipeline.nn.spec import layer_from_spec
 from pipeline.nn.model import resolve_arch
 from pipeline.nn.plan import FUSIONS, plan
@@ -19,7 +19,7 @@ HEAD = [Flatten, Dropout, Dense]
 EXPECTED = {  # (NumPy, CuPy)
     "deotte": [*CONV_BN_RELU * 3, Dropout, *CONV_BN_RELU * 3, Dropout, *CONV_BN_RELU, *HEAD],
     "deotte_relu_bn": [*CONV_RELU_BN * 3, Dropout, *CONV_RELU_BN * 3, Dropout, *CONV_RELU_BN, *HEAD],
-    "small_bn": [*[Conv2D, BatchNormReLU, MaxPool2D] * 2, Flatten, Dense, ReLU, Dense],
+    "small_bn": [*[Conv2D, BatchNormReLU, MaxPool2x2] * 2, Flatten, Dense, ReLU, Dense],
     "lenet5": [ConvReLUMaxPool2x2, ConvReLUMaxPool2x2, Flatten, Dense, ReLU, Dense, ReLU, Dense],
     "seed_small": [ConvReLUMaxPool2x2, ConvReLUMaxPool2x2, Flatten, Dense, ReLU, Dense],
 }
@@ -73,6 +73,25 @@ def test_plan_options_come_from_the_plan_only():
         build_model("lenet5", fuse=("conv_bn",))
 
 
+def test_a_maxpool_spec_of_2x2_windows_at_stride_2_is_maxpool2x2_and_any_other_maxpool2d():
+    """The 2x2 op is chosen once, by the spec's window and stride; ReLUMaxPool runs its pool part's own op."""
+    from pipeline.nn.spec import layer_from_spec
+
+    assert type(layer_from_spec({"type": "maxpool", "size": 2})) is MaxPool2x2
+    assert type(layer_from_spec({"type": "maxpool", "size": 2, "stride": 1})) is MaxPool2D
+    assert type(layer_from_spec({"type": "maxpool", "size": 3, "stride": 2})) is MaxPool2D
+    with pytest.raises(ValueError, match="2x2 windows at stride 2"):
+        MaxPool2x2(3)
+    x = np.random.default_rng(0).standard_normal((2, 7, 7, 3))
+    for size, stride, kind in ((3, 2, MaxPool2D), (2, 2, MaxPool2x2)):
+        spec = [{"type": "relu"}, {"type": "maxpool", "size": size, "stride": stride}]
+        (fused,) = plan(spec, np, (7, 7, 3))
+        assert type(fused) is ReLUMaxPool and type(fused.max_pool) is kind
+        plain = plan(spec, np, (7, 7, 3), fuse=())
+        want = plain[1].forward(plain[0].forward(x.copy(), True), True)
+        np.testing.assert_array_equal(fused.forward(x.copy(), True), want)
+
+
 def test_conv_then_pool_without_relu_and_odd_outputs():
     spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "maxpool", "size": 2},
             {"type": "flatten"}, {"type": "dense"}]
@@ -80,7 +99,7 @@ def test_conv_then_pool_without_relu_and_odd_outputs():
     assert type(even.layers[0]) is ConvMaxPool2x2  # its own class: no ReLU flag inside ConvReLUMaxPool2x2
     assert even.names[0] == "0-1.conv2d+maxpool"
     odd = build_model(spec, input_shape=(9, 9, 1), num_classes=3)  # 7x7 convolution output: not fusable
-    assert [type(layer) for layer in odd.layers] == [Conv2D, MaxPool2D, Flatten, Dense]
+    assert [type(layer) for layer in odd.layers] == [Conv2D, MaxPool2x2, Flatten, Dense]
     assert odd.forward(np.ones((2, 9, 9, 1)), train=True).shape == (2, 3)
     # average pooling is its own class: never fused with the ReLU before it (they do not commute)
     spec = [{"type": "conv2d", "filters": 2, "kernel": 3, "stride": 2}, {"type": "relu"},
@@ -129,7 +148,7 @@ def test_fused_model_equals_the_plain_layers(arch):
     fused, plain = model(tuple(FUSIONS)), model(())
     assert len(fused.layers) < len(plain.layers) or arch == "deotte_relu_bn"
     if arch == "mixed":
-        assert [type(layer) for layer in fused.layers] == [Conv2D, BatchNormReLU, MaxPool2D, ConvReLUMaxPool2x2,
+        assert [type(layer) for layer in fused.layers] == [Conv2D, BatchNormReLU, MaxPool2x2, ConvReLUMaxPool2x2,
                                                            ConvMaxPool2x2, Flatten, Dropout, Dense,
                                                            BatchNormReLU, Dense]
     for got, want in zip(passes(fused, x, y), passes(plain, x, y)):
@@ -356,7 +375,7 @@ def test_a_new_layer_type_needs_its_class_and_a_table_entry_only(monkeypatch):
     spec = [{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "square"}, {"type": "maxpool", "size": 2},
             {"type": "flatten"}, {"type": "dense"}]
     model = build_model(spec, dtype=np.float64, input_shape=(6, 6, 1), num_classes=3)
-    assert [type(layer) for layer in model.layers] == [Conv2D, Square, MaxPool2D, Flatten, Dense]
+    assert [type(layer) for layer in model.layers] == [Conv2D, Square, MaxPool2x2, Flatten, Dense]
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 1))
     assert model.backward(softmax_cross_entropy(model.forward(x, train=True), np.array([0, 2]))[1]).shape == x.shape
     assert model.names[1] == "1.square" and list(model.state_dict()) == ["0.w", "0.b", "4.w", "4.b"]

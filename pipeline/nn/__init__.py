@@ -7,7 +7,7 @@ to one thread per call and lets the engine split its GEMMs and whole layers (pip
 
 How to read it, top down:
 - architectures.py: each net as a list of layer specs (plain dicts); spec.py: the table from a spec's
-  "type" to its layer class.
+  "type" to its layer class (a "maxpool" of 2x2 windows at stride 2 is MaxPool2x2, with its own op pair).
 - plan.py: spec -> the layers that run, some of them fused classes (fused.py: ConvReLUMaxPool2x2,
   ConvMaxPool2x2, BatchNormReLU, ReLUMaxPool), by an explicit table of patterns; model.py: the Model over those layers
   (forward, backward, state by spec index) and for_inference(), a copy with BatchNorms folded.

@@ -12,7 +12,7 @@ the rows, run transposed, (4F, K') @ (K', M), so that the four positions of a bl
 contiguous rows while the chunk is in cache, and only the pooled quarter is transposed back to NHWC. The
 price: (kh+1)(kw+1)/(kh*kw) times the multiplies (1.44x for 5x5), the extra ones by zeros.
 
-Same function as Conv2D -> [ReLU] -> MaxPool2D(2): the first maximum of a window in row-major order gets
+Same function as Conv2D -> [ReLU] -> MaxPool2x2: the first maximum of a window in row-major order gets
 the gradient (PyTorch's rule), the ReLU's subgradient at 0 is 0. The sums run in another order, so values
 agree to rounding, not bit for bit (tested against the unfused layers).
 """

@@ -5,7 +5,7 @@ parameters, gradients and statistics under their spec indices, so checkpoints an
 see the fusion. Only the fused layer's forward and backward run; each is the same function as its parts
 run one after the other (tested against them).
 """
-from pipeline.nn import activation, convpool, norm, pool
+from pipeline.nn import activation, convpool, norm
 from pipeline.nn.memory import Workspace
 from pipeline.nn.layers import Layer
 
@@ -46,7 +46,7 @@ class _Fused(Layer):
 
 
 class _ConvMaxPool2x2(_Fused):
-    """Conv2D (stride 1, even output) -> [ReLU] -> MaxPool2D(2) in one pass: convpool.conv2d_maxpool_*. Each
+    """Conv2D (stride 1, even output) -> [ReLU] -> MaxPool2x2 in one pass: convpool.conv2d_maxpool_*. Each
     subclass says by its name, and RELU, whether the ReLU is among its parts."""
 
     RELU = None  # set by each subclass
@@ -85,7 +85,7 @@ class _ConvMaxPool2x2(_Fused):
 
 
 class ConvReLUMaxPool2x2(_ConvMaxPool2x2):
-    """Conv2D (stride 1, even output) -> ReLU -> MaxPool2D(2) in one pass."""
+    """Conv2D (stride 1, even output) -> ReLU -> MaxPool2x2 in one pass."""
 
     RELU = True
 
@@ -94,7 +94,7 @@ class ConvReLUMaxPool2x2(_ConvMaxPool2x2):
 
 
 class ConvMaxPool2x2(_ConvMaxPool2x2):
-    """Conv2D (stride 1, even output) -> MaxPool2D(2) in one pass: a convolution straight into the pool."""
+    """Conv2D (stride 1, even output) -> MaxPool2x2 in one pass: a convolution straight into the pool."""
 
     RELU = False
 
@@ -132,22 +132,22 @@ class BatchNormReLU(_Fused):
 
 
 class ReLUMaxPool(_Fused):
-    """ReLU -> MaxPool2D, computed as max pool then ReLU on its output, a quarter of the size: max and ReLU
-    commute (values and gradients, the first maximum included)."""
+    """ReLU -> MaxPool2D or MaxPool2x2, computed as max pool (the pool part's own op) then ReLU on its output,
+    a quarter of the size: max and ReLU commute (values and gradients, the first maximum included)."""
 
     grad_may_be_overwritten = True  # (its output may not be: the ReLU's cache is that output)
     returns_input_view = False
 
-    def __init__(self, relu, max_pool):
-        super().__init__(relu, max_pool)
-        self.size, self.stride = max_pool.size, max_pool.stride
+    @property
+    def max_pool(self):
+        return self.parts[1]
 
     def forward(self, x, train):
-        out, pool_cache = pool.maxpool_forward(x, self.size, self.stride)
+        out, pool_cache = self.max_pool.pool(x)
         out, relu_cache = activation.relu_forward(out, out=out)
         self.cache = (pool_cache, relu_cache)
         return out
 
     def backward(self, dout, need_dx=True):
         pool_cache, relu_cache = self.cache
-        return pool.maxpool_backward(activation.relu_backward(dout, relu_cache), pool_cache)
+        return self.max_pool.unpool(activation.relu_backward(dout, relu_cache), pool_cache)

@@ -21,7 +21,7 @@ from pipeline.nn import convpool
 from pipeline.nn.fused import BatchNormReLU, ConvMaxPool2x2, ConvReLUMaxPool2x2, ReLUMaxPool
 from pipeline.nn.errors import with_context
 from pipeline.nn.layers import BatchNorm, Conv2D
-from pipeline.nn.parameterless import Dropout, MaxPool2D, ReLU
+from pipeline.nn.parameterless import Dropout, MaxPool2D, MaxPool2x2, ReLU
 from pipeline.nn.spec import layer_from_spec
 
 
@@ -34,20 +34,16 @@ def _fusable_conv(probes, out_shapes, i):
     return type(probes[i]) is Conv2D and convpool.fusable(probes[i].stride, out_shapes[i][:2])
 
 
-def _is_maxpool2x2(probes, j):
-    return _type_at(probes, j) is MaxPool2D and probes[j].size == probes[j].stride == 2
-
-
 def _conv_relu_maxpool2x2(probes, out_shapes, i):
-    """Conv2D -> ReLU -> MaxPool2D(2, stride 2)."""
-    if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is ReLU and _is_maxpool2x2(probes, i + 2):
+    """Conv2D -> ReLU -> MaxPool2x2."""
+    if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is ReLU and _type_at(probes, i + 2) is MaxPool2x2:
         return (i, i + 1, i + 2)
     return None
 
 
 def _conv_maxpool2x2(probes, out_shapes, i):
-    """Conv2D -> MaxPool2D(2, stride 2): a convolution straight into the pool."""
-    return (i, i + 1) if _fusable_conv(probes, out_shapes, i) and _is_maxpool2x2(probes, i + 1) else None
+    """Conv2D -> MaxPool2x2: a convolution straight into the pool."""
+    return (i, i + 1) if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is MaxPool2x2 else None
 
 
 def _batchnorm_relu(probes, out_shapes, i):
@@ -55,7 +51,7 @@ def _batchnorm_relu(probes, out_shapes, i):
 
 
 def _relu_maxpool(probes, out_shapes, i):
-    return (i, i + 1) if type(probes[i]) is ReLU and _type_at(probes, i + 1) is MaxPool2D else None
+    return (i, i + 1) if type(probes[i]) is ReLU and _type_at(probes, i + 1) in (MaxPool2D, MaxPool2x2) else None
 
 
 # name: (fused class, matcher(probes, output shapes, i) -> the spec indices it takes, or None). Tried in this

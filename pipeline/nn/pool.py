@@ -25,13 +25,12 @@ def _window_views(x, size, stride, ho, wo):
 def maxpool_forward(x, size=2, stride=None):
     """out (N, Ho, Wo, C); cache for maxpool_backward.
 
-    2x2 windows with stride 2 (every model here) take maxpool2x2_forward; other windows a running maximum
-    over the size*size strided views, `>` keeping the first maximum on ties.
+    Any window and stride: a running maximum over the size*size strided views, `>` keeping the first maximum
+    on ties. 2x2 windows at stride 2 (every model here) have their own faster pair, maxpool2x2_forward and
+    maxpool2x2_backward, which the MaxPool2x2 layer runs.
     """
     xp = get_array_module(x)
     stride = stride or size
-    if size == stride == 2 and x.shape[1] >= 2 and x.shape[2] >= 2:
-        return maxpool2x2_forward(x)
     if size * size > 255:
         raise ValueError(f"max pool window {size} too large for the uint8 argmax")
     n, h, w, c = x.shape
@@ -44,14 +43,12 @@ def maxpool_forward(x, size=2, stride=None):
         greater = view > out
         xp.copyto(out, view, where=greater)
         xp.copyto(argmax, i * size + j, where=greater)
-    return out, ("views", argmax, x.shape, size, stride)
+    return out, (argmax, x.shape, size, stride)
 
 
 def maxpool_backward(dout, cache):
     """dx (N, H, W, C): each output gradient goes to the input at its (first) argmax."""
-    if cache[0] == "2x2":
-        return maxpool2x2_backward(dout, cache)
-    _, argmax, x_shape, size, stride = cache
+    argmax, x_shape, size, stride = cache
     xp = get_array_module(dout)
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     ho, wo = dout.shape[1], dout.shape[2]
@@ -70,8 +67,8 @@ def maxpool2x2_forward(x):
     Rows first: top vs bottom on views whose contiguous runs are W*C long (the cheap direction in NHWC),
     then columns on the half-size result. The first maximum in row-major order (PyTorch's choice) wins:
     the right column is taken if it is larger, or equal with its maximum in the top row and the left's in
-    the bottom row. cache: ("2x2", bottom-row mask (N, Ho, 2*Wo, C), right-column mask (N, Ho, Wo, C),
-    x.shape).
+    the bottom row. cache: (bottom-row mask (N, Ho, 2*Wo, C), right-column mask (N, Ho, Wo, C), x.shape).
+    Odd H or W: the last row or column is in no window, as in maxpool_forward.
     """
     xp = get_array_module(x)
     n, h, w, c = x.shape
@@ -98,7 +95,7 @@ def maxpool2x2_forward(x):
         from_right[r] |= tie_up
 
     parallel_rows(pool_rows, n, x)
-    return out, ("2x2", from_bottom, from_right, x.shape)
+    return out, (from_bottom, from_right, x.shape)
 
 
 def _pool_columns_shifted(colmax, from_bottom, out, from_right):
@@ -126,7 +123,7 @@ def _pool_columns_shifted(colmax, from_bottom, out, from_right):
 
 def maxpool2x2_backward(dout, cache):
     """dx (N, H, W, C) for maxpool2x2_forward: the masks route each gradient to its window's first maximum."""
-    _, from_bottom, from_right, x_shape = cache
+    from_bottom, from_right, x_shape = cache
     xp = get_array_module(dout)
     n, ho, wo, c = dout.shape
     dx = xp.empty((n, 2 * ho, 2 * wo, c), dtype=dout.dtype)

@@ -1,10 +1,11 @@
-"""The spec table: which layer class each spec type names, and the layer a spec dict makes.
+"""The spec table: which layer class each spec type names (or the function choosing it), and the layer a spec
+dict makes.
 
 A new layer type is a class (layers.py or parameterless.py, with its op functions in their own file) and
 a line here; plan.py fuses only the exact types its patterns name, so a new type runs as it is.
 """
 from pipeline.nn.layers import BatchNorm, Conv2D, Dense
-from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, GlobalAvgPool, LeakyReLU, MaxPool2D, ReLU
+from pipeline.nn.parameterless import AvgPool2D, Dropout, Flatten, GlobalAvgPool, LeakyReLU, ReLU, max_pool
 
 LAYER_TYPES = {
     "conv2d": Conv2D, "conv": Conv2D,
@@ -12,7 +13,7 @@ LAYER_TYPES = {
     "batchnorm": BatchNorm, "bn": BatchNorm,
     "relu": ReLU,
     "leaky_relu": LeakyReLU, "leakyrelu": LeakyReLU,
-    "maxpool": MaxPool2D, "maxpool2d": MaxPool2D,
+    "maxpool": max_pool, "maxpool2d": max_pool,  # MaxPool2x2 or MaxPool2D, by window and stride
     "avgpool": AvgPool2D, "avgpool2d": AvgPool2D,
     "global_avgpool": GlobalAvgPool, "globalavgpool": GlobalAvgPool,
     "dropout": Dropout,
