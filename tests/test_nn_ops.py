@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.nn.errors import EngineError
 from pipeline.fileio import load_npz, save_npz
-from pipeline.nn import (ARCHITECTURES, build_model, conv, conv_routes, convpool, im2col, make_optimizer,
+from pipeline.nn import (ARCHITECTURES, activation, build_model, conv, conv_routes, convpool, im2col, make_optimizer,
                          make_schedule, norm, pool, select_device, softmax, softmax_cross_entropy, to_numpy, tuning)
 from pipeline.nn.backend import get_array_module, to_device
 
@@ -207,10 +207,11 @@ def test_batchnorm_fast_equals_naive(dtype, shape, train):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4, 5, 5, 3), (8, 6)])
 @pytest.mark.parametrize("train", [True, False])
-def test_batchnorm_relu_fast_equals_naive(dtype, shape, train):
+@pytest.mark.parametrize("order", ["C", "F"])  # F: inputs not C-contiguous, which a 2-D view cannot write through
+def test_batchnorm_relu_fast_equals_naive(dtype, shape, train, order):
     rng = np.random.default_rng(12)
     c = shape[-1]
-    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x = np.asarray((rng.standard_normal(shape) * 3 + 1).astype(dtype), order=order)
     gamma, beta = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
     rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
     rm2, rv2 = rm.copy(), rv.copy()
@@ -220,11 +221,27 @@ def test_batchnorm_relu_fast_equals_naive(dtype, shape, train):
     np.testing.assert_allclose(out, ref, **tol(dtype))
     np.testing.assert_allclose(rm, rm2, **tol(dtype))
     np.testing.assert_allclose(rv, rv2, **tol(dtype))
-    dout = rng.standard_normal(shape).astype(dtype)
+    dout = np.asarray(rng.standard_normal(shape).astype(dtype), order=order)
     for got, want in zip(norm.batchnorm_relu_backward(dout, cache),
                          norm.batchnorm_relu_backward_naive(dout, ref_cache)):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_relu_fast_equals_naive(dtype, order):
+    rng = np.random.default_rng(13)
+    x = np.asarray(rng.standard_normal((4, 5, 6, 3)).astype(dtype), order=order)
+    x[0, 0, 0, 0] = 0.0  # the subgradient at 0 is 0
+    out, cache = activation.relu_forward(x)
+    ref, ref_cache = activation.relu_forward_naive(x)
+    np.testing.assert_array_equal(out, ref)
+    dout = np.asarray(rng.standard_normal(x.shape).astype(dtype), order=order)
+    np.testing.assert_array_equal(activation.relu_backward(dout, cache),
+                                  activation.relu_backward_naive(dout, ref_cache))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        activation.relu_forward(x, out=np.empty(x.shape[::-1], dtype).T)
 
 
 def test_batchnorm_running_statistics_pytorch_convention():

@@ -8,7 +8,9 @@ from pipeline.nn.threads import parallel_rows
 def relu_forward(x, out=None):
     """max(x, 0); `out=x` computes in place (safe when nothing else keeps x). cache: the output."""
     xp = get_array_module(x)
-    y = xp.empty_like(x) if out is None else out
+    y = xp.empty(x.shape, x.dtype) if out is None else out  # C order whatever x's: written through a 2-D view
+    if not y.flags.c_contiguous:
+        raise ValueError("relu_forward: out must be C-contiguous")
     if xp is not np:  # one kernel; `out` the very object x is, else CuPy copies x first (overlapping views)
         return xp.maximum(x, x.dtype.type(0), out=y), y
     n = x.shape[0]

@@ -150,7 +150,9 @@ def batchnorm_relu_forward(x, gamma, beta, running_mean, running_var, train, mom
     xp = get_array_module(x)
     n = x.shape[0]
     dt = x.dtype.type
-    out = xp.empty_like(x) if out is None else out
+    out = xp.empty(x.shape, x.dtype) if out is None else out  # C order whatever x's: written through a 2-D view
+    if not out.flags.c_contiguous:
+        raise ValueError("batchnorm_relu_forward: out must be C-contiguous")
     xf, of = per_example(x), per_example(out)
     if train:
         m = x.size // x.shape[-1]
@@ -196,7 +198,7 @@ def batchnorm_relu_backward(dout, cache):
     m = dout.size // dout.shape[-1]
     n = dout.shape[0]
     dt = dout.dtype.type
-    dx = xp.empty_like(dout)
+    dx = xp.empty(dout.shape, dout.dtype)  # C order whatever dout's: written through a 2-D view
     xf, of, df, gf = per_example(x), per_example(out), per_example(dout), per_example(dx)
     mean_t = tiled(mean, x)
 

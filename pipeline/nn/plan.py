@@ -36,7 +36,8 @@ def _fusable_conv(probes, out_shapes, i):
 
 def _conv_relu_maxpool2x2(probes, out_shapes, i):
     """Conv2D -> ReLU -> MaxPool2x2."""
-    if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is ReLU and _type_at(probes, i + 2) is MaxPool2x2:
+    if _fusable_conv(probes, out_shapes, i) and _type_at(probes, i + 1) is ReLU and \
+            _type_at(probes, i + 2) is MaxPool2x2:
         return (i, i + 1, i + 2)
     return None
 
