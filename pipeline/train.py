@@ -609,7 +609,7 @@ def _train_one(folder, preset, cfg, force, label=None):
                             f"{ckpt_dir} to train runs/{label} afresh")
         try:
             model.load_state_dict(model_state)
-            opt.load_state_dict(opt_state)
+            opt.load_state_dict(opt_state, model.params())
             model.set_rng_state(rng_state)
             if average and checkpoint.average_part(arrays):
                 average.load_state_dict(checkpoint.average_part(arrays))

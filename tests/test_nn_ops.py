@@ -375,6 +375,18 @@ def test_optimizer_state_round_trip_is_bit_exact(tmp_path, name):
     assert int(b.state_dict()["step"]) == 8
     with pytest.raises(ValueError):
         b.load_state_dict({"step": np.array(1), "0.w.bogus": np.zeros(2)})
+    # against the parameters: every slot of each, in its shape, and no other name
+    saved = load_npz(tmp_path / "opt.npz")
+    params = [("0.w", w0, w0), ("0.b", np.zeros(4, np.float32), np.zeros(4, np.float32))]
+    with pytest.raises(ValueError, match=r"missing \['0\.b\."):
+        b.load_state_dict(saved, params)
+    b.load_state_dict(saved, params[:1])
+    with pytest.raises(ValueError, match=r"unexpected \['9\.w'\]"):
+        b.load_state_dict({**saved, **{k.replace("0.w", "9.w"): v for k, v in saved.items() if k != "step"}},
+                          params[:1])
+    with pytest.raises(ValueError, match="shape"):
+        b.load_state_dict({k: v if k == "step" else v[:2] for k, v in saved.items()}, params[:1])
+    b.load_state_dict({"step": np.array(0)}, params)  # before a first step: no slots yet
 
 
 # -- schedules -------------------------------------------------------------------------------------

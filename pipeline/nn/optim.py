@@ -67,8 +67,15 @@ class Optimizer:
                 d[f"{name}.{slot}"] = np.array(to_numpy(a), copy=True)
         return d
 
-    def load_state_dict(self, d):
-        """Restore step and slots; arrays move to the parameters' device at the next step."""
+    def kept_slots(self):
+        """The slots every parameter has after a step."""
+        return self.slots
+
+    def load_state_dict(self, d, params=None):
+        """Restore step and slots; arrays move to the parameters' device at the next step. With `params`
+        (Model.params()), the state must be theirs, as Model.load_state_dict asks of its own: after a step,
+        every slot of every parameter, in its shape, and nothing else (a parameter whose moments were missing
+        restarted from zero while the step count, and with it Adam's bias correction, went on)."""
         if "step" not in d:
             raise ValueError("optimizer state lacks 'step'")
         state = {}
@@ -79,8 +86,21 @@ class Optimizer:
             if slot not in self.slots or not name:
                 raise ValueError(f"optimizer state '{key}' is not a {self.kind} slot ({', '.join(self.slots)})")
             state.setdefault(name, {})[slot] = np.array(value, copy=True)
+        step = int(np.asarray(d["step"]))
+        if params is not None:
+            shapes = {name: tuple(p.shape) for name, p, _ in params}
+            extra = sorted(set(state) - set(shapes))
+            missing = sorted(f"{name}.{slot}" for name in shapes for slot in self.kept_slots()
+                             if step and slot not in state.get(name, {}))
+            if extra or missing:
+                raise ValueError(f"optimizer state does not match the model: missing {missing}, unexpected {extra}")
+            for name, slots in state.items():
+                for slot, a in slots.items():
+                    if a.shape != shapes[name]:
+                        raise ValueError(f"optimizer state '{name}.{slot}': shape {a.shape}, the model's "
+                                         f"{shapes[name]}")
         self.state = state
-        self.step_count = int(np.asarray(d["step"]))
+        self.step_count = step
 
 
 class SGD(Optimizer):
@@ -94,6 +114,9 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
+
+    def kept_slots(self):
+        return self.slots if self.momentum else ()
 
     def _update(self, state, p, g, lr):
         if self.momentum:
