@@ -25,7 +25,7 @@ class TrainConfig:
     momentum: float = 0.9             # sgd
     nesterov: bool = False            # sgd
     weight_decay: float = 0.0         # decoupled (sgd, adamw)
-    l2: float = 0.0                   # coupled penalty added to the loss
+    l2: float = 0.0                   # coupled penalty: its gradient joins the loss's (the loss shown is the data's)
     l1: float = 0.0
     schedule: str = "exponential"     # constant | step | exponential | cosine | onecycle
     lr_decay: float = 0.95            # exponential: lr * lr_decay**epoch; step: factor per step_epochs

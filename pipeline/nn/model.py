@@ -22,8 +22,9 @@ RNG_STATE_KEY = "dropout_rng"
 
 class Model:
     """Layers in sequence (`layers`: what runs, as the plan chose them, some fused); `parts`: one plain
-    layer per spec entry, holding that entry's arrays. One numpy Generator (PCG64), `rng`, draws every
-    dropout mask.
+    layer per spec entry, holding that entry's arrays (in an inference copy, one per layer: a folded
+    convolution stands for its convolution and BatchNorm, `sizes` says how many entries each layer is).
+    One numpy Generator (PCG64), `rng`, draws every dropout mask.
 
     inference=True: a copy made by for_inference, for eval passes only."""
 
@@ -156,8 +157,8 @@ class Model:
         return [(f"{i}.{k}", p, part.grads[k]) for i, part in enumerate(self.parts) for k, p in part.params.items()]
 
     def penalty(self, l1=0.0, l2=0.0):
-        """l1 * sum|w| + l2/2 * sum w^2 over the kernels ("*.w"), as a float (the loss term; the
-        optimizer adds its gradient)."""
+        """l1 * sum|w| + l2/2 * sum w^2 over the kernels ("*.w"), as a float: the term whose gradient the
+        optimizer adds (tested against it). Training adds the gradient only; the loss it reports is the data's."""
         total = 0.0
         for name, p, _ in self.params():
             if name.endswith(".w"):

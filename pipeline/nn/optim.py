@@ -1,8 +1,8 @@
 """Optimizers with explicit per-parameter state (Chainer's UpdateRule.state): SGD, Adam, AdamW.
 
 Update formulas are PyTorch's. Regularization, applied to kernels ("*.w") only, never to biases or BN:
-  l1, l2         coupled: the gradient gets l1 * sign(w) + l2 * w (the penalty's gradient; the loss term
-                 itself comes from Model.penalty)
+  l1, l2         coupled: the gradient gets l1 * sign(w) + l2 * w, the gradient of Model.penalty. The loss
+                 train reports is the data loss alone: the penalty acts through this gradient only
   weight_decay   decoupled: w -= lr * weight_decay * w before the update (sgd and adamw)
 State dict: {"step": int64 0-d, "<param>.<slot>": array} with slots momentum_buffer (sgd), exp_avg and
 exp_avg_sq (adam, adamw); "<param>" is the model's name ("0.w").
