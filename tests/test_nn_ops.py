@@ -66,9 +66,13 @@ def test_conv2d_input_grad_three_paths_agree(x_shape, k, stride, padding):
     shifted = conv_routes.conv2d_input_grad_shifted(dout, w, 1, pad, x_shape)
     for route in (conv_routes.conv2d_input_grad_phases, conv_routes.conv2d_input_grad_rows):
         np.testing.assert_allclose(route(dout, w, 1, pad, x_shape), shifted, rtol=1e-10, atol=1e-12)
-    out = np.full(x_shape, np.nan)  # every entry written, whatever was there
-    conv_routes.conv2d_input_grad_rows(dout, w, 1, pad, x_shape, out=out)
-    np.testing.assert_allclose(out, shifted, rtol=1e-10, atol=1e-12)
+    for route in (conv_routes.conv2d_input_grad_rows, conv_routes.conv2d_input_grad_phases):
+        out = np.full(x_shape, np.nan)  # every entry written, whatever was there
+        assert route(dout, w, 1, pad, x_shape, out=out) is out
+        np.testing.assert_allclose(out, shifted, rtol=1e-10, atol=1e-12)
+        wide = np.full((*x_shape[:3], x_shape[3] + 2), np.nan)  # an out that is a view, not C-contiguous
+        route(dout, w, 1, pad, x_shape, out=wide[..., :x_shape[3]])
+        np.testing.assert_allclose(wide[..., :x_shape[3]], shifted, rtol=1e-10, atol=1e-12)
 
 
 def test_rows_input_grad_is_chosen_for_narrow_layers_only():

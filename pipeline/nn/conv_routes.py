@@ -236,12 +236,16 @@ def conv2d_input_grad_phases(dout, w, stride, pad, x_shape, workspace=None, out=
 
         parallel_rows(fill, n, col)
         single = dx is None  # stride 1: the single phase is the whole gradient
-        target = out.reshape(n * rows * cols, c) if single and out is not None else None
+        # straight into `out` where a 2-D view of it exists (C order); else copied into it below
+        direct = single and out is not None and out.flags.c_contiguous
         grad = gemm(col.reshape(n * rows * cols, mh * mw * f), xp.ascontiguousarray(sub).reshape(mh * mw * f, c),
-                    out=target)
+                    out=out.reshape(n * rows * cols, c) if direct else None)
         grad = grad.reshape(n, rows, cols, c)
         if single:
-            return grad
+            if out is None or direct:
+                return grad if out is None else out
+            out[...] = grad
+            return out
 
         def scatter(r):
             dx[r, a::stride, b::stride, :] = grad[r]
