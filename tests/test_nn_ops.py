@@ -79,7 +79,8 @@ def test_rows_input_grad_is_chosen_for_narrow_layers_only():
     assert conv.rows_input_grad_pays((5, 5, 6, 16), (128, 14, 14, 6), (0, 0, 0, 0))        # lenet5's second
     assert not conv.rows_input_grad_pays((3, 3, 8, 16), (128, 14, 14, 8), (1, 1, 1, 1))    # width 16 > 3 * 3
     assert not conv.rows_input_grad_pays((3, 3, 32, 64), (128, 12, 12, 32), (0, 0, 0, 0))  # 32 channels
-    assert conv.input_grad_function((3, 3, 2, 2), (1, 5, 5, 2), 2, (0, 0, 0, 0)) is conv_routes.conv2d_input_grad_phases
+    assert conv.input_grad_function((3, 3, 2, 2), (1, 5, 5, 2), 2, (0, 0, 0, 0), np) is \
+        conv_routes.conv2d_input_grad_phases
 
 
 def test_im2col_and_col2im_are_adjoint():

@@ -70,15 +70,15 @@ def test_each_stride1_backward_route_the_table_can_pick_equals_naive(monkeypatch
     x, w, b = rng.standard_normal((3, 9, 8, 3)), rng.standard_normal((3, 3, 3, 4)), rng.standard_normal(4)
     pad = (1, 1, 0, 1)
     expected = route if route == "correlation" else "columns"
-    assert conv.backward_route(w.shape, x.shape, 1, pad, True, False, True) == expected
+    assert conv.backward_route(w.shape, x.shape, 1, pad, True, False, True, np) == expected
     if route != "correlation":
-        assert conv.input_grad_route(w.shape, x.shape, 1, pad) == route
+        assert conv.input_grad_route(w.shape, x.shape, 1, pad, np) == route
     assert_conv_backward_equals_naive(rng, x, w, b, pad)
 
 
 def test_the_one_thread_weight_gradient_route():
     w_shape = (5, 5, 1, 6)  # lenet5's first convolution: K = 26 columns, 6 filters
-    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, True, False) == "columns, one thread"
-    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, True, True) == "columns"      # dx too
-    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, False, False) == "columns"    # rebuilt
-    assert conv.backward_route((3, 3, 32, 32), (128, 26, 26, 32), 1, 0, False, False, True) == "correlation"
+    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, True, False, np) == "columns, one thread"
+    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, True, True, np) == "columns"      # dx too
+    assert conv.backward_route(w_shape, (128, 28, 28, 1), 1, 2, True, False, False, np) == "columns"    # rebuilt
+    assert conv.backward_route((3, 3, 32, 32), (128, 26, 26, 32), 1, 0, False, False, True, np) == "correlation"

@@ -119,7 +119,7 @@ def conv2d_backward(dout, cache, need_dx=True):
                             transposed=dw_transposed(w.shape))
 
 
-def backward_route(w_shape, x_shape, stride, pad, has_bias, kept, need_dx, xp=np):
+def backward_route(w_shape, x_shape, stride, pad, has_bias, kept, need_dx, xp):
     """Which route conv2d_backward takes: "correlation", "columns" or "columns, one thread".
 
     kept: the forward kept its columns; the thresholds are tuning.py's.
@@ -158,7 +158,7 @@ INPUT_GRADS = {"rows": conv2d_input_grad_rows, "shifted": conv2d_input_grad_shif
                "phases": conv2d_input_grad_phases}
 
 
-def input_grad_route(w_shape, x_shape, stride, pad, xp=np):
+def input_grad_route(w_shape, x_shape, stride, pad, xp):
     """Which input-gradient routine dx takes: "rows" (banded GEMM, NumPy only: it works around NumPy's
     short inner loops) or "shifted" (taps) at stride 1, "phases" (phase-split correlations) otherwise."""
     if stride != 1:
@@ -168,7 +168,7 @@ def input_grad_route(w_shape, x_shape, stride, pad, xp=np):
     return "shifted"
 
 
-def input_grad_function(w_shape, x_shape, stride, pad, xp=np):
+def input_grad_function(w_shape, x_shape, stride, pad, xp):
     """The input-gradient routine of input_grad_route, called as grad(dout, w, stride, pad, x_shape,
     workspace, out=dx) (convpool.py takes it too)."""
     return INPUT_GRADS[input_grad_route(w_shape, x_shape, stride, pad, xp)]
