@@ -99,7 +99,7 @@ def test_fused_chunks_and_threads_change_nothing(monkeypatch, keep_bytes):
 
     whole = run()
     monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", keep_bytes)
-    monkeypatch.setattr(convpool, "column_chunk", lambda *args: 2)
+    monkeypatch.setattr(convpool, "images_per_chunk", lambda *args: 2)
     monkeypatch.setattr(tuning, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(tuning, "GEMM_MIN_FLOPS", 0)
     threads.configure(3)  # BLAS held to one thread: the batch is split among the threads

@@ -570,7 +570,7 @@ def test_conv_chunks_match_one_pass(monkeypatch, keep_bytes):
     whole_logits, whole_grads = run()
     monkeypatch.setattr(tuning, "COLUMN_CHUNK_BYTES", 30_000)  # one or two images per chunk
     monkeypatch.setattr(tuning, "KEEP_COLUMNS_BYTES", keep_bytes)
-    assert conv.column_chunk(24, 24, 289, 8) == 1 and conv.column_chunk(1, 1, 1025, 8) == 3
+    assert conv.images_per_chunk(np, 64, 24, 24, 289, 8) == 1 and conv.images_per_chunk(np, 64, 1, 1, 1025, 8) == 3
     logits, grads = run()
     np.testing.assert_allclose(logits, whole_logits, rtol=1e-12)
     for k in grads:

@@ -16,7 +16,7 @@ from pipeline.nn import tuning
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.conv_routes import (backward_columns, backward_correlation, conv2d_input_grad_phases,
                                      conv2d_input_grad_rows, conv2d_input_grad_shifted)
-from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, pad4, pad_nhwc
+from pipeline.nn.im2col import chunks, images_per_chunk, column_matrix, get_conv_outsize, keep_store, pad4, pad_nhwc
 from pipeline.nn.threads import parallel_batches
 
 
@@ -81,7 +81,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, workspace=None, out=None, keep_colu
     wb = kernel_matrix(w, b)
     if out is None:
         out = xp.empty((n, ho, wo, f), dtype=x.dtype)
-    chunk = column_chunk(ho, wo, kb, x.itemsize) if xp is np else n  # the GPU takes the batch at once
+    chunk = images_per_chunk(xp, n, ho, wo, kb, x.itemsize)
     kept, keep_flat = keep_store(keep_columns, n * ho * wo * kb, x.dtype, workspace, xp)
 
     def run(rows, t):

@@ -16,7 +16,7 @@ All three take (dout, w, stride, pad, x_shape, workspace=None, out=None).
 import numpy as np
 
 from pipeline.nn.backend import get_array_module
-from pipeline.nn.im2col import (chunks, column_chunk, column_matrix, fill_columns, get_conv_outsize, kept_columns,
+from pipeline.nn.im2col import (chunks, images_per_chunk, column_matrix, fill_columns, get_conv_outsize, kept_columns,
                                 pad4)
 from pipeline.nn.norm import channel_sum
 from pipeline.nn.threads import gemm, parallel_batches, parallel_gemm_rows, parallel_rows, sum_in_order
@@ -36,7 +36,7 @@ def backward_columns(dout, cache, input_grad=None, dw_one_thread=False, transpos
     n, ho, wo, _ = dout.shape
     kb = k + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if input_grad is not None else None
-    chunk = column_chunk(ho, wo, kb, dout.itemsize) if xp is np else n
+    chunk = images_per_chunk(xp, n, ho, wo, kb, dout.itemsize)
 
     def run(rows, t, walk=None):
         ws = workspace.for_thread(t) if workspace is not None else None
@@ -78,7 +78,7 @@ def backward_correlation(dout, x, w, has_bias, pad, workspace=None):
     full = (kh - 1 - pad[0], kh - 1 - pad[1], kw - 1 - pad[2], kw - 1 - pad[3])
     flipped = xp.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(kh * kw * f, c)
     dx = xp.empty(x.shape, dtype=dout.dtype)
-    chunk = column_chunk(h, wd, kh * kw * f, dout.itemsize)
+    chunk = images_per_chunk(xp, n, h, wd, kh * kw * f, dout.itemsize)
 
     def run(rows, t):
         ws = workspace.for_thread(t) if workspace is not None else None

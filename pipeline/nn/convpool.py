@@ -16,11 +16,10 @@ Same function as Conv2D -> [ReLU] -> MaxPool2x2: the first maximum of a window i
 the gradient (PyTorch's rule), the ReLU's subgradient at 0 is 0. The sums run in another order, so values
 agree to rounding, not bit for bit (tested against the unfused layers).
 """
-import numpy as np
 
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.conv import input_grad_function
-from pipeline.nn.im2col import chunks, column_chunk, column_matrix, get_conv_outsize, keep_store, kept_columns
+from pipeline.nn.im2col import chunks, images_per_chunk, column_matrix, get_conv_outsize, keep_store, kept_columns
 from pipeline.nn.threads import parallel_batches, scratch, sum_in_order
 
 
@@ -104,7 +103,7 @@ def conv2d_maxpool_forward(x, w, b, pad, relu=True, train=True, workspace=None, 
     if out is None:
         out = xp.empty((n, hp, wp, f), dtype=x.dtype)
     masks = xp.empty((4 if relu else 3, f, n * per), dtype=bool) if train else None
-    chunk = column_chunk(hp, wp, kb, x.itemsize) if xp is np else n
+    chunk = images_per_chunk(xp, n, hp, wp, kb, x.itemsize)
     kept, keep_flat = keep_store(train, n * per * kb, x.dtype, workspace, xp)
 
     def run(rows, t):
@@ -145,7 +144,7 @@ def conv2d_maxpool_backward(dout, cache, need_dx=True):
     has_bias = b is not None
     kb = (kh + 1) * (kw + 1) * c + int(has_bias)
     dx = xp.empty(x.shape, dtype=dout.dtype) if need_dx else None
-    chunk = column_chunk(hp, wp, kb, dout.itemsize) if xp is np else n
+    chunk = images_per_chunk(xp, n, hp, wp, kb, dout.itemsize)
     input_grad = input_grad_function(w.shape, x.shape, 1, pad, xp)
 
     def run(rows, t):

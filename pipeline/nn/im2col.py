@@ -148,10 +148,10 @@ def column_matrix(x, kh, kw, stride, pad, ones=False, workspace=None, buffer=Non
 
 # -- walking a batch in chunks -------------------------------------------------------------------------
 
-def column_chunk(ho, wo, k, itemsize):
-    """Images per chunk so that a chunk's (images*Ho*Wo, K) column matrix is about
-    tuning.COLUMN_CHUNK_BYTES."""
-    return max(1, tuning.COLUMN_CHUNK_BYTES // (ho * wo * k * itemsize))
+def images_per_chunk(xp, n, ho, wo, k, itemsize):
+    """Images per column chunk of a batch of n: on the CPU, so that a chunk's (images*Ho*Wo, K) column matrix
+    is about tuning.COLUMN_CHUNK_BYTES; a GPU takes the whole batch at once."""
+    return max(1, tuning.COLUMN_CHUNK_BYTES // (ho * wo * k * itemsize)) if xp is np else n
 
 
 def chunks(rows, size):

@@ -4,6 +4,8 @@ PyTorch conventions: batch statistics in training (biased variance to normalize,
 the running estimate), running statistics in eval, running = (1 - momentum) * running + momentum * batch.
 Shapes: x (..., C), gamma/beta/running_mean/running_var (C,).
 """
+import numpy as np
+
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.threads import parallel_rows, scratch
 from pipeline.nn.errors import EngineError
@@ -35,7 +37,7 @@ def channel_dot(a, b):
     """Per-channel sums of a*b for arrays (..., C), without materializing the product on NumPy."""
     xp = get_array_module(a)
     c = a.shape[-1]
-    if xp.__name__ != "numpy":
+    if xp is not np:
         return channel_sum(a * b)
     if a.ndim > 2:
         return xp.einsum("ij,ij->j", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)).reshape(-1, c).sum(axis=0)
