@@ -4,6 +4,8 @@ Shapes: x (N, H, W, C) -> out (N, Ho, Wo, C) with Ho = (H - size) // stride + 1 
 PyTorch and Keras 'valid'); global pooling gives (N, C).
 Max pooling routes the gradient to the first maximum of each window in row-major order (PyTorch's rule).
 """
+import numpy as np
+
 from pipeline.nn import tuning
 from pipeline.nn.backend import get_array_module
 from pipeline.nn.threads import parallel_rows, scratch
@@ -82,7 +84,7 @@ def maxpool2x2_forward(x):
         top, bottom = pairs[r, :, 0], pairs[r, :, 1]
         colmax = xp.maximum(top, bottom, out=scratch("pool.colmax", top.shape, x.dtype, xp))
         xp.greater(bottom, top, out=from_bottom[r])
-        if c < tuning.NARROW_CHANNELS:
+        if xp is np and c < tuning.NARROW_CHANNELS:  # NumPy's short inner loops; a GPU has none to avoid
             _pool_columns_shifted(colmax, from_bottom[r], out[r], from_right[r])
             return
         colmax = colmax.reshape(-1, ho, wo, 2, c)
