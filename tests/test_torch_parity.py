@@ -12,8 +12,8 @@ Kinks: in float32 a pre-activation within rounding of 0 can land on opposite sid
 engines (deotte has ~400k ReLU inputs at batch 8 and a BatchNorm then spreads that one element's gradient
 over its channel: a 1-4% gradient difference with both engines right). So in float32 training passes the
 twin's ReLUs apply the masks our ReLUs used; float64 runs use torch's own ReLUs at a 1e-9 tolerance.
-Dropout runs at the shipped rates with the same masks on both sides (our layer's forward replaced by the
-dropout op with a given mask).
+Dropout runs at the shipped rates with the same masks on both sides (our layer's forward replaced by one
+applying a mask drawn here, its cache as dropout_forward's, so that dropout_backward runs as it is).
 """
 import contextlib
 import copy
@@ -26,7 +26,6 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (it is a d
 F = torch.nn.functional
 
 from bench import bench  # noqa: E402  (needs torch, so after the importorskip)
-from pipeline.nn import dropout  # noqa: E402
 from pipeline.nn import (ARCHITECTURES, build_model, make_optimizer, softmax_cross_entropy,  # noqa: E402
                          to_numpy)
 
@@ -103,8 +102,8 @@ def shared_masks(model, net, relus, seed=7):
             def dropout_forward(x, train, layer=last, k=k):
                 keep = rng.random(x.shape) >= layer.rate
                 masks[k] = (keep / (1.0 - layer.rate)).astype(x.dtype)
-                out, layer.cache = dropout.dropout_forward(x, layer.rate, train, mask=masks[k])
-                return out
+                layer.cache = (keep, x.dtype.type(1.0 / (1.0 - layer.rate)))  # what dropout_backward reads
+                return x * masks[k]
             layer.forward = dropout_forward
         elif last.kind == "relu" and relus:
             def relu_forward(x, train, k=k, original=layer.forward):

@@ -9,26 +9,15 @@ from pipeline.nn.backend import get_array_module, to_device
 from pipeline.nn.threads import parallel_rows
 
 
-def dropout_mask(rng, shape, rate, dtype, xp=np):
-    """Multiplier of `shape`: 0 with probability `rate`, else 1/(1-rate); uniforms compared in float32."""
-    u = rng.random(shape, dtype=np.float32)
-    keep = u >= np.float32(rate)
-    mask = keep.astype(dtype)
-    mask *= mask.dtype.type(1.0 / (1.0 - rate))
-    return to_device(mask, xp)
+def dropout_forward(x, rate, train, rng=None):
+    """out = x * keep / (1 - rate) in training, x itself in eval. cache: (keep mask, scale), None in eval.
 
-
-def dropout_forward(x, rate, train, rng=None, mask=None):
-    """out = x * mask in training, x itself in eval. cache: the multiplier, or (keep mask, scale).
-
-    Without a given `mask`, the uniforms are drawn from `rng` in float32 (same stream on every backend)
-    and compared on the CPU; the boolean keep mask and the scale then do the work.
+    The uniforms are drawn from `rng` in float32 (same stream on every backend) and compared on the CPU:
+    a unit is kept when its uniform is at least `rate`. A generator seeded alike draws the same mask.
     """
     if not train or rate == 0.0:
         return x, None
     xp = get_array_module(x)
-    if mask is not None:
-        return x * mask, mask
     keep = to_device(rng.random(x.shape, dtype=np.float32) >= np.float32(rate), xp)
     scale = x.dtype.type(1.0 / (1.0 - rate))
     out = xp.empty_like(x)
@@ -42,11 +31,10 @@ def dropout_forward(x, rate, train, rng=None, mask=None):
 
 
 def dropout_backward(dout, cache):
-    """dx with dout's shape: dout times the forward's multiplier (dout itself after an eval pass)."""
+    """dx with dout's shape: dout where the forward kept a unit, times its scale (dout itself after an eval
+    pass)."""
     if cache is None:
         return dout
-    if not isinstance(cache, tuple):
-        return dout * cache
     keep, scale = cache
     xp = get_array_module(dout)
     dx = xp.empty_like(dout)
