@@ -71,11 +71,13 @@ class Optimizer:
         """The slots every parameter has after a step."""
         return self.slots
 
-    def load_state_dict(self, d, params=None):
+    def load_state_dict(self, d, params=None, every_slot=True):
         """Restore step and slots; arrays move to the parameters' device at the next step. With `params`
-        (Model.params()), the state must be theirs, as Model.load_state_dict asks of its own: after a step,
-        every slot of every parameter, in its shape, and nothing else (a parameter whose moments were missing
-        restarted from zero while the step count, and with it Adam's bias correction, went on)."""
+        (Model.params()), the state must be theirs, as Model.load_state_dict asks of its own: slots of those
+        parameters only, in their shapes, and after a step (every_slot) every slot of every parameter (a
+        parameter whose moments were missing restarted from zero while the step count, and with it Adam's
+        bias correction, went on). every_slot=False: a state saved by another setting of this optimizer
+        (SGD without momentum keeps no buffers), whose missing slots start afresh."""
         if "step" not in d:
             raise ValueError("optimizer state lacks 'step'")
         state = {}
@@ -91,7 +93,7 @@ class Optimizer:
             shapes = {name: tuple(p.shape) for name, p, _ in params}
             extra = sorted(set(state) - set(shapes))
             missing = sorted(f"{name}.{slot}" for name in shapes for slot in self.kept_slots()
-                             if step and slot not in state.get(name, {}))
+                             if every_slot and step and slot not in state.get(name, {}))
             if extra or missing:
                 raise ValueError(f"optimizer state does not match the model: missing {missing}, unexpected {extra}")
             for name, slots in state.items():
