@@ -56,11 +56,12 @@ upper = $(strip $(subst a,A,$(subst b,B,$(subst c,C,$(subst d,D,$(subst e,E,$(su
   $(subst j,J,$(subst k,K,$(subst l,L,$(subst m,M,$(subst n,N,$(subst o,O,$(subst p,P,$(subst q,Q,$(subst r,R,\
   $(subst s,S,$(subst t,T,$(subst u,U,$(subst v,V,$(subst w,W,$(subst x,X,$(subst y,Y,$(subst z,Z,$(1))))))))))))))))))))))))))))
 CASED_VARS := RUN PRESET SOURCE UPLOAD MESSAGE TTA GPU CONTINUE FORCE VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE VENV
-$(foreach v,$(CMDLINE_VARS),$(if $(and $(filter-out $(v),$(call upper,$(v))),$(filter $(call upper,$(v)),$(CASED_VARS))),\
+$(foreach v,$(CMDLINE_VARS),$(if $(and $(if $(findstring %,$(v)),,1),$(filter-out $(v),$(call upper,$(v))),\
+  $(filter $(call upper,$(v)),$(CASED_VARS))),\
   $(error $(v)= is not read: make's variables are case-sensitive, write $(call upper,$(v))=)))
 # Names the Makefile keeps for itself: given on the command line they were pasted into recipes as typed
 # (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
-INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA FORCE_GIVEN name_chars strip_chars not_a_name \
+INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA FORCE_GIVEN SUBMIT_FORCE name_chars strip_chars not_a_name \
   upper CASED_VARS \
   RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS
 $(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
@@ -69,6 +70,9 @@ $(foreach v,TTA GPU CONTINUE UPLOAD $(filter FORCE,$(CMDLINE_VARS)),$(if $(filte
   $(error $(v)='$(value $(v))' is not a switch: use $(v)=1 or $(v)=0)))
 # FORCE is read from the command line only: one exported for something else never forces anything.
 FORCE_GIVEN := $(if $(filter FORCE,$(CMDLINE_VARS)),$(filter 1,$(FORCE)))
+# submit takes it (a run that did not learn, submitted all the same) only when train is not a goal too: the
+# FORCE=1 of `make train submit LR=50 FORCE=1` is train's, for the changed LR.
+SUBMIT_FORCE := $(if $(and $(FORCE_GIVEN),$(if $(filter train,$(MAKECMDGOALS)),,1)),--force)
 export PIPELINE_MAKE_VARS := $(sort $(CMDLINE_VARS) $(ENV_SETTINGS))
 $(foreach v,$(sort $(CMDLINE_VARS) $(ENV_SETTINGS) MESSAGE SOURCE UPLOAD VAL_FRACTION KAGGLE_KERNEL_ID PYTHON_BASE),\
   $(eval export PIPELINE_VAR_$(v) := $$(value $(v))))
@@ -152,12 +156,12 @@ ensemble: | $(VENV)/.installed ## blend the finished members of an ensemble run 
 SUBMITTED_RUN := $(shell [ -f submissions/.submission.json ] && cat submissions/.run 2>/dev/null)
 
 $(SUBMISSION): $(RUNDIR)/test_probs.npz $(if $(filter-out $(RUN),$(SUBMITTED_RUN))$(if $(SUBMITTED_RUN),,none),FORCE) | $(VENV)/.installed
-	$(PY) -m pipeline.submit --run $(RUN) --upload 0 $(if $(FORCE_GIVEN),--force)
+	$(PY) -m pipeline.submit --run $(RUN) --upload 0 $(SUBMIT_FORCE)
 
 # The upload is its own step: retried by every `make submit` until one succeeds, never repeated after that.
 submit: $(SUBMISSION) | $(VENV)/.installed ## write submissions/submission.csv and upload it (credentials and UPLOAD=1), once
 	$(PY) -m pipeline.submit --run $(RUN) --upload-only --upload "$$PIPELINE_VAR_UPLOAD" --message="$$PIPELINE_VAR_MESSAGE" \
-	  $(if $(FORCE_GIVEN),--force)
+	  $(SUBMIT_FORCE)
 
 score: | $(VENV)/.installed ## accuracy of submissions/submission.csv against the offline key, naming its run (RUN= must be that run)
 	$(PY) -m pipeline.score --submission $(SUBMISSION) $(if $(filter command line environment override,$(origin RUN)),--run $(RUN))

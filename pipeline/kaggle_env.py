@@ -9,6 +9,7 @@ KAGGLE_ROOT (default /kaggle) relocates input/ and working/, so tests run the no
 """
 import html
 import json
+import math
 import os
 import re
 import shlex
@@ -70,9 +71,27 @@ class Settings:
 
 # Kaggle ends a CPU or GPU session after 12 hours: training stops an hour before, so the submission is written.
 MAX_TRAINING_S = 11 * 3600
-# About when the session began: the notebook imports this module once, in its Setup cell. MAX_TIME counts from
-# each Train cell's start, so the Train cell run again late in a session would train past Kaggle's 12 hours.
-SESSION_STARTED = time.monotonic()
+# When the session began (time.time()), written by its first Setup into working/, which every session starts
+# empty and which a Run All again, or a restarted kernel, keeps. MAX_TIME counts from each Train cell's start,
+# so the Train cell run again late in a session would train past Kaggle's 12 hours.
+SESSION_RECORD = ".session-started"
+
+
+def session_started():
+    """When this session began: its record in working/, written now when there is none (or a damaged one)."""
+    path = working_dir() / SESSION_RECORD
+    now = time.time()
+    try:
+        started = float(path.read_text())
+        if math.isfinite(started) and started <= now:
+            return started
+    except (OSError, ValueError):
+        pass
+    try:
+        path.write_text(f"{now}\n")
+    except OSError:
+        pass  # a read-only working/: counted from now, as MAX_TIME itself is
+    return now
 
 
 def session_budget(max_time):
@@ -81,11 +100,12 @@ def session_budget(max_time):
     from pipeline.report import format_duration
     from pipeline.train import parse_duration
 
-    left = MAX_TRAINING_S - (time.monotonic() - SESSION_STARTED)
+    elapsed = time.time() - session_started()
+    left = MAX_TRAINING_S - elapsed
     if parse_duration(max_time) <= left:
         return max_time
     print(f"MAX_TIME: {format_duration(max(left, 0))} left of this session's {MAX_TRAINING_S // 3600}h of training "
-          f"(it began {format_duration(time.monotonic() - SESSION_STARTED)} ago), so training stops then")
+          f"(it began {format_duration(elapsed)} ago), so training stops then")
     return f"{max(int(left), 1)}s"
 
 
@@ -181,6 +201,7 @@ def use_working_dir() -> Path:
     root = working_dir() / "pipeline"
     root.mkdir(parents=True, exist_ok=True)
     os.environ["PIPELINE_ROOT"] = str(root)
+    session_started()  # the session's clock starts with its first Setup
     stale = working_dir() / "submission.csv"
     if stale.is_file():  # an earlier Run All's: a cell failing this time would leave it there, as if this run's
         stale.unlink()
@@ -223,7 +244,7 @@ def prepare_if_tidied(data_dir):
     stage's exit code, or None when the arrays are there."""
     from pipeline import paths, prepare
 
-    if all((paths.data_processed() / name).is_file() for name in ("meta.json", "train.npz", "split.npz")):
+    if prepare.arrays_present(paths.data_processed()):
         return None
     return run_stage(prepare.main, ["--raw", data_dir, "--if-needed"])
 

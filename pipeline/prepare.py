@@ -246,10 +246,15 @@ def prepared_meta(out_dir):
         return None
 
 
+def arrays_present(out_dir):
+    """Whether out_dir holds every file a prepare writes (their contents are up_to_date's question)."""
+    return all((Path(out_dir) / name).is_file() for name in ("meta.json", "train.npz", "test.npz", "split.npz"))
+
+
 def up_to_date(meta, raw_dir, out_dir, val_fraction, split_seed):
     """Whether out_dir, prepared into `meta`, already holds train.csv and test.csv as they are now, split as asked
     (None: as it was). By content, not by date: an unzip, `cp -p` or `rsync -a` gives new CSVs old dates."""
-    if not all((out_dir / name).is_file() for name in ("train.npz", "test.npz", "split.npz")):
+    if not arrays_present(out_dir):
         return False
     if split_seed not in (None, meta.get("split_seed")) or val_fraction not in (None, meta.get("val_fraction")):
         return False

@@ -248,7 +248,7 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
         f"- **validation accuracy of the delivered model: {delivered}",
         f"- epochs: {summary.get('epochs_done', len(metrics))} of {config.epochs}"
         f"{'' if summary.get('finished', bool(summary)) else ' (unfinished)'}",
-        f"- wall time: {format_duration(summary.get('wall_time_s'))}",
+        f"- wall time: {format_duration(summary.get('wall_time_s', last.get('wall_time_s')))}",
         f"- validation: {n_val} images, {errors} misclassified by the delivered model",
         f"- last epoch: train acc {_percent(last.get('train_acc'))}, val acc {_percent(last.get('val_acc'))}",
         "",

@@ -235,8 +235,8 @@ def _upload(path, run_name, message, copy):
 
     if answers_offline_test_csv():  # Kaggle would grade it against its own test.csv: about 10 %, a day's try spent
         said = f"{path} answers the offline copy's test.csv (`make fetch` without credentials), not Kaggle's, " \
-               f"so it is not uploaded: `make score` scores it here; for Kaggle, `make fetch SOURCE=kaggle` then " \
-               f"`make train submit`"
+               f"so it is not uploaded: `make score` scores it here (`UPLOAD=0` keeps it local without this " \
+               f"refusal); for Kaggle, `make fetch SOURCE=kaggle` then `make train submit`"
         if kaggle_api.has_credentials():
             raise UserError(said)
         print(said)

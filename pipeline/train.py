@@ -661,8 +661,8 @@ def _train_one(folder, preset, cfg, force, label=None):
             else:
                 checkpoint.write_latest(ckpt_dir, packed)
         except OSError as exc:
-            kept = "the previous checkpoint is kept" if (ckpt_dir / checkpoint.LATEST).is_file() else \
-                "no checkpoint was written yet"
+            kept = "the previous checkpoint is kept" if any((ckpt_dir / name).is_file() for name in (
+                checkpoint.LATEST, checkpoint.PREVIOUS)) else "no checkpoint was written yet"
             raise UserError(f"cannot write a checkpoint in {ckpt_dir}: {exc.strerror}; {kept}: make room, then "
                             f"{console.next_step('continue', run=run.root.name)}") from None
 

@@ -418,15 +418,25 @@ def test_an_earlier_run_of_another_config_is_not_restored_but_trained_afresh(tmp
     assert (tmp_path / "working" / "pipeline" / "runs" / "kaggle-quick" / "config.toml").is_file()
 
 
-def test_the_train_cell_run_again_late_in_a_session_trains_only_what_is_left(monkeypatch, capsys):
+def test_the_train_cell_run_again_late_in_a_session_trains_only_what_is_left(tmp_path, monkeypatch, capsys):
+    """The session's clock is its first Setup's record in working/: a Run All again or a restarted kernel
+    (whose bundle cell imports every module anew) keeps it."""
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
+    (tmp_path / "working").mkdir()
+    kaggle_env.use_working_dir()
+    record = tmp_path / "working" / kaggle_env.SESSION_RECORD
+    assert abs(float(record.read_text()) - kaggle_env.time.time()) < 60
     settings = kaggle_env.settings("quick", None, "10h", "auto", 0)
     assert "MAX_TIME=10h" in settings.train_args("cpu")
-    monkeypatch.setattr(kaggle_env, "SESSION_STARTED", kaggle_env.time.monotonic() - 10.5 * 3600)
+    record.write_text(f"{kaggle_env.time.time() - 10.5 * 3600}\n")
+    kaggle_env.use_working_dir()  # Setup run again: the session began when the record says
     (budget,) = [a for a in settings.train_args("cpu") if a.startswith("MAX_TIME=")]
     assert 1700 < int(budget[len("MAX_TIME="):-1]) <= 1800 and budget.endswith("s")
     assert "left of this session's 11h" in capsys.readouterr().out
-    monkeypatch.setattr(kaggle_env, "SESSION_STARTED", kaggle_env.time.monotonic() - 12 * 3600)
+    record.write_text(f"{kaggle_env.time.time() - 12 * 3600}\n")
     assert "MAX_TIME=1s" in settings.train_args("cpu")  # stops at once and delivers what it has
+    record.write_text("nan\n")  # damaged: the clock starts again now
+    assert "MAX_TIME=10h" in settings.train_args("cpu")
 
 
 def test_setup_removes_an_earlier_runs_submission(tmp_path, monkeypatch, capsys):

@@ -198,6 +198,9 @@ def test_dry_run_of_submit_after_everything_is_built_lists_only_the_upload(tmp_p
     assert "--force" not in other
     forced = sandbox_make(box, "-n", "submit", "RUN=y", "FORCE=1").stdout  # a run that did not learn, all the same
     assert forced.count("--force") == 2, forced
+    # `make train submit LR=50 FORCE=1`: the FORCE is train's (a changed LR), not a pass for what it trains
+    both = sandbox_make(box, "-n", "train", "submit", "RUN=y", "FORCE=1").stdout
+    assert "pipeline.submit" in both and "--force" not in both.split("pipeline.train", 1)[1].split("\n", 1)[1], both
 
 
 def test_a_failed_upload_is_tried_again_by_the_next_submit(tmp_path):
@@ -389,6 +392,13 @@ def test_a_make_variable_in_another_case_is_refused_before_any_recipe(tmp_path, 
     result = sandbox_make(box, target, variable)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert f"write {variable.split('=')[0].upper()}=" in result.stderr and calls(box) == []
+
+
+def test_a_variable_name_with_a_percent_sign_is_no_case_pattern(tmp_path):
+    # the case check used the name as a make pattern: `r%=1` matched RUN and was refused as "write R%="
+    box = sandbox(tmp_path)
+    result = sandbox_make(box, "help", "r%=1")
+    assert result.returncode == 0 and "case-sensitive" not in result.stderr, result.stderr
 
 
 def test_prepare_and_train_ask_prepare_whatever_the_dates_say(tmp_path):

@@ -73,9 +73,14 @@ def test_plan_options_come_from_the_plan_only():
         build_model("lenet5", fuse=("conv_bn",))
 
 
-def test_a_maxpool_spec_of_2x2_windows_at_stride_2_is_maxpool2x2_and_any_other_maxpool2d():
+def test_a_maxpool_spec_of_2x2_windows_at_stride_2_is_maxpool2x2_and_any_other_maxpool2d(monkeypatch):
     """The 2x2 op is chosen once, by the spec's window and stride; ReLUMaxPool runs its pool part's own op."""
+    from pipeline.nn import pool
     from pipeline.nn.spec import layer_from_spec
+
+    ran = []
+    for name in ("maxpool_forward", "maxpool2x2_forward"):
+        monkeypatch.setattr(pool, name, lambda *a, _f=getattr(pool, name), _n=name, **k: ran.append(_n) or _f(*a, **k))
 
     assert type(layer_from_spec({"type": "maxpool", "size": 2})) is MaxPool2x2
     assert type(layer_from_spec({"type": "maxpool", "size": 2, "stride": 1})) is MaxPool2D
@@ -89,7 +94,9 @@ def test_a_maxpool_spec_of_2x2_windows_at_stride_2_is_maxpool2x2_and_any_other_m
         assert type(fused) is ReLUMaxPool and type(fused.max_pool) is kind
         plain = plan(spec, np, (7, 7, 3), fuse=())
         want = plain[1].forward(plain[0].forward(x.copy(), True), True)
+        ran.clear()
         np.testing.assert_array_equal(fused.forward(x.copy(), True), want)
+        assert ran == ["maxpool2x2_forward" if kind is MaxPool2x2 else "maxpool_forward"]
 
 
 def test_conv_then_pool_without_relu_and_odd_outputs():
