@@ -133,6 +133,10 @@ from pathlib import Path
 SOURCES = {{
 {entries}}}
 
+if sys.version_info < (3, 11):  # tomllib; Kaggle's current environment has it
+    raise RuntimeError(f"this notebook needs Python 3.11 or newer, the session has {{sys.version.split()[0]}}: "
+                       f"choose the latest environment in the notebook's settings")
+sys.dont_write_bytecode = True  # no __pycache__ folders in the saved output
 SRC = Path(os.environ.get("KAGGLE_ROOT", "/kaggle")) / "working" / "pipeline-src"
 for name, text in SOURCES.items():
     (SRC / name).parent.mkdir(parents=True, exist_ok=True)

@@ -637,6 +637,7 @@ def test_the_pushed_notebook_runs_on_a_fake_kaggle_tree(fake, fake_kaggle_tree, 
     run = working / "pipeline" / "runs" / "kaggle-quick-1ep"
     assert (run / "checkpoints" / "latest.npz").is_file() and (run / "summary.json").is_file()
     assert not (working / "pipeline" / "data" / "processed").exists()  # tidied: the output keeps no arrays
+    assert not list(working.rglob("__pycache__"))  # nor compiled copies of the bundle
     assert _size(working) < output_bound("small_bn", 1)  # the bound the presets are checked against holds
 
 
