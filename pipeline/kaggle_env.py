@@ -6,6 +6,7 @@ KAGGLE_ROOT (default /kaggle) relocates input/ and working/, so tests run the no
     /kaggle/input/...              read-only: the competition (and maybe an earlier version's output)
     /kaggle/working/pipeline/      PIPELINE_ROOT: data/processed, runs/RUN (checkpoints), submissions
     /kaggle/working/submission.csv what the competition scores
+    /kaggle/working/.session-started when this session began (its training budget counts from there)
 """
 import html
 import json
@@ -71,26 +72,33 @@ class Settings:
 
 # Kaggle ends a CPU or GPU session after 12 hours: training stops an hour before, so the submission is written.
 MAX_TRAINING_S = 11 * 3600
-# When the session began (time.time()), written by its first Setup into working/, which every session starts
-# empty and which a Run All again, or a restarted kernel, keeps. MAX_TIME counts from each Train cell's start,
-# so the Train cell run again late in a session would train past Kaggle's 12 hours.
+# When the session began (time.time()), written by its first Setup into working/, which a Run All again, or a
+# restarted kernel, keeps (the bundle cell imports every module anew). MAX_TIME counts from each Train cell's
+# start, so the Train cell run again late in a session would train past Kaggle's 12 hours. A record older than
+# a session (working/ kept by Kaggle's persistence setting) is an earlier session's: the clock starts again.
 SESSION_RECORD = ".session-started"
+SESSION_S = 12 * 3600
+_started_here = []  # the clock of this process, where working/ cannot hold the record
 
 
 def session_started():
-    """When this session began: its record in working/, written now when there is none (or a damaged one)."""
+    """When this session began: its record in working/, written now when there is none, or one that cannot be
+    this session's (damaged, in the future, or older than a session)."""
+    from pipeline.fileio import write_text
+
     path = working_dir() / SESSION_RECORD
     now = time.time()
     try:
         started = float(path.read_text())
-        if math.isfinite(started) and started <= now:
+        if math.isfinite(started) and now - SESSION_S <= started <= now:
             return started
     except (OSError, ValueError):
         pass
     try:
-        path.write_text(f"{now}\n")
-    except OSError:
-        pass  # a read-only working/: counted from now, as MAX_TIME itself is
+        write_text(path, f"{now}\n")
+    except OSError:  # working/ not writable: this process's own clock, from its first question
+        _started_here[:] = _started_here or [now]
+        return _started_here[0]
     return now
 
 

@@ -238,6 +238,8 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
                     f"loss {_number(summary.get('best_val_loss'))})"
     else:  # no summary.json: training stopped (MAX_TIME) and a checkpoint was delivered so far
         delivered = f"{_percent((n_val - errors) / n_val if n_val else None)}** (the checkpoint delivered so far)"
+    wall_time = format_duration(summary.get("wall_time_s")) if summary else \
+        f"{format_duration(last.get('wall_time_s'))} (to the end of epoch {last.get('epoch', '?')})"
     lines = [
         f"# Run `{name}`",
         "",
@@ -248,7 +250,7 @@ def report_markdown(name, summary, config, metrics, confusion, per_class, n_wors
         f"- **validation accuracy of the delivered model: {delivered}",
         f"- epochs: {summary.get('epochs_done', len(metrics))} of {config.epochs}"
         f"{'' if summary.get('finished', bool(summary)) else ' (unfinished)'}",
-        f"- wall time: {format_duration(summary.get('wall_time_s', last.get('wall_time_s')))}",
+        f"- wall time: {wall_time}",
         f"- validation: {n_val} images, {errors} misclassified by the delivered model",
         f"- last epoch: train acc {_percent(last.get('train_acc'))}, val acc {_percent(last.get('val_acc'))}",
         "",

@@ -609,9 +609,10 @@ def _train_one(folder, preset, cfg, force, label=None):
                             f"{ckpt_dir} to train runs/{label} afresh")
         try:
             model.load_state_dict(model_state)
-            made_with = state.get("config") or {}  # FORCE=1 may have changed the optimizer's settings since
-            opt.load_state_dict(opt_state, model.params(), every_slot=all(
-                made_with.get(key, getattr(cfg, key)) == getattr(cfg, key) for key in ("optimizer", "momentum")))
+            if "optimizer" in runs.config_changes(state.get("config") or {}, cfg.to_dict()):  # FORCE=1 adopted it
+                print(f"FORCE: the optimizer is now {cfg.optimizer}: its state starts afresh", file=sys.stderr)
+            else:
+                opt.load_state_dict(opt_state, model.params())
             model.set_rng_state(rng_state)
             if average and checkpoint.average_part(arrays):
                 average.load_state_dict(checkpoint.average_part(arrays))

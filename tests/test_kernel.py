@@ -26,8 +26,11 @@ KERNEL_ID = f"{USER}/{kernel.DEFAULT_SLUG}"
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path, monkeypatch):
-    """No real credentials or proxies: empty HOME, no KAGGLE_* variables, outputs under tmp_path/root."""
-    return isolate(tmp_path, monkeypatch)
+    """No real credentials or proxies: empty HOME, no KAGGLE_* variables, outputs under tmp_path/root, and a
+    /kaggle of its own (the session's clock is a file in its working/)."""
+    home = isolate(tmp_path, monkeypatch)
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "no-kaggle"))
+    return home
 
 
 @pytest.fixture(scope="module")
@@ -433,10 +436,12 @@ def test_the_train_cell_run_again_late_in_a_session_trains_only_what_is_left(tmp
     (budget,) = [a for a in settings.train_args("cpu") if a.startswith("MAX_TIME=")]
     assert 1700 < int(budget[len("MAX_TIME="):-1]) <= 1800 and budget.endswith("s")
     assert "left of this session's 11h" in capsys.readouterr().out
-    record.write_text(f"{kaggle_env.time.time() - 12 * 3600}\n")
+    record.write_text(f"{kaggle_env.time.time() - 11.5 * 3600}\n")
     assert "MAX_TIME=1s" in settings.train_args("cpu")  # stops at once and delivers what it has
-    record.write_text("nan\n")  # damaged: the clock starts again now
-    assert "MAX_TIME=10h" in settings.train_args("cpu")
+    for stale in ("nan", "0", f"{kaggle_env.time.time() - 13 * 3600}", f"{kaggle_env.time.time() + 3600}"):
+        record.write_text(f"{stale}\n")  # damaged, or an earlier session's (working/ kept): the clock starts now
+        assert "MAX_TIME=10h" in settings.train_args("cpu"), stale
+        assert abs(float(record.read_text()) - kaggle_env.time.time()) < 60
 
 
 def test_setup_removes_an_earlier_runs_submission(tmp_path, monkeypatch, capsys):
@@ -573,6 +578,7 @@ def fake_kaggle_tree(tiny_competition, tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_ROOT", str(kaggle))
     monkeypatch.delenv("PIPELINE_ROOT")  # the notebook sets its own
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend, as on Kaggle
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # make test's: the notebook sets its own
     return kaggle
 
 

@@ -383,8 +383,11 @@ def test_optimizer_state_round_trip_is_bit_exact(tmp_path, name):
     # against the parameters: every slot of each, in its shape, and no other name
     saved = load_npz(tmp_path / "opt.npz")
     params = [("0.w", w0, w0), ("0.b", np.zeros(4, np.float32), np.zeros(4, np.float32))]
-    with pytest.raises(ValueError, match=r"missing \['0\.b\."):
+    if name == "sgd":  # a missing buffer starts from the gradient, as on the first step
         b.load_state_dict(saved, params)
+    else:  # Adam's moments cannot: the step count, and with it the bias correction, went on
+        with pytest.raises(ValueError, match=r"missing \['0\.b\.exp_avg"):
+            b.load_state_dict(saved, params)
     b.load_state_dict(saved, params[:1])
     with pytest.raises(ValueError, match=r"unexpected \['9\.w'\]"):
         b.load_state_dict({**saved, **{k.replace("0.w", "9.w"): v for k, v in saved.items() if k != "step"}},

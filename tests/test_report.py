@@ -88,7 +88,7 @@ def test_report_of_a_run_stopped_by_max_time_says_what_was_delivered(run):
     md = (run / "report" / "report.md").read_text()
     assert "validation accuracy of the delivered model: 85.00%** (the checkpoint delivered so far)" in md  # 17 of 20
     assert "3 of 3 (unfinished)" in md and "epoch ?" not in md and "unknown" not in md
-    assert "wall time: 0m 30s" in md  # the last epoch's record: no summary says it
+    assert "wall time: 0m 30s (to the end of epoch 3)" in md  # the last epoch's record: no summary says it
 
 
 def test_report_leaves_pyplot_and_its_backend_alone(run, tmp_path):

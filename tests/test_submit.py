@@ -247,7 +247,10 @@ def test_a_run_that_did_not_learn_is_neither_written_nor_uploaded_unless_forced(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "runs/r1 did not learn" in err and "FORCE=1" in err, err
     assert project.csv.read_bytes() == good and calls == []
+    capsys.readouterr()
     assert submit.main(["--run", "r1", "--upload", "1", "--force"]) == 0 and len(calls) == 1
+    err = capsys.readouterr().err
+    assert "warning: runs/r1 did not learn" in err and "submitted all the same" in err, err
 
 
 def test_an_upload_whose_record_cannot_be_written_says_it_went_up(project, capsys, monkeypatch):

@@ -62,14 +62,19 @@ def test_the_weight_average_can_be_switched_on_in_a_started_run(tmp_path):
     assert json.loads((tmp_path / "runs" / "late" / "summary.json").read_text())["weight_average"] is True
 
 
-def test_force_continues_a_run_whose_optimizer_kept_no_buffers_with_momentum(tmp_path, monkeypatch, capsys):
-    """SGD without momentum saves no buffers; FORCE=1 with MOMENTUM=0.9 starts them afresh, as before the
-    optimizer's state was checked against the model."""
+def test_force_continues_a_run_whose_optimizer_settings_changed(tmp_path, monkeypatch, capsys):
+    """SGD without momentum saves no buffers: FORCE=1 with MOMENTUM=0.9 starts them from the gradient, and a
+    resume after that needs no FORCE. Another optimizer starts its state afresh, its step count with it."""
     write_processed(tmp_path)
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
-    args = ["--preset", "quick", "--run", "sgd", "EPOCHS=1", "BATCH_SIZE=16", "DEVICE=cpu", "OPTIMIZER=sgd"]
-    assert train.main([*args, "MOMENTUM=0", "MAX_TIME=0.001s"]) == 3
-    assert train.main([*args, "MOMENTUM=0.9", "FORCE=1"]) == 0, capsys.readouterr().err
+    args = ["--preset", "quick", "EPOCHS=2", "BATCH_SIZE=16", "DEVICE=cpu", "OPTIMIZER=sgd"]
+    assert train.main(["--run", "sgd", *args, "MOMENTUM=0", "MAX_TIME=0.001s"]) == 3
+    assert train.main(["--run", "sgd", *args, "MOMENTUM=0.9", "FORCE=1", "MAX_TIME=0.001s"]) == 3
+    assert train.main(["--run", "sgd", *args, "MOMENTUM=0.9"]) == 0, capsys.readouterr().err
+    assert train.main(["--run", "adam", *args, "MOMENTUM=0.9", "MAX_TIME=0.001s"]) == 3
+    capsys.readouterr()
+    assert train.main(["--run", "adam", *args[:-1], "OPTIMIZER=adam", "FORCE=1"]) == 0
+    assert "the optimizer is now adam: its state starts afresh" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n,batch,steps", [(100, 10, 10), (101, 10, 10), (102, 10, 11), (1, 10, 1), (9, 10, 1)])

@@ -67,17 +67,16 @@ class Optimizer:
                 d[f"{name}.{slot}"] = np.array(to_numpy(a), copy=True)
         return d
 
-    def kept_slots(self):
-        """The slots every parameter has after a step."""
+    def required_slots(self):
+        """The slots every parameter must have after a step for the next one to be right."""
         return self.slots
 
-    def load_state_dict(self, d, params=None, every_slot=True):
+    def load_state_dict(self, d, params=None):
         """Restore step and slots; arrays move to the parameters' device at the next step. With `params`
         (Model.params()), the state must be theirs, as Model.load_state_dict asks of its own: slots of those
-        parameters only, in their shapes, and after a step (every_slot) every slot of every parameter (a
-        parameter whose moments were missing restarted from zero while the step count, and with it Adam's
-        bias correction, went on). every_slot=False: a state saved by another setting of this optimizer
-        (SGD without momentum keeps no buffers), whose missing slots start afresh."""
+        parameters only, in their shapes, and after a step every required slot of every parameter (a
+        parameter whose Adam moments were missing restarted from zero while the step count, and with it the
+        bias correction, went on)."""
         if "step" not in d:
             raise ValueError("optimizer state lacks 'step'")
         state = {}
@@ -92,8 +91,8 @@ class Optimizer:
         if params is not None:
             shapes = {name: tuple(p.shape) for name, p, _ in params}
             extra = sorted(set(state) - set(shapes))
-            missing = sorted(f"{name}.{slot}" for name in shapes for slot in self.kept_slots()
-                             if every_slot and step and slot not in state.get(name, {}))
+            missing = sorted(f"{name}.{slot}" for name in shapes for slot in self.required_slots()
+                             if step and slot not in state.get(name, {}))
             if extra or missing:
                 raise ValueError(f"optimizer state does not match the model: missing {missing}, unexpected {extra}")
             for name, slots in state.items():
@@ -117,8 +116,8 @@ class SGD(Optimizer):
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
 
-    def kept_slots(self):
-        return self.slots if self.momentum else ()
+    def required_slots(self):
+        return ()  # a missing buffer starts from the gradient, as on the first step (SGD without momentum keeps none)
 
     def _update(self, state, p, g, lr):
         if self.momentum:
