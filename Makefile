@@ -193,7 +193,7 @@ KERNEL_OPTIONS = $(if $(filter override environment,$(origin PRESET)),--preset "
 kernel: | $(VENV)/.kernel-installed ## build the Kaggle notebook into build/kernel/ (PRESET EPOCHS MAX_TIME DEVICE SEED, GPU=1, CONTINUE=1, KAGGLE_KERNEL_ID, FORCE=1)
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
-# kernel-push uploads the build as it is; with no build yet, it makes one with the defaults first.
+# kernel-push uploads the build as it is; with no build yet, it makes one first, from the variables given.
 $(KERNEL): | $(VENV)/.kernel-installed
 	$(PY) -m pipeline.kernel generate $(KERNEL_OPTIONS)
 
@@ -208,10 +208,11 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 
 FORCE:
 
-clean: ## remove processed data, runs, the submission and temp files a killed stage left (keeps data/raw, .venv, build/, submissions/kernel/ and the upload record)
+clean: ## remove processed data, runs, the submission and its records, and temp files a killed stage left (keeps data/raw, data/external, .venv, build/, submissions/kernel/ and the upload record)
 	@# a run in use (its .lock held: a training, a blend, a prediction) is not pulled from under its process
 	@command -v flock >/dev/null || exit 0; for lock in runs/*/.lock; do [ -e "$$lock" ] || continue; \
 	  flock -n "$$lock" true || { echo "error: $${lock%/.lock} is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; \
 	done
-	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) data/.kaggle-download-*
+	rm -rf $(PROCESSED)/* runs/*/ $(SUBMISSION) submissions/.run submissions/.submission.json submissions/score.json \
+	  data/.kaggle-download-*
 	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

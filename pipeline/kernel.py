@@ -120,7 +120,8 @@ def _literal(text):
 
 
 def bundle_cell(files):
-    """The first code cell: write the bundle to working/pipeline-src and import pipeline from there."""
+    """The bundle cell (the second code cell, after the settings): write the bundle to working/pipeline-src and
+    import pipeline from there."""
     entries = "".join(f"    {name!r}: {_literal(text)},\n" for name, text in files.items())
     return f'''# Our pipeline package, written to disk by this cell: the repository's pipeline/ and configs/, bundled by
 # `make kernel`. The settings are in the first code cell; the code is changed in the repository, not here.

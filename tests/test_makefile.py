@@ -321,7 +321,9 @@ def test_make_overrides_come_from_the_environment_unexpanded():
 def test_clean_removes_what_a_killed_stage_left(tmp_path):
     box = sandbox(tmp_path)
     leftovers = ["data/processed/.train.npz.abc123.tmp", "data/raw/.train.csv.abc123.tmp",
-                 "data/.kaggle-download-abc123/x.zip", "submissions/.submission.csv.abc.tmp"]
+                 "data/.kaggle-download-abc123/x.zip", "submissions/.submission.csv.abc.tmp",
+                 "submissions/submission.csv", "submissions/.run", "submissions/.submission.json",
+                 "submissions/score.json"]  # the submission's records go with it: they named a removed CSV
     kept = ["data/raw/train.csv", "data/raw/test.csv", "submissions/.uploaded.json"]  # the record: never upload twice
     for name in leftovers + kept:
         (box / name).parent.mkdir(parents=True, exist_ok=True)
