@@ -609,7 +609,8 @@ def _train_one(folder, preset, cfg, force, label=None):
                             f"{ckpt_dir} to train runs/{label} afresh")
         try:
             model.load_state_dict(model_state)
-            if "optimizer" in runs.config_changes(state.get("config") or {}, cfg.to_dict()):  # FORCE=1 adopted it
+            made_with = state.get("config")  # None in checkpoints from before the record: taken as they are
+            if made_with and "optimizer" in runs.config_changes(made_with, cfg.to_dict()):  # FORCE=1 adopted it
                 print(f"FORCE: the optimizer is now {cfg.optimizer}: its state starts afresh", file=sys.stderr)
             else:
                 opt.load_state_dict(opt_state, model.params())
