@@ -9,6 +9,9 @@ import sys
 
 NOTEBOOK_VARIABLE = "PIPELINE_NOTEBOOK"
 
+# How train's line for a run stopped by MAX_TIME begins; `make kernel-output` looks for it in a kernel's log.
+MAX_TIME_REACHED = "MAX_TIME reached"
+
 # The next step a message tells of: (the repository's words, the notebook's words); {run} is the run's name.
 NEXT_STEPS = {
     "continue": ("`make train RUN={run}` continues",

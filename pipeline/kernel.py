@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import kaggle_api, kaggle_env, paths
+from pipeline import console, kaggle_api, kaggle_env, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
 from pipeline.fileio import json_loads, write_bytes, write_text
 
@@ -532,7 +532,17 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
         if logs:
             write_bytes(out / "kernel.log", logs[0].read_bytes())
         write_bytes(out / "submission.csv", csv.read_bytes())
+        if logs and stopped_by_max_time(logs[0].read_text(errors="replace")):
+            print(f"note: the run of kernel '{kernel_id}' stopped at MAX_TIME before its training ended (its log says "
+                  f"so): this submission.csv is from the unfinished run; `make kernel CONTINUE=1` and `make "
+                  f"kernel-push` continue it", file=sys.stderr)
     return out / "submission.csv", rows
+
+
+def stopped_by_max_time(log_text):
+    """Whether a kernel run's log holds train's line for a run stopped by MAX_TIME (within an epoch, or before a
+    member)."""
+    return console.MAX_TIME_REACHED in log_text
 
 
 # ---------------------------------------------------------------- command line

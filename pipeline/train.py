@@ -516,7 +516,7 @@ def train_members(folder, preset, cfg, force, deadline):
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                print(f"MAX_TIME reached before member {k}; {console.next_step('continue', run=folder.name)}",
+                print(f"{console.MAX_TIME_REACHED} before member {k}; {console.next_step('continue', run=folder.name)}",
                       file=sys.stderr)
                 return 3
             mcfg.max_time = f"{math.ceil(left)}s"  # at least 1 s: "0s" would read as no limit
@@ -725,7 +725,7 @@ def _train_one(folder, preset, cfg, force, label=None):
                     return 128 + stop.signum
                 if out_of_time:
                     bar.close()
-                    print(f"MAX_TIME reached: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
+                    print(f"{console.MAX_TIME_REACHED}: checkpoint saved at epoch {epoch + 1}, step {state['step']}; "
                           f"{console.next_step('continue', run=run.root.name)}", file=sys.stderr)
                     return 3
             bar.close()

@@ -880,6 +880,26 @@ def test_output_downloads_the_submission(fake, kernel_folder, tmp_path, capsys):
     assert fake.bodies("ListKernelSessionOutput")[0]["kernelSlug"] == kernel.DEFAULT_SLUG
 
 
+@pytest.mark.parametrize("stopped", [False, True])
+def test_output_of_a_run_stopped_by_max_time_says_so(fake, kernel_folder, tmp_path, capsys, monkeypatch,
+                                                      stopped):
+    # the notebook submits what a run stopped by MAX_TIME delivered: the download said nothing of it
+    from pipeline import console
+
+    monkeypatch.setenv(console.NOTEBOOK_VARIABLE, "1")  # train's line in the notebook's words, as its log has it
+    line = (f"{console.MAX_TIME_REACHED}: checkpoint saved at epoch 3, step 0; "
+            f"{console.next_step('continue', run='kaggle-standard')}\n")
+    fake.kernel.outputs = {"submission.csv": _submission(7)}
+    fake.kernel.log = json.dumps([{"stream_name": "stderr", "data": "epoch 3/30 ...\n"}] +
+                                 [{"stream_name": "stderr", "data": line}] * stopped)
+    out = tmp_path / "root" / "submissions" / "kernel"
+    assert kernel.download_output(kernel_folder, out, base_delay=0.001, expected_rows=7) == (out / "submission.csv", 7)
+    err = capsys.readouterr().err
+    assert ("stopped at MAX_TIME" in err) == stopped and (out / "submission.csv").read_bytes() == _submission(7)
+    if stopped:
+        assert err.count("\n") == 1 and "CONTINUE=1" in err
+
+
 @pytest.mark.parametrize("status", ["RUNNING", "QUEUED", "ERROR"])
 def test_output_of_a_kernel_whose_latest_run_is_not_complete_is_refused(fake, kernel_folder, tmp_path, capsys,
                                                                        status):
