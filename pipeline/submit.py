@@ -267,8 +267,7 @@ def answers_offline_test_csv():
 def check_learnt(run, force):
     """Refuse a run whose delivered model did not learn (a diverged loss: every image one digit), unless forced:
     `make train submit LR=50` replaced a good submission with one of about 10 %, and uploaded it."""
-    blend = run.ensemble_report() if run.is_ensemble else None
-    accuracy = blend["estimate"].get("accuracy") if blend else run.summary().get("best_val_acc")
+    accuracy = delivered_summary(run).get("best_val_acc")
     if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and not accuracy >= runs.CHANCE_LEVEL:
         # NaN too; unknown (a run delivered so far, an old record): not judged
         if not force:
@@ -279,14 +278,20 @@ def check_learnt(run, force):
               f"submitted all the same (FORCE)", file=sys.stderr)
 
 
-def run_message(run, extra):
-    """The upload message of a run: its name, its model (or blend) and its validation accuracy."""
+def delivered_summary(run):
+    """The run's summary of what it delivers: a single net's, or for an ensemble its blend ("arch") and the
+    blend's validation estimate ("best_val_acc")."""
     summary = run.summary()
     blend = run.ensemble_report() if run.is_ensemble else None
-    if blend:  # an ensemble: name the blend and its validation estimate
+    if blend:
         summary = {"arch": f"{blend['strategy']} of {len(blend['weights'])} {summary.get('arch', '')}".strip(),
                    "best_val_acc": blend["estimate"].get("accuracy")}
-    return upload_message(run.name, summary, extra)
+    return summary
+
+
+def run_message(run, extra):
+    """The upload message of a run: its name, its model (or blend) and its validation accuracy."""
+    return upload_message(run.name, delivered_summary(run), extra)
 
 
 def default_out():

@@ -93,9 +93,7 @@ class MaxPool2x2(MaxPool2D):
     """Max pooling over 2x2 windows at stride 2 (every model here), in two pairwise stages with masks
     (pool.maxpool2x2_forward): the same values and gradients as MaxPool2D(2), faster."""
 
-    def __init__(self, size=2, stride=None):
-        if (int(size), int(stride or size)) != (2, 2):
-            raise ValueError(f"MaxPool2x2 pools 2x2 windows at stride 2, not {size} at stride {stride or size}")
+    def __init__(self):
         super().__init__(2, 2)
 
     def pool(self, x):
