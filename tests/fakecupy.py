@@ -9,6 +9,7 @@
   __array_function__), so they raise too when they mix in a NumPy array;
 - assigning a NumPy array into a device array raises ValueError;
 - reductions and integer indexing return 0-d device arrays, never NumPy scalars;
+- `copyto` refuses a Python number as its source, as CuPy 13.0-13.2 do under NumPy 2;
 - `empty` / `empty_like` hand out garbage (NaN, or a bit pattern for integers), as device memory is;
 - only names in CuPy's namespace (CUPY_NAMES) are offered: any other raises AttributeError, and so does
   a CuPy name this stand-in does not implement.
@@ -282,7 +283,17 @@ def _special(module):
         "get_default_pinned_memory_pool": lambda: _POOL,
         "empty": _garbage(np.empty),
         "empty_like": _garbage(np.empty_like),
+        "copyto": _copyto,
     }
+
+
+def _copyto(dst, src, casting="same_kind", where=True):
+    """cupy.copyto; a Python number as `src` raises TypeError, as CuPy 13.0-13.2 under NumPy 2 do (they ask
+    numpy.can_cast of it, which NumPy 2 refuses for Python scalars; CuPy 13.3 fixed it): pass a NumPy scalar."""
+    if isinstance(src, (bool, int, float, complex)):
+        raise TypeError(f"cupy.copyto: a Python {type(src).__name__} as src fails on CuPy 13.0-13.2 under NumPy 2 "
+                        f"(numpy.can_cast refuses Python scalars): pass a NumPy scalar of dst's dtype")
+    return _function("copyto", np.copyto, elementwise=False)(dst, src, casting=casting, where=where)
 
 
 def _garbage(np_fn):

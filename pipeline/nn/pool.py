@@ -44,7 +44,7 @@ def maxpool_forward(x, size=2, stride=None):
     for i, j, view in views:
         greater = view > out
         xp.copyto(out, view, where=greater)
-        xp.copyto(argmax, i * size + j, where=greater)
+        xp.copyto(argmax, np.uint8(i * size + j), where=greater)  # a NumPy scalar: CuPy < 13.3 refuses an int
     return out, (argmax, x.shape, size, stride)
 
 
