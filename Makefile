@@ -2,6 +2,10 @@
 # Variables on the command line override the preset: make train PRESET=quick EPOCHS=3 RUN=myrun
 
 .DEFAULT_GOAL := help
+# make's own shell and its flags are no settings: given on the command line (`.SHELLFLAGS='-c touch x;'`) they ran
+# as shell code in every $(shell ...) and recipe, `make help` included; refused before anything runs.
+$(foreach v,SHELL .SHELLFLAGS,$(if $(filter command% environment%,$(origin $(v))),\
+  $(error $(v)= is make's own shell setting, not one of the pipeline's)))
 SHELL := /bin/bash
 # Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
 CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))

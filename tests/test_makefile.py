@@ -472,6 +472,29 @@ def test_make_code_in_an_environment_variable_is_never_run_by_make(tmp_path, var
         assert not mark.exists(), args
 
 
+@pytest.mark.parametrize("variable", ["SHELL", ".SHELLFLAGS"])
+@pytest.mark.parametrize("where", ["command line", "environment"])
+def test_makes_own_shell_settings_are_refused_before_anything_runs(tmp_path, variable, where):
+    # `make help '.SHELLFLAGS=-c touch x;'` ran its command in every $(shell ...) and recipe
+    box = sandbox(tmp_path)
+    built(box)
+    mark = tmp_path / "pwned"
+    value = f"-c touch {mark};" if variable == ".SHELLFLAGS" else str(box / "evil.sh")
+    (box / "evil.sh").write_text(f"#!/bin/sh\ntouch {mark}\n")
+    (box / "evil.sh").chmod(0o755)
+    for goal in ("help", "submit"):
+        if where == "command line":
+            result = sandbox_make(box, goal, "RUN=x", f"{variable}={value}")
+        else:
+            result = sandbox_make(box, goal, "RUN=x", env=dict(os.environ, **{variable: value}))
+        if where == "environment" and variable == "SHELL":  # make never takes SHELL from the environment
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+            assert "make's own shell setting" in result.stderr and calls(box) == []
+    assert not mark.exists()
+
+
 @pytest.mark.parametrize("value", ["x`touch {mark}`", "$$(touch {mark})", "my venv"])
 @pytest.mark.parametrize("where", ["command line", "environment"])
 def test_a_venv_path_that_bash_would_read_as_code_is_refused(tmp_path, value, where):
