@@ -55,3 +55,6 @@ def check_out(out, records=()):
             any(same_file(out, record) for record in records):
         raise UserError(f"--out {out} is where the pipeline keeps its own files (runs/, data/, configs/, its "
                         f"records in submissions/): give another path, e.g. under submissions/")
+    if os.path.exists(out) and not os.path.isfile(out):  # the file is written beside it and moved over it
+        raise UserError(f"--out {out} is not a regular file (a folder, a device such as /dev/null, a pipe), and "
+                        f"writing it would replace it: give a file's path, e.g. under submissions/")

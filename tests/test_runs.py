@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -335,6 +336,27 @@ def test_a_model_without_a_kernel_of_numbers_is_one_line_in_report(root, capsys)
     text_kernel(root / "runs" / "base" / "model.npz")  # a TypeError in the filters figure
     assert report.main(["--run", "base"]) == 2
     one_error_line(capsys, "model.npz has no 4-D convolution kernel of numbers")
+
+
+def test_an_out_that_is_no_regular_file_is_refused_and_left_as_it_was(root, capsys, tmp_path):
+    # `score --out /dev/null` replaced the device with a regular file (as root); a pipe was replaced too
+    from pipeline import score
+
+    assert predict_main("--run", "base") == 0
+    key = root / "data" / "raw" / "test_labels.csv"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("ImageId,Label,mnist_test\n" + "".join(f"{i + 1},0,1\n" for i in range(20)))
+    assert submit.main(["--run", "base", "--upload", "0"]) == 0
+    pipe, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(pipe)
+    folder.mkdir()
+    for out in (pipe, folder):
+        for stage in (lambda: submit.main(["--run", "base", "--upload", "0", "--out", str(out)]),
+                      lambda: score.main(["--key", str(key), "--out", str(out)])):
+            capsys.readouterr()
+            assert stage() == 2
+            one_error_line(capsys, "is not a regular file")
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and folder.is_dir() and not any(folder.iterdir())
 
 
 def test_an_out_where_the_pipeline_keeps_its_files_is_refused_and_a_symlink_loop_is_no_traceback(root, capsys):
