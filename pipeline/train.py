@@ -466,6 +466,7 @@ def train_ensemble(folder, preset, cfg, force):
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
+    check_members_split(folder, cfg)
     if not all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
         check_buildable(cfg)  # (a finished ensemble on a machine without its GPU still says "nothing to do")
     new = not (folder / "config.toml").is_file()
@@ -508,6 +509,23 @@ def check_members_train_csv(folder, cfg):
                         f"prepared now, and an ensemble blends members of one train.csv: prepare the one they "
                         f"learnt again to continue, or train on this one under a new RUN= (FORCE=1 does not "
                         f"apply: the blend would refuse them)")
+
+
+def check_members_split(folder, cfg):
+    """Members still to train would hold out the validation rows of the split prepared now; the ensemble's members
+    began on the split their checkpoints record, and blends are judged on the rows every member held out. A
+    prepare in between (`make train VAL_FRACTION=... RUN=other`) trained the next member on another split without
+    a word, and the blend refused the ensemble only after it."""
+    if all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
+        return
+    started, now = started_split(folder), training_data(cfg)
+    if started is not None and started != now["split"]:
+        advice = restore_advice({"train_sha256": now["train_sha256"], "split": started}, now)
+        raise UserError(f"runs/{folder.name}'s members began on another validation split (split seed {started[0]}, "
+                        f"VAL_FRACTION={started[1]}) than the one prepared now (split seed {now['split'][0]}, "
+                        f"VAL_FRACTION={now['split'][1]}), and every member must hold out the same rows: "
+                        f"{advice}train on this one under a new RUN= (FORCE=1 does not apply: the blend would "
+                        f"refuse them)")
 
 
 def train_members(folder, preset, cfg, force, deadline):

@@ -670,6 +670,26 @@ def test_an_ensemble_is_not_continued_on_another_train_csv(root, capsys):
     assert train.main(["--run", "ens"]) == 0
 
 
+@pytest.mark.parametrize("changed", [{"split_seed": 7}, {"val_fraction": 0.3}])
+def test_an_ensemble_is_not_continued_on_another_split(root, capsys, changed):
+    # a prepare in between (`make train VAL_FRACTION=0.3 RUN=other`): the next member held out other rows, unsaid,
+    # and the blend refused the whole ensemble after it trained
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 0
+    meta_path = root / "data" / "processed" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, **changed}))
+    capsys.readouterr()
+    assert train.main(["--run", "ens"]) == 0  # nothing left to train: nothing to refuse
+    for force in ([], ["FORCE=1"]):
+        assert train.main(["--run", "ens", "MEMBERS=3", *force]) == 2
+        one_error_line(capsys, "runs/ens's members began on another validation split", "puts back the split",
+                       "new RUN=")
+    assert not (root / "runs" / "ens" / "members" / "2").exists()
+    assert "members = 2" in (root / "runs" / "ens" / "config.toml").read_text()
+    meta_path.write_text(json.dumps(meta))
+    assert train.main(["--run", "ens", "MEMBERS=3"]) == 0
+
+
 def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
     # `make train RUN=x MEMBERS=3 FORCE=1` over a net stopped by MAX_TIME made an ensemble whose stale checkpoint
     # refused every later `make train RUN=x`
