@@ -356,6 +356,8 @@ def main(argv=None):
             check_split_asked(folder, args.overrides, args.force)
         elif not args.preset and runs.run_of(folder).finished:
             note_preset_changed(folder, preset, cfg)
+        if not args.check_config:
+            check_val_fraction_prepared(args.overrides, cfg)
         if cfg.members > 1:
             if cfg.member_archs.strip() and cfg.arch != member_archs(cfg)[0]:  # `PRESET=overnight ARCH=lenet5`
                 raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
@@ -398,6 +400,17 @@ def started_split(folder):
         if isinstance(split, list) and len(split) == 2:
             return split
     return None
+
+
+def check_val_fraction_prepared(overrides, cfg):
+    """VAL_FRACTION=... given to train, which holds out the split prepare made (SPLIT_SEED unset): make prepares
+    it first; `python -m pipeline.train VAL_FRACTION=0.5` trained on the prepared 0.1 and recorded 0.5."""
+    given = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
+    prepared = dataset.load_meta().get("val_fraction") if given and cfg.split_seed < 0 else None
+    if isinstance(prepared, float) and cfg.val_fraction != prepared:
+        raise UserError(f"VAL_FRACTION={given[-1]}: training holds out the split prepare made, VAL_FRACTION="
+                        f"{prepared}; `make train VAL_FRACTION={given[-1]} ...` splits the data again first (or "
+                        f"`python -m pipeline.prepare --val-fraction {given[-1]}`)")
 
 
 def check_split_asked(folder, overrides, force):

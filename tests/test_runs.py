@@ -690,6 +690,18 @@ def test_an_ensemble_is_not_continued_on_another_split(root, capsys, changed):
     assert train.main(["--run", "ens", "MEMBERS=3"]) == 0
 
 
+def test_a_val_fraction_given_to_train_itself_is_the_prepared_one_or_refused(root, capsys):
+    # `python -m pipeline.train VAL_FRACTION=0.5` held out the prepared split's rows and recorded 0.5
+    meta_path, prepared = root / "data" / "processed" / "meta.json", 0.2  # as prepare records it
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "val_fraction": prepared}))
+    assert train.main(["--run", "v", "--preset", "quick", *FAST, "VAL_FRACTION=0.5"]) == 2
+    one_error_line(capsys, f"VAL_FRACTION=0.5: training holds out the split prepare made, VAL_FRACTION={prepared}",
+                   "make train VAL_FRACTION=0.5")
+    assert not (root / "runs" / "v").exists()
+    assert train.main(["--run", "v", "--preset", "quick", *FAST, f"VAL_FRACTION={prepared}"]) == 0
+    assert train.main(["--run", "w", "--preset", "quick", *FAST, "VAL_FRACTION=0.5", "SPLIT_SEED=3"]) == 0  # its own
+
+
 def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
     # `make train RUN=x MEMBERS=3 FORCE=1` over a net stopped by MAX_TIME made an ensemble whose stale checkpoint
     # refused every later `make train RUN=x`
