@@ -344,10 +344,23 @@ class Run:
         try:
             model.load_state_dict(state)
         except ValueError as exc:
+            trained_as = self.checkpoint_config().get("arch")
+            if isinstance(trained_as, str) and trained_as != cfg.arch:  # a hand edit: the model is fine
+                raise UserError(f"{self.folder / 'config.toml'} says arch {cfg.arch}, but the run trained "
+                                f"{trained_as} (its checkpoint's record): config.toml was edited; undo the edit "
+                                f"(arch = \"{trained_as}\")") from None
             raise UserError(f"{self.folder / 'model.npz'} does not fit architecture {cfg.arch}: {exc}: remove it, "
                             f"summary.json and checkpoints/ from {self.folder}, then `make train "
                             f"RUN={self.root.name}` trains it again") from None  # (a kept summary kept old reports)
         return model
+
+    def checkpoint_config(self):
+        """The config the run's newest checkpoint records ({} without one, or from before the record)."""
+        from pipeline import checkpoint
+
+        arrays = checkpoint.load_newest(self.folder / "checkpoints")
+        recorded = checkpoint.unpack(arrays)[3].get("config") if arrays is not None else None
+        return recorded if isinstance(recorded, dict) else {}
 
     def ensemble_report(self):
         """ensemble.json as a dict, or None before the first blend."""

@@ -212,6 +212,20 @@ def test_a_checkpoint_of_another_architecture_is_one_line(root):
     assert code == 0, err
 
 
+def test_predict_after_an_edit_of_config_toml_says_undo_it_not_remove_the_model(root, capsys):
+    # arch edited in config.toml: predict advised removing the trained model and training it again
+    path = root / "runs" / "base" / "config.toml"
+    original = path.read_text()
+    path.write_text(original.replace('arch = "seed_small"', 'arch = "lenet5"'))
+    capsys.readouterr()
+    assert predict_main("--run", "base") == 2
+    err = one_error_line(capsys, "says arch lenet5, but the run trained seed_small", "undo the edit")
+    assert "remove" not in err
+    assert (root / "runs" / "base" / "model.npz").is_file()
+    path.write_text(original)
+    assert predict_main("--run", "base") == 0
+
+
 @pytest.mark.parametrize("damage", ["garbage", "foreign"])
 def test_a_damaged_or_foreign_best_checkpoint_falls_back_to_the_last_epoch(root, damage):
     folder = root / "runs" / "base"
