@@ -200,7 +200,12 @@ class Run:
         done, skipped = [], []
         for member in self.members():
             (done if member.finished else skipped).append(member)
-        return done, [m.name.rsplit("/", 1)[-1] for m in skipped]
+        skipped = [m.name.rsplit("/", 1)[-1] for m in skipped]
+        # the members its config asks for that have no folder (not begun, or deleted): left out as well
+        expected = self.config().members if (self.folder / "config.toml").is_file() else 0
+        on_disk = {m.name.rsplit("/", 1)[-1] for m in done} | set(skipped)
+        missing = [str(k) for k in range(expected) if str(k) not in on_disk]
+        return done, sorted(skipped + missing, key=int)
 
     # ---------------------------------------------------------------- its lock
 

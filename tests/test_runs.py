@@ -633,6 +633,8 @@ def test_the_run_knows_its_state(root):
     assert ens.finished and ens.members()[0].root.name == "night"
     (night / "members" / "1" / "model.npz").unlink()
     assert not ens.finished and ens.finished_members()[1] == ["1"]
+    shutil.rmtree(night / "members" / "1")  # deleted, or never begun (MAX_TIME before it): left out all the same
+    assert not ens.finished and ens.finished_members()[1] == ["1"]
     assert runs.Run("base").made_from()["data"] == runs.data_fingerprint()
 
 
