@@ -120,14 +120,15 @@ def prepared_test():
     return meta
 
 
-def score_submission(submission_path, key_path, test_rows=None):
+def score_submission(submission_path, key_path, test_rows=None, name=None):
     """Validate the submission against the key's row count and score it; returns the score dict. test_rows:
-    the prepared test.csv's, which the key must have too (None: not checked)."""
+    the prepared test.csv's, which the key must have too (None: not checked); name: the submission's in
+    messages (default: its path; a private copy's is the user's file's)."""
     labels, official = load_answer_key(key_path)
     if test_rows is not None and len(labels) != test_rows:  # blame the key, not a submission that fits test.csv
         raise UserError(f"{key_path} has {len(labels)} rows but the prepared test.csv has {test_rows}: the key is "
                         f"damaged or of other data (`make fetch SOURCE=mnist` writes both anew)")
-    submission = validate_submission(submission_path, len(labels))
+    submission = validate_submission(submission_path, len(labels), name=name)
     score = score_predictions(labels, submission["Label"].to_numpy(), official)
     return {"submission": str(submission_path), "key": str(key_path), **score}
 
@@ -241,7 +242,7 @@ def main(argv=None):
         sha = file_sha256(copy)
         prepared = prepared_test() if args.key is None else {}
         name, note, warning = submission_origin(submission, sha, args.run, prepared)
-        score = score_submission(copy, key, prepared.get("test_rows"))
+        score = score_submission(copy, key, prepared.get("test_rows"), name=str(submission))
     score = {**score, "submission": str(submission), "run": name, "submission_sha256": sha}
     write_json(out, score)
     print(f"score of {submission} ({f'run {name}' if name else 'of no known run'}) against {key}")

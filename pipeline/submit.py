@@ -194,7 +194,7 @@ def upload_if_current(path, run, message, upload_wanted, n_test, probs, just_wri
         print(f"{console.next_step('upload')}; {path} is ready")
         return 0
     with private_copy(path) as copy:
-        labels = validate_submission(copy, n_test)["Label"].to_numpy()
+        labels = validate_submission(copy, n_test, name=str(path))["Label"].to_numpy()  # the user's file named
         if not np.array_equal(labels, labels_from_probs(probs)):  # checked even when it is not to be uploaded:
             raise UserError(f"{path} does not hold the labels of runs/{run.name}'s current predictions (written "
                             f"from another run, or before they changed), so it is not "

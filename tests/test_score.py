@@ -91,7 +91,8 @@ def test_a_folder_given_as_the_submission_is_not_called_missing(project, capsys)
 def test_submission_of_wrong_length_is_refused(project, capsys):
     write_submission(project / "submissions" / "submission.csv", SUBMITTED[:9])
     assert score.main([]) == 2
-    assert "9 rows, expected one per test image (10)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the user's file named, not the private copy scored (a deleted temp folder)
+    assert f"{project / 'submissions' / 'submission.csv'}: 9 rows, expected one per test image (10)" in err, err
 
 
 def test_a_truncated_key_is_blamed_not_the_submission(project, capsys):

@@ -359,6 +359,11 @@ def test_upload_only_without_a_csv_says_how_to_write_it(project, capsys, monkeyp
     project.csv.mkdir(parents=True)
     assert submit.main(["--run", "r1", "--upload-only"]) == 2
     assert "submission.csv is not a file: remove it" in capsys.readouterr().err
+    project.csv.rmdir()  # a CSV cut short: the refusal names it, not the private copy checked (deleted since)
+    project.csv.write_text("ImageId,Label\n1,0\n")
+    assert submit.main(["--run", "r1", "--upload-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {project.csv}: 1 rows, expected one per test image") and err.count("\n") == 1, err
 
 
 def test_a_folder_in_place_of_the_test_probabilities_is_said_so(project, capsys):
