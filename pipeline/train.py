@@ -407,7 +407,8 @@ def check_val_fraction_prepared(overrides, cfg):
     it first; `python -m pipeline.train VAL_FRACTION=0.5` trained on the prepared 0.1 and recorded 0.5."""
     given = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
     prepared = dataset.load_meta().get("val_fraction") if given and cfg.split_seed < 0 else None
-    if isinstance(prepared, float) and cfg.val_fraction != prepared:
+    # the value typed, not cfg's: a resumed run's cfg is its record (the split it began on), checked elsewhere
+    if isinstance(prepared, float) and float(given[-1]) != prepared:
         raise UserError(f"VAL_FRACTION={given[-1]}: training holds out the split prepare made, VAL_FRACTION="
                         f"{prepared}; `make train VAL_FRACTION={given[-1]} ...` splits the data again first (or "
                         f"`python -m pipeline.prepare --val-fraction {given[-1]}`)")
@@ -479,7 +480,7 @@ def train_ensemble(folder, preset, cfg, force):
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
-    check_members_split(folder, cfg)
+    check_members_split(folder, cfg, force)
     if not all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
         check_buildable(cfg)  # (a finished ensemble on a machine without its GPU still says "nothing to do")
     new = not (folder / "config.toml").is_file()
@@ -524,21 +525,30 @@ def check_members_train_csv(folder, cfg):
                         f"apply: the blend would refuse them)")
 
 
-def check_members_split(folder, cfg):
+def check_members_split(folder, cfg, force):
     """Members still to train would hold out the validation rows of the split prepared now; the ensemble's members
     began on the split their checkpoints record, and blends are judged on the rows every member held out. A
     prepare in between (`make train VAL_FRACTION=... RUN=other`) trained the next member on another split without
-    a word, and the blend refused the ensemble only after it."""
+    a word. FORCE=1 continues on another VAL_FRACTION of the same split seed (the smaller fraction's validation
+    rows lie within the larger's, so every member holds them out), never on another split seed (too few rows
+    held out by all to blend them)."""
     if all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
         return
     started, now = started_split(folder), training_data(cfg)
-    if started is not None and started != now["split"]:
-        advice = restore_advice({"train_sha256": now["train_sha256"], "split": started}, now)
-        raise UserError(f"runs/{folder.name}'s members began on another validation split (split seed {started[0]}, "
-                        f"VAL_FRACTION={started[1]}) than the one prepared now (split seed {now['split'][0]}, "
-                        f"VAL_FRACTION={now['split'][1]}), and every member must hold out the same rows: "
-                        f"{advice}train on this one under a new RUN= (FORCE=1 does not apply: the blend would "
-                        f"refuse them)")
+    if started is None or started == now["split"]:
+        return
+    same_seed = started[0] == now["split"][0]
+    if force and same_seed:
+        print(f"FORCE: the members still to train hold out the split of now (VAL_FRACTION={now['split'][1]}); "
+              f"the blend judges every member on the rows all of them held out", file=sys.stderr)
+        return
+    advice = restore_advice({"train_sha256": now["train_sha256"], "split": started}, now)
+    raise UserError(f"runs/{folder.name}'s members began on another validation split (split seed {started[0]}, "
+                    f"VAL_FRACTION={started[1]}) than the one prepared now (split seed {now['split'][0]}, "
+                    f"VAL_FRACTION={now['split'][1]}), and the blend judges members on the rows all of them held "
+                    f"out: {advice}train on this one under a new RUN="
+                    + (", or FORCE=1 to continue on it" if same_seed else
+                       " (FORCE=1 does not apply: members of two split seeds share too few held-out rows)"))
 
 
 def train_members(folder, preset, cfg, force, deadline):

@@ -696,14 +696,19 @@ def test_an_ensemble_is_not_continued_on_another_split(root, capsys, changed):
     meta_path.write_text(json.dumps({**meta, **changed}))
     capsys.readouterr()
     assert train.main(["--run", "ens"]) == 0  # nothing left to train: nothing to refuse
-    for force in ([], ["FORCE=1"]):
-        assert train.main(["--run", "ens", "MEMBERS=3", *force]) == 2
-        one_error_line(capsys, "runs/ens's members began on another validation split", "puts back the split",
-                       "new RUN=")
+    assert train.main(["--run", "ens", "MEMBERS=3"]) == 2
+    one_error_line(capsys, "runs/ens's members began on another validation split", "puts back the split",
+                   "new RUN=", "FORCE=1 does not apply" if "split_seed" in changed else "FORCE=1 to continue on it")
     assert not (root / "runs" / "ens" / "members" / "2").exists()
     assert "members = 2" in (root / "runs" / "ens" / "config.toml").read_text()
-    meta_path.write_text(json.dumps(meta))
-    assert train.main(["--run", "ens", "MEMBERS=3"]) == 0
+    if "split_seed" in changed:  # members of two split seeds: never, FORCE or not
+        assert train.main(["--run", "ens", "MEMBERS=3", "FORCE=1"]) == 2
+        one_error_line(capsys, "FORCE=1 does not apply")
+        meta_path.write_text(json.dumps(meta))
+        assert train.main(["--run", "ens", "MEMBERS=3"]) == 0
+    else:  # another fraction of the same seed: the smaller's validation rows lie within the larger's
+        assert train.main(["--run", "ens", "MEMBERS=3", "FORCE=1"]) == 0
+        assert "FORCE: the members still to train hold out the split of now" in capsys.readouterr().err
 
 
 def test_a_val_fraction_given_to_train_itself_is_the_prepared_one_or_refused(root, capsys):
@@ -716,6 +721,9 @@ def test_a_val_fraction_given_to_train_itself_is_the_prepared_one_or_refused(roo
     assert not (root / "runs" / "v").exists()
     assert train.main(["--run", "v", "--preset", "quick", *FAST, f"VAL_FRACTION={prepared}"]) == 0
     assert train.main(["--run", "w", "--preset", "quick", *FAST, "VAL_FRACTION=0.5", "SPLIT_SEED=3"]) == 0  # its own
+    # a run begun before (its record says the default 0.1) resumed with the fraction prepared now: not refused here
+    assert runs.Run("base").config().val_fraction != prepared
+    assert train.main(["--run", "base", f"VAL_FRACTION={prepared}"]) == 0
 
 
 def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
