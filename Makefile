@@ -3,9 +3,16 @@
 
 .DEFAULT_GOAL := help
 # make's own shell and its flags are no settings: given on the command line (`.SHELLFLAGS='-c touch x;'`) they ran
-# as shell code in every $(shell ...) and recipe, `make help` included; refused before anything runs.
-$(foreach v,SHELL .SHELLFLAGS,$(if $(filter command% environment%,$(origin $(v))),\
-  $(error $(v)= is make's own shell setting, not one of the pipeline's)))
+# as shell code in every $(shell ...) and recipe, `make help` included; refused before anything runs. SHELL= may
+# name another bash (where /bin/bash is missing): an absolute path of an existing file named bash.
+ifneq ($(filter command% environment%,$(origin .SHELLFLAGS)),)
+$(error .SHELLFLAGS= is make's own shell setting, not one of the pipeline's)
+endif
+ifneq ($(filter command% environment%,$(origin SHELL)),)
+ifeq ($(and $(filter /%/bash,$(value SHELL)),$(if $(word 2,$(value SHELL)),,1),$(filter $(value SHELL),$(wildcard $(value SHELL)))),)
+$(error SHELL='$(value SHELL)' is make's own shell setting: only a bash may be named, by its absolute path, e.g. SHELL=/usr/local/bin/bash)
+endif
+endif
 SHELL := /bin/bash
 # Every variable given on the command line, for train to read as KEY=value settings (stage variables aside).
 CMDLINE_VARS := $(sort $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))

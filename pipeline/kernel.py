@@ -533,9 +533,13 @@ def download_output(folder, out, retries=kaggle_api.RETRIES, base_delay=kaggle_a
             write_bytes(out / "kernel.log", logs[0].read_bytes())
         write_bytes(out / "submission.csv", csv.read_bytes())
         if logs and stopped_by_max_time(logs[0].read_text(errors="replace")):
+            try:  # the build's own settings, so that the rebuild continues this run and not the template's
+                again = rebuild_command({**built_options(folder), "CONTINUE": 1})
+            except UserError:
+                again = "make kernel CONTINUE=1 (with the settings it was built with)"
             print(f"note: the run of kernel '{kernel_id}' stopped at MAX_TIME before its training ended (its log says "
-                  f"so): this submission.csv is from the unfinished run; `make kernel CONTINUE=1` and `make "
-                  f"kernel-push` continue it", file=sys.stderr)
+                  f"so): this submission.csv is from the unfinished run; `{again}` and `make kernel-push` continue "
+                  f"it", file=sys.stderr)
     return out / "submission.csv", rows
 
 

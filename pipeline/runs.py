@@ -202,7 +202,10 @@ class Run:
             (done if member.finished else skipped).append(member)
         skipped = [m.name.rsplit("/", 1)[-1] for m in skipped]
         # the members its config asks for that have no folder (not begun, or deleted): left out as well
-        expected = self.config().members if (self.folder / "config.toml").is_file() else 0
+        try:  # a damaged config.toml is said by the stages that read it (train restores it): not here
+            expected = self.config().members if (self.folder / "config.toml").is_file() else 0
+        except UserError:
+            expected = 0
         on_disk = {m.name.rsplit("/", 1)[-1] for m in done} | set(skipped)
         missing = [str(k) for k in range(expected) if str(k) not in on_disk]
         return done, sorted(skipped + missing, key=int)

@@ -323,7 +323,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = runs.Run.existing(args.run)
     out = args.out or default_out()
-    if args.out:
+    if args.out and not args.upload_only:  # (with --upload-only, --out names the CSV to send: read, not written)
         paths.check_out(out, records())
     if args.upload_only:
         if not out.is_file():  # a folder in its place: make takes it as written, so the advice must remove it

@@ -290,7 +290,7 @@ def _special(module):
 def _copyto(dst, src, casting="same_kind", where=True):
     """cupy.copyto; a Python number as `src` raises TypeError, as CuPy 13.0-13.2 under NumPy 2 do (they ask
     numpy.can_cast of it, which NumPy 2 refuses for Python scalars; CuPy 13.3 fixed it): pass a NumPy scalar."""
-    if isinstance(src, (bool, int, float, complex)):
+    if type(src) in (bool, int, float, complex):  # (np.float64 is a float too, and CuPy takes it)
         raise TypeError(f"cupy.copyto: a Python {type(src).__name__} as src fails on CuPy 13.0-13.2 under NumPy 2 "
                         f"(numpy.can_cast refuses Python scalars): pass a NumPy scalar of dst's dtype")
     return _function("copyto", np.copyto, elementwise=False)(dst, src, casting=casting, where=where)

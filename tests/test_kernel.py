@@ -896,8 +896,9 @@ def test_output_of_a_run_stopped_by_max_time_says_so(fake, kernel_folder, tmp_pa
     assert kernel.download_output(kernel_folder, out, base_delay=0.001, expected_rows=7) == (out / "submission.csv", 7)
     err = capsys.readouterr().err
     assert ("stopped at MAX_TIME" in err) == stopped and (out / "submission.csv").read_bytes() == _submission(7)
-    if stopped:
-        assert err.count("\n") == 1 and "CONTINUE=1" in err
+    if stopped:  # the command that continues it rebuilds the kernel as it was built (its preset, its id)
+        assert err.count("\n") == 1 and "`make kernel PRESET=" in err and "CONTINUE=1" in err, err
+        assert kernel.rebuild_command({**kernel.built_options(kernel_folder), "CONTINUE": 1}) in err
 
 
 @pytest.mark.parametrize("status", ["RUNNING", "QUEUED", "ERROR"])

@@ -493,6 +493,11 @@ def test_makes_own_shell_settings_are_refused_before_anything_runs(tmp_path, var
             assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
             assert "make's own shell setting" in result.stderr and calls(box) == []
     assert not mark.exists()
+    if variable == "SHELL":  # another bash, where /bin/bash is missing, by its absolute path
+        bash = os.path.realpath(shutil.which("bash"))
+        assert sandbox_make(box, "help", f"SHELL={bash}").returncode == 0
+        code = f"$(file >{mark},x){bash}"  # never expanded by the check
+        assert sandbox_make(box, "help", f"SHELL={code}").returncode != 0 and not mark.exists()
 
 
 @pytest.mark.parametrize("value", ["x`touch {mark}`", "$$(touch {mark})", "my venv"])

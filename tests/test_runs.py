@@ -867,22 +867,24 @@ def test_check_config_refuses_what_training_would_and_writes_nothing(root, capsy
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "split_seed": 0, "val_fraction": prepared}))
     assert train.main(["--run", "x", "--preset", "quick", *FAST, "VAL_FRACTION=0.3", "--check-config"]) == 0
     assert not folder.exists()  # a new run: taken, and nothing trained or recorded
-    assert train.main(["--run", "x", "--preset", "quick", *FAST, "VAL_FRACTION=0.3"]) == 0  # on the prepared split
+    # begun by a plain `make train` on a split prepared earlier: its config says the preset's 0.1
+    assert train.main(["--run", "x", "--preset", "quick", *FAST]) == 0
+    assert runs.Run("x").config().val_fraction == 0.1
     written = lambda: {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
     before = written()
     capsys.readouterr()
-    assert train.main(["--run", "x", "VAL_FRACTION=0.3", "--check-config"]) == 2
+    assert train.main(["--run", "x", "VAL_FRACTION=0.1", "--check-config"]) == 2  # the config's: not the split's
     one_error_line(capsys, f"runs/x began on the split VAL_FRACTION={prepared}", f"give VAL_FRACTION={prepared}")
     for ok in ([f"VAL_FRACTION={prepared}"], [], ["VAL_FRACTION=0.3", "FORCE=1"]):
         assert train.main(["--run", "x", *ok, "--check-config"]) == 0, capsys.readouterr().err
     assert train.main(["--run", "x", "EPOCHS=2", "--check-config"]) == 2  # what training refuses, refused here
     one_error_line(capsys, "runs/x was started with another config (changed: epochs)")
     assert written() == before
-    assert train.main(["--run", "x", f"VAL_FRACTION={prepared}"]) == 0  # its config's 0.3 is not a change
-    # an ensemble alike: its members' configs say 0.3 too, which is no change of theirs either (a member refused
+    assert train.main(["--run", "x", f"VAL_FRACTION={prepared}"]) == 0  # its config's 0.1 is not a change
+    # an ensemble alike: its members' configs say 0.1 too, which is no change of theirs either (a member refused
     # it after the ensemble's record took it, and every later resume was refused)
     with signal_while_judged():  # member 0 stops with its checkpoint
-        assert train.main(["--run", "e", *ENSEMBLE, "VAL_FRACTION=0.3"]) == 128 + signal.SIGINT
+        assert train.main(["--run", "e", *ENSEMBLE]) == 128 + signal.SIGINT
     assert (root / "runs" / "e" / "members" / "0" / "checkpoints").is_dir()
     assert train.main(["--run", "e", f"VAL_FRACTION={prepared}"]) == 0, capsys.readouterr().err
     assert train.main(["--run", "e"]) == 0 and runs.Run("e").finished
