@@ -119,6 +119,7 @@ def session_budget(max_time):
 
 def settings(preset, epochs, max_time, device, seed) -> Settings:
     """The settings cell's values, checked: a typing mistake is one UserError here, before any data is read."""
+    from pipeline import runs
     from pipeline.config import preset_path
     from pipeline.errors import UserError
     from pipeline.train import parse_duration
@@ -141,8 +142,12 @@ def settings(preset, epochs, max_time, device, seed) -> Settings:
                         f"submit need their share: at most '{MAX_TRAINING_S // 3600}h'")
     if device not in DEVICES:
         raise UserError(f"DEVICE = {device!r}: expected one of {', '.join(repr(d) for d in DEVICES)}")
-    return Settings(preset=preset, epochs=whole("EPOCHS", epochs, 1, allow_none=True), max_time=max_time,
-                    device=device, seed=whole("SEED", seed, 0))
+    checked = Settings(preset=preset, epochs=whole("EPOCHS", epochs, 1, allow_none=True), max_time=max_time,
+                       device=device, seed=whole("SEED", seed, 0))
+    if not runs.RUN_NAME.fullmatch(checked.run):  # train would refuse it, after the push, the queue and setup
+        raise UserError(f"EPOCHS = {epochs!r}, SEED = {seed!r}: the run's name they make ({len(checked.run)} "
+                        f"characters) is longer than a run's name may be: use smaller numbers")
+    return checked
 
 
 def training_device(asked):

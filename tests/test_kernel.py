@@ -348,7 +348,10 @@ def test_settings_are_checked_and_name_their_run():
                          (("quick", None, "", "auto", 0), "MAX_TIME = '': expected a duration"),
                          (("quick", None, "11h1m", "auto", 0), "MAX_TIME = '11h1m': Kaggle ends a session at 12h"),
                          (("quick", None, "1h", "GPU", 0), "DEVICE = 'GPU': expected one of 'auto', 'cpu', 'gpu'"),
-                         (("quick", None, "1h", "auto", -1), "SEED = -1: expected a whole number of at least 0")):
+                         (("quick", None, "1h", "auto", -1), "SEED = -1: expected a whole number of at least 0"),
+                         # a run's name train refuses (over 100 characters), after the push, the queue and setup
+                         (("quick", None, "1h", "auto", int("1" * 90)), "longer than a run's name may be"),
+                         (("quick", 10 ** 90, "1h", "auto", 0), "longer than a run's name may be")):
         with pytest.raises(UserError, match=re.escape(message)):
             kaggle_env.settings(*bad)
 
