@@ -445,6 +445,7 @@ def refuse_options_the_build_lacks(folder, environ):
         except ValueError:
             return text
 
+    refuse_cased_settings(environ)
     given = {name: canonical(name, environ.get(f"PIPELINE_VAR_{name}", ""))
              for name in environ.get("PIPELINE_MAKE_VARS", "").split()
              if name in (*SETTINGS, "GPU", "CONTINUE", "KAGGLE_KERNEL_ID") and environ.get(f"PIPELINE_VAR_{name}")}
@@ -582,10 +583,20 @@ def build_parser():
     return p
 
 
+def refuse_cased_settings(environ):
+    """`make kernel epochs=3` (train takes settings in any case): make passes the notebook's settings only in
+    capitals, so the build kept EPOCHS = None, unsaid; `make kernel-push epochs=3` pushed the build as it was."""
+    cased = [v for v in environ.get("PIPELINE_MAKE_VARS", "").split() if v.upper() in SETTINGS and v != v.upper()]
+    if cased:
+        raise UserError(f"{cased[0]}=: the notebook's settings are written in capitals for make kernel: "
+                        f"{cased[0].upper()}=")
+
+
 def refuse_unused_settings(environ):
     """`make kernel LR=1`: a training setting the settings cell does not hold would never reach the notebook."""
     from pipeline.config import TrainConfig
 
+    refuse_cased_settings(environ)
     names = {f.name.upper() for f in dataclasses.fields(TrainConfig)} - set(SETTINGS)
     exported = set(environ.get("PIPELINE_ENV_SETTINGS", "").split())  # (VAL_FRACTION=0.2 for make train: not ours)
     unused = [v for v in environ.get("PIPELINE_MAKE_VARS", "").split() if v.upper() in names and v not in exported]

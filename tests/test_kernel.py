@@ -142,6 +142,13 @@ def test_a_training_setting_the_notebook_does_not_take_is_refused(tmp_path, caps
     assert err.startswith("error: LR, batch_size: the notebook's settings cell holds only PRESET") and \
         err.count("\n") == 1, err
     assert not (tmp_path / "k").exists()
+    for cased in ("epochs", "Seed", "max_time", "device"):  # `make kernel epochs=3` built EPOCHS = None, unsaid
+        monkeypatch.setenv("PIPELINE_MAKE_VARS", f"GPU {cased}")
+        assert kernel.main([*args, "--gpu"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {cased}=: the notebook's settings are written in capitals for make kernel: " \
+                      f"{cased.upper()}=\n", err
+        assert not (tmp_path / "k").exists()
     monkeypatch.setenv("PIPELINE_MAKE_VARS", "EPOCHS GPU KAGGLE_KERNEL_ID PRESET SEED")
     assert kernel.main([*args, "--epochs", "2", "--gpu"]) == 0
 
@@ -842,6 +849,10 @@ def test_push_refuses_make_variables_the_build_does_not_hold(fake, kernel_folder
     assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
     command = capsys.readouterr().err.split("(`")[1].split("`)")[0]
     assert "DEVICE=auto" in command and "GPU=1" in command  # a build that `make kernel` accepts
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "seed")  # `make kernel-push seed=3`: pushed the build's SEED, unsaid
+    monkeypatch.setenv("PIPELINE_VAR_seed", "3")
+    assert kernel.main(["push", "--folder", str(kernel_folder), "--poll-interval", "0"]) == 2
+    assert "error: seed=: the notebook's settings are written in capitals" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [(["--device", "gpu"], "add GPU=1"),
