@@ -130,6 +130,10 @@ def shared_holdout(outputs, min_rows=MIN_SHARED_ROWS):
     (K, n, 10). Every candidate blend is then judged on the same rows, by all of its members.
     """
     rows = functools.reduce(np.intersect1d, [idx for idx, _, _ in outputs])
+    if len(rows) < min_rows and all(len(idx) == len(rows) for idx, _, _ in outputs):  # one split, too small
+        raise UserError(f"the members' validation split holds only {len(rows)} rows, and choosing a blend needs "
+                        f"at least {min_rows}: prepare a larger VAL_FRACTION (`make train VAL_FRACTION=0.1 "
+                        f"RUN=NEW` splits and trains)")
     if len(rows) < min_rows:
         raise UserError(f"the members share only {len(rows)} validation rows: they were trained on different "
                         f"splits (an ensemble from before members shared the prepared split); train it again "

@@ -481,6 +481,7 @@ def train_ensemble(folder, preset, cfg, force):
         check_members(folder, cfg, force)
     check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
     check_members_split(folder, cfg, force)
+    check_blendable_split(cfg)
     if not all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
         check_buildable(cfg)  # (a finished ensemble on a machine without its GPU still says "nothing to do")
     new = not (folder / "config.toml").is_file()
@@ -549,6 +550,18 @@ def check_members_split(folder, cfg, force):
                     f"out: {advice}train on this one under a new RUN="
                     + (", or FORCE=1 to continue on it" if same_seed else
                        " (FORCE=1 does not apply: members of two split seeds share too few held-out rows)"))
+
+
+def check_blendable_split(cfg):
+    """An ensemble's blend is chosen on its validation rows: a prepared split of fewer rows than it needs
+    (`VAL_FRACTION=0.0003`) trained every member, then the blend refused them all."""
+    from pipeline.ensemble import MIN_SHARED_ROWS
+
+    n_val = len(dataset.load_split()[1]) if cfg.split_seed < 0 else MIN_SHARED_ROWS  # (its own split: not read)
+    if n_val < MIN_SHARED_ROWS:
+        raise UserError(f"the prepared validation split holds {n_val} rows, and an ensemble's blend is chosen on "
+                        f"at least {MIN_SHARED_ROWS}: prepare a larger VAL_FRACTION (`make train VAL_FRACTION=0.1 "
+                        f"...` splits the data again first)")
 
 
 def train_members(folder, preset, cfg, force, deadline):

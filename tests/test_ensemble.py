@@ -40,6 +40,13 @@ def test_members_on_different_splits_are_refused_in_one_line():
         ensemble.shared_holdout([(np.arange(20), y[:20], onehot(y[:20])), (np.arange(20, 40), y[20:], onehot(y[20:]))])
 
 
+def test_members_of_one_split_too_small_to_choose_on_are_told_so():
+    # VAL_FRACTION=0.0003: the members of one split were told they came from different splits
+    y, rows = np.arange(40) % 10, np.arange(10)
+    with pytest.raises(UserError, match="validation split holds only 10 rows, and choosing a blend needs at least 20"):
+        ensemble.shared_holdout([(rows, y[rows], onehot(y[rows]))] * 2)
+
+
 def test_the_estimate_comes_from_the_half_that_took_no_part_in_the_choice():
     n = 400
     y = np.arange(n) % 10

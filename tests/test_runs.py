@@ -726,6 +726,18 @@ def test_a_val_fraction_given_to_train_itself_is_the_prepared_one_or_refused(roo
     assert train.main(["--run", "base", f"VAL_FRACTION={prepared}"]) == 0
 
 
+def test_an_ensemble_on_a_split_too_small_to_blend_is_refused_before_it_trains(root, capsys):
+    # `VAL_FRACTION=0.0003`: every member trained, then the blend refused them all
+    split = root / "data" / "processed" / "split.npz"
+    d = load_npz(split)
+    save_npz(split, {"train_idx": np.sort(np.concatenate([d["train_idx"], d["val_idx"][10:]])),
+                     "val_idx": d["val_idx"][:10]})
+    assert train.main(["--run", "ens", *ENSEMBLE]) == 2
+    one_error_line(capsys, "the prepared validation split holds 10 rows", "VAL_FRACTION")
+    assert not (root / "runs" / "ens").exists()
+    assert train.main(["--run", "one", "--preset", "quick", *FAST]) == 0  # a single net has no blend to choose
+
+
 def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
     # `make train RUN=x MEMBERS=3 FORCE=1` over a net stopped by MAX_TIME made an ensemble whose stale checkpoint
     # refused every later `make train RUN=x`
