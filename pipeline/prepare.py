@@ -21,6 +21,7 @@ import io
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import pandas as pd
 
 from pipeline import dataset, paths
 from pipeline.errors import StageArgumentParser, UserError, cli_main
-from pipeline.fileio import file_sha256, save_npz, write_json
+from pipeline.fileio import file_sha256, held_lock, save_npz, write_json
 
 PIXELS = 784
 TEST_HEADER = tuple(f"pixel{i}" for i in range(PIXELS))
@@ -258,6 +259,11 @@ def up_to_date(meta, raw_dir, out_dir, val_fraction, split_seed):
         return False
     if split_seed not in (None, meta.get("split_seed")) or val_fraction not in (None, meta.get("val_fraction")):
         return False
+    try:  # split.npz of the split meta.json names (two prepares at once, before the lock, mixed them)
+        if len(dataset.load_split(out_dir)[1]) != meta.get("n_val"):
+            return False
+    except UserError:
+        return False  # a damaged split.npz: prepared again
     if any(dataset.raw_csv_problem(raw_dir / f"{name}.csv") for name in ("train", "test")):
         return False  # a FIFO or a device would be hashed forever: preparing says what is wrong, in one line
     try:
@@ -271,7 +277,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     raw_dir = args.raw or paths.data_raw()
     out_dir = args.out or paths.data_processed()
+    # two prepares at once (`make train RUN=a` beside `make train RUN=b VAL_FRACTION=0.5`) mixed their files:
+    # meta.json of one, split.npz of the other, and every later prepare said "nothing to do"
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    note = f"pid {os.getpid()} (prepare, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    with held_lock(lock, note, lambda holder: f"{shown(out_dir)} is being prepared by {holder}: let it end, then "
+                                              f"prepare again"):
+        return prepare(args, raw_dir, out_dir)
 
+
+def prepare(args, raw_dir, out_dir):
     if (raw_dir / dataset.FETCH_INCOMPLETE).exists():
         raise UserError(f"{raw_dir} holds a fetch that was cut short (some CSVs new, some old): `make fetch` "
                         f"fetches it again (or, if you put the CSVs there yourself since, delete "

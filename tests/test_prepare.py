@@ -124,6 +124,26 @@ MALFORMED = [
 ]
 
 
+def test_a_second_prepare_at_once_is_refused_and_a_mixed_output_is_prepared_again(prepared, capsys):
+    # two prepares at once mixed meta.json of one with split.npz of the other, and every later
+    # `prepare --if-needed` said "nothing to do" while training held out another fraction of the rows
+    from pipeline.fileio import held_lock, load_npz, save_npz
+
+    raw, out, before = prepared
+    lock = out.parent / f".{out.name}.lock"
+    with held_lock(lock, "pid 4242 (prepare, since today)", lambda holder: holder):
+        assert run(raw, out, "--val-fraction", "0.5") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is being prepared by pid 4242 (prepare" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    split = load_npz(out / "split.npz")  # what the race left: another split than meta.json's
+    save_npz(out / "split.npz", {"train_idx": split["train_idx"][:-5], "val_idx": split["val_idx"][:-1]})
+    capsys.readouterr()
+    assert run(raw, out, "--if-needed") == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("case,train,test,words", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_csv_is_refused_without_touching_outputs(case, train, test, words, prepared, capsys):
     raw, out, before = prepared
