@@ -551,6 +551,27 @@ def test_clean_leaves_a_run_in_use_alone(tmp_path):
     assert not (box / "runs" / "x").exists()
 
 
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs flock(1)")
+def test_clean_holds_the_locks_until_everything_is_removed(tmp_path):
+    # clean let go of each lock once it had checked it, then removed runs/*/: a stage that locked its run in
+    # between lost it from under its process
+    box = sandbox(tmp_path)
+    built(box)
+    (box / "runs" / "x" / ".lock").write_text("")
+    (box / "data" / ".processed.lock").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    rm = bin_dir / "rm"  # what a stage locking now would find: each lock taken or free
+    rm.write_text(f"#!/bin/bash\nfor l in runs/x/.lock data/.processed.lock; do flock -n \"$l\" true && echo \"$l free\" "
+                  f">> {tmp_path / 'seen'} || echo \"$l held\" >> {tmp_path / 'seen'}; done\n"
+                  f"exec {shutil.which('rm')} \"$@\"\n")
+    rm.chmod(0o755)
+    result = sandbox_make(box, "clean", env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "seen").read_text().splitlines()[:2] == ["runs/x/.lock held", "data/.processed.lock held"]
+    assert not (box / "runs" / "x").exists()
+
+
 @pytest.mark.parametrize("variable", ["PROCESSED=data/my x", "PY=python3", "RAW=/", "RUNDIR=runs/a b", "KERNEL_BUILD=."])
 def test_the_makefiles_own_names_are_refused_on_the_command_line(tmp_path, variable):
     # they were pasted into recipes as typed: `make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x
