@@ -583,6 +583,22 @@ def build_parser():
     return p
 
 
+def continued_settings(out, settings, gpu, environ):
+    """(settings, gpu) for `make kernel CONTINUE=1` over the build in `out`: what is not given is the build's,
+    since the template's (`standard`, seed 0, a CPU) name another run, which trained afresh beside the one to
+    continue. Said in a line. No build there: as given."""
+    if not (Path(out) / METADATA).is_file():
+        return settings, gpu
+    built = built_options(out)
+    kept = {name: built[name] for name in SETTINGS if name not in settings and name in built}
+    gpu_given = "GPU" in environ.get("PIPELINE_MAKE_VARS", "").split()
+    keep_gpu = not gpu and not gpu_given and bool(built.get("GPU"))
+    if kept or keep_gpu:
+        shown = ", ".join(f"{name}={value}" for name, value in {**kept, **({"GPU": 1} if keep_gpu else {})}.items())
+        print(f"CONTINUE=1: keeping the build's {shown}, so that its run continues (give them to change)")
+    return {**settings, **kept}, gpu or keep_gpu
+
+
 def refuse_cased_settings(environ):
     """`make kernel epochs=3` (train takes settings in any case): make passes the notebook's settings only in
     capitals, so the build kept EPOCHS = None, unsaid; `make kernel-push epochs=3` pushed the build as it was."""
@@ -618,6 +634,8 @@ def main(argv=None):
         given = {"PRESET": args.preset, "EPOCHS": args.epochs, "MAX_TIME": args.max_time, "DEVICE": args.device,
                  "SEED": args.seed}
         settings = {name: value for name, value in given.items() if value is not None}
+        if args.continue_run:
+            settings, args.gpu = continued_settings(args.out, settings, args.gpu, os.environ)
         check_session(check_settings(settings)["DEVICE"], args.gpu)
         if not args.force:
             refuse_to_overwrite_edits(args.out, {**settings, "GPU": int(args.gpu), "CONTINUE": int(args.continue_run),

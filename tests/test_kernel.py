@@ -133,6 +133,24 @@ def test_make_variables_are_written_into_the_settings_cell(tmp_path, capsys):
     assert _settings_of(_cells(out / kernel.NOTEBOOK, "settings")[0].source)["SEED"] == 12  # left as it was
 
 
+def test_continue_keeps_the_builds_settings_not_the_templates(tmp_path, capsys, monkeypatch):
+    # `make kernel PRESET=quick SEED=3 GPU=1`, then `make kernel CONTINUE=1`: a CPU `standard` seed 0 notebook,
+    # whose run (kaggle-standard) trained afresh beside the one to continue
+    monkeypatch.delenv("PIPELINE_MAKE_VARS", raising=False)
+    out = tmp_path / "k"
+    args = ["--id", KERNEL_ID, "--out", str(out)]
+    assert kernel.main([*args, "--preset", "quick", "--seed", "3", "--gpu"]) == 0
+    capsys.readouterr()
+    assert kernel.main([*args, "--continue", "--max-time", "2h"]) == 0
+    assert "CONTINUE=1: keeping the build's PRESET=quick, DEVICE=auto, SEED=3, GPU=1" in capsys.readouterr().out
+    (cell,) = _cells(out / kernel.NOTEBOOK, "settings")
+    assert _settings_of(cell.source) == {**kernel.template_settings(), "PRESET": "quick", "SEED": 3, "MAX_TIME": "2h"}
+    assert kernel.built_options(out)["GPU"] == 1 and kernel.built_options(out)["CONTINUE"] == 1
+    monkeypatch.setenv("PIPELINE_MAKE_VARS", "GPU")  # GPU=0 given: a CPU session, as asked
+    assert kernel.main([*args, "--continue", "--preset", "standard"]) == 0
+    assert kernel.built_options(out)["PRESET"] == "standard" and kernel.built_options(out)["GPU"] == 0
+
+
 def test_a_training_setting_the_notebook_does_not_take_is_refused(tmp_path, capsys, monkeypatch):
     # `make kernel LR=1` built a notebook that trains with the preset's LR, without a word
     args = ["--id", KERNEL_ID, "--out", str(tmp_path / "k")]
