@@ -74,7 +74,7 @@ $(foreach v,$(CMDLINE_VARS),$(if $(and $(if $(findstring %,$(v)),,1),$(filter-ou
 # (`make clean PROCESSED='data/my x'` ran rm -rf on data/my and on x).
 INTERNAL_VARS := CMDLINE_VARS READ_VARS ENV_SETTINGS INTERNAL_VARS PY PRESET_ARG PREDICT_TTA FORCE_GIVEN SUBMIT_FORCE name_chars strip_chars not_a_name \
   upper CASED_VARS \
-  RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS CLEANED
+  RAW PROCESSED RUNDIR SUBMISSION SUBMITTED_RUN KERNEL_BUILD KERNEL KERNEL_SUBMISSION KERNEL_OPTIONS CLEANED PREPARE_LOCK
 $(foreach v,$(filter $(INTERNAL_VARS),$(CMDLINE_VARS)),$(error $(v)= is a name this Makefile keeps for itself, not a setting))
 # The switches are 0 or 1: `make kernel GPU=yes` built a CPU session, `make ensemble TTA=true` tried no shifts.
 $(foreach v,TTA GPU CONTINUE UPLOAD $(filter FORCE,$(CMDLINE_VARS)),$(if $(filter-out 0 1,$(value $(v))),\
@@ -219,14 +219,16 @@ $(KERNEL_SUBMISSION): FORCE | $(VENV)/.installed
 
 FORCE:
 
+PREPARE_LOCK := $(dir $(PROCESSED)).$(notdir $(PROCESSED)).lock
 CLEANED := $(PROCESSED)/* runs/*/ $(SUBMISSION) submissions/.run submissions/.submission.json submissions/score.json \
   data/.kaggle-download-*
 clean: ## remove processed data, runs, the submission and its records, and temp files a killed stage left (keeps data/raw, data/external, .venv, build/, submissions/kernel/ and the upload record)
 	@# a run in use (its .lock held: a training, a blend, a prediction) or a prepare under way is not pulled from
 	@# under its process: each lock is taken, and held until everything is removed (a stage that locks meanwhile
 	@# is refused, as it is beside any holder)
-	@if command -v flock >/dev/null; then for lock in runs/*/.lock $(dir $(PROCESSED)).$(notdir $(PROCESSED)).lock; do \
-	  [ -e "$$lock" ] || continue; exec {fd}<"$$lock"; flock -n "$$fd" || \
-	  { echo "error: $${lock%/.lock} is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; done; fi; \
+	@if command -v flock >/dev/null; then fd=9; for lock in runs/*/.lock $(PREPARE_LOCK); do \
+	  [ -e "$$lock" ] || continue; fd=$$((fd + 1)); what=$${lock%/.lock}; [ "$$lock" != $(PREPARE_LOCK) ] || what=$(PROCESSED); \
+	  eval "exec $$fd<\"\$$lock\"" || { echo "error: cannot read $$lock, so $$what may be in use: check, then remove it" >&2; exit 2; }; \
+	  flock -n "$$fd" || { echo "error: $$what is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; done; fi; \
 	echo 'rm -rf $(CLEANED)'; rm -rf $(CLEANED)
 	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

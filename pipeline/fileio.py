@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,20 +18,24 @@ from pipeline.errors import UserError
 
 
 @contextmanager
-def held_lock(path, note, busy, shared=False):
+def held_lock(path, note, busy, shared=False, wait=False):
     """Hold an flock on `path` (created when absent) for the block, with `note` written into it for whoever
-    finds it held. fcntl.flock: the kernel drops it when the holder dies, even by kill -9. Never waits: held
-    elsewhere, it is a UserError of busy(the holder's note)."""
+    finds it held. fcntl.flock: the kernel drops it when the holder dies, even by kill -9. Held elsewhere, it
+    is a UserError of busy(the holder's note); with `wait`, busy(...) is printed and the lock waited for."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise UserError(f"{path}: cannot open the lock: {exc.strerror}") from None
     try:
+        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(busy(os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process")) \
-                from None
+            message = busy(os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process")
+            if not wait:
+                raise UserError(message) from None
+            print(message, file=sys.stderr, flush=True)
+            fcntl.flock(fd, kind)
         os.ftruncate(fd, 0)
         os.pwrite(fd, note.encode(), 0)
         yield

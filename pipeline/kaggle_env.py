@@ -145,8 +145,9 @@ def settings(preset, epochs, max_time, device, seed) -> Settings:
     checked = Settings(preset=preset, epochs=whole("EPOCHS", epochs, 1, allow_none=True), max_time=max_time,
                        device=device, seed=whole("SEED", seed, 0))
     if not runs.RUN_NAME.fullmatch(checked.run):  # train would refuse it, after the push, the queue and setup
-        raise UserError(f"EPOCHS = {epochs!r}, SEED = {seed!r}: the run's name they make ({len(checked.run)} "
-                        f"characters) is longer than a run's name may be: use smaller numbers")
+        raise UserError(f"PRESET = {preset!r}, EPOCHS = {epochs!r}, SEED = {seed!r}: the run's name they make "
+                        f"({len(checked.run)} characters) is longer than a run's name may be: use smaller numbers "
+                        f"(or a preset of a shorter name)")
     return checked
 
 

@@ -53,6 +53,7 @@ DEFAULT_TITLE = "Digit Recognizer NumPy CNN"   # Kaggle derives the slug from th
 GPU_MACHINE_SHAPE = "NvidiaTeslaT4"
 # The settings cell's variables, in the order of kaggle_env.settings()'s arguments.
 SETTINGS = ("PRESET", "EPOCHS", "MAX_TIME", "DEVICE", "SEED")
+RUN_NAMING = ("PRESET", "EPOCHS", "SEED")  # those of SETTINGS that name the run (kaggle_env.Settings.run)
 COMPETITION_TEST_ROWS = 28000  # Kaggle's test.csv: the rows a kernel's submission.csv answers
 SOURCE_LIMIT = 1_000_000  # Kaggle refuses a kernel source over 1 MB
 # The modules the notebook's cells import; the bundle is these plus everything they import from pipeline.
@@ -583,20 +584,25 @@ def build_parser():
     return p
 
 
-def continued_settings(out, settings, gpu, environ):
-    """(settings, gpu) for `make kernel CONTINUE=1` over the build in `out`: what is not given is the build's,
-    since the template's (`standard`, seed 0, a CPU) name another run, which trained afresh beside the one to
-    continue. Said in a line. No build there: as given."""
-    if not (Path(out) / METADATA).is_file():
-        return settings, gpu
-    built = built_options(out)
-    kept = {name: built[name] for name in SETTINGS if name not in settings and name in built}
-    gpu_given = "GPU" in environ.get("PIPELINE_MAKE_VARS", "").split()
-    keep_gpu = not gpu and not gpu_given and bool(built.get("GPU"))
-    if kept or keep_gpu:
-        shown = ", ".join(f"{name}={value}" for name, value in {**kept, **({"GPU": 1} if keep_gpu else {})}.items())
-        print(f"CONTINUE=1: keeping the build's {shown}, so that its run continues (give them to change)")
-    return {**settings, **kept}, gpu or keep_gpu
+def continued_settings(out, settings):
+    """The settings for `make kernel CONTINUE=1` over the build in `out`: the preset, epochs and seed that name
+    its run are the build's when not given, since the template's (`standard`, seed 0) name another run, which
+    trained afresh beside the one to continue. MAX_TIME, DEVICE and the session (GPU=) continue any run: as
+    given. Said in a line; a build that cannot be read (none, an older or damaged one) keeps nothing."""
+    naming = [name for name in RUN_NAMING if name not in settings]
+    if not naming or not (Path(out) / METADATA).is_file():
+        return settings
+    try:
+        built = built_options(out)
+    except UserError as exc:
+        print(f"CONTINUE=1: the build in {out} cannot be read ({exc}), so its run's settings are not kept: give "
+              f"{', '.join(f'{name}=' for name in naming)} as the run to continue was built", file=sys.stderr)
+        return settings
+    kept = {name: built[name] for name in naming if name in built}
+    if kept:
+        print(f"CONTINUE=1: keeping the build's {', '.join(f'{k}={v}' for k, v in kept.items())}, which name the "
+              f"run it continues (give them to change)")
+    return {**settings, **kept}
 
 
 def refuse_cased_settings(environ):
@@ -635,7 +641,7 @@ def main(argv=None):
                  "SEED": args.seed}
         settings = {name: value for name, value in given.items() if value is not None}
         if args.continue_run:
-            settings, args.gpu = continued_settings(args.out, settings, args.gpu, os.environ)
+            settings = continued_settings(args.out, settings)
         check_session(check_settings(settings)["DEVICE"], args.gpu)
         if not args.force:
             refuse_to_overwrite_edits(args.out, {**settings, "GPU": int(args.gpu), "CONTINUE": int(args.continue_run),

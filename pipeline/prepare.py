@@ -282,8 +282,8 @@ def main(argv=None):
     lock = out_dir.parent / f".{out_dir.name}.lock"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     note = f"pid {os.getpid()} (prepare, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
-    with held_lock(lock, note, lambda holder: f"{shown(out_dir)} is being prepared by {holder}: let it end, then "
-                                              f"prepare again"):
+    with held_lock(lock, note, lambda holder: f"waiting for {holder}, which is preparing {shown(out_dir)}",
+                   wait=True):  # (a prepare takes seconds; `make train` beside `make train` both ask for one)
         return prepare(args, raw_dir, out_dir)
 
 

@@ -363,7 +363,12 @@ def main(argv=None):
                 raise UserError(f"ARCH={cfg.arch} is not the first of MEMBER_ARCHS={cfg.member_archs}, which the "
                                 f"members take in turn: give MEMBER_ARCHS= (empty) to train every member as ARCH, "
                                 f"or MEMBER_ARCHS={cfg.arch},...")
-            return 0 if args.check_config else train_ensemble(folder, preset, cfg, args.force)
+            if args.check_config:
+                asked = asked_val_fraction(args.overrides)
+                if asked is not None and cfg.split_seed < 0:  # before prepare splits what every run shares
+                    check_blendable_split(cfg, asked)
+                return 0
+            return train_ensemble(folder, preset, cfg, args.force)
         if (folder / "members").is_dir():  # never a single net into an ensemble's folder
             raise UserError(single_net_in_an_ensemble(folder))
         if cfg.member_archs.strip():
@@ -402,26 +407,32 @@ def started_split(folder):
     return None
 
 
+def asked_val_fraction(overrides):
+    """The VAL_FRACTION given among the KEY=value overrides (the last one, as typed), or None."""
+    asked = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
+    return asked[-1] if asked else None
+
+
 def check_val_fraction_prepared(overrides, cfg):
     """VAL_FRACTION=... given to train, which holds out the split prepare made (SPLIT_SEED unset): make prepares
     it first; `python -m pipeline.train VAL_FRACTION=0.5` trained on the prepared 0.1 and recorded 0.5."""
-    given = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
-    prepared = dataset.load_meta().get("val_fraction") if given and cfg.split_seed < 0 else None
+    given = asked_val_fraction(overrides)
+    prepared = dataset.load_meta().get("val_fraction") if given is not None and cfg.split_seed < 0 else None
     # the value typed, not cfg's: a resumed run's cfg is its record (the split it began on), checked elsewhere
-    if isinstance(prepared, float) and float(given[-1]) != prepared:
-        raise UserError(f"VAL_FRACTION={given[-1]}: training holds out the split prepare made, VAL_FRACTION="
-                        f"{prepared}; `make train VAL_FRACTION={given[-1]} ...` splits the data again first (or "
-                        f"`python -m pipeline.prepare --val-fraction {given[-1]}`)")
+    if isinstance(prepared, float) and float(given) != prepared:
+        raise UserError(f"VAL_FRACTION={given}: training holds out the split prepare made, VAL_FRACTION="
+                        f"{prepared}; `make train VAL_FRACTION={given} ...` splits the data again first (or "
+                        f"`python -m pipeline.prepare --val-fraction {given}`)")
 
 
 def check_split_asked(folder, overrides, force):
     """`make train VAL_FRACTION=... RUN=x` asks prepare to split the shared data again for x, before x trains:
     refused (unless FORCE=1) when x began on another split, which it would then refuse to continue on."""
-    asked = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].upper() == "VAL_FRACTION"]
-    split = started_split(folder) if asked and not force else None
-    if split and isinstance(split[1], float) and float(asked[-1]) != split[1]:
+    asked = asked_val_fraction(overrides)
+    split = started_split(folder) if asked is not None and not force else None
+    if split and isinstance(split[1], float) and float(asked) != split[1]:
         raise UserError(f"runs/{folder.name} began on the split VAL_FRACTION={split[1]} (split seed {split[0]}), "
-                        f"so VAL_FRACTION={asked[-1]} would split the data again under it: give VAL_FRACTION="
+                        f"so VAL_FRACTION={asked} would split the data again under it: give VAL_FRACTION="
                         f"{split[1]} or none, train the new split under another RUN=, or FORCE=1 to continue on it")
 
 
@@ -552,16 +563,26 @@ def check_members_split(folder, cfg, force):
                        " (FORCE=1 does not apply: members of two split seeds share too few held-out rows)"))
 
 
-def check_blendable_split(cfg):
+def check_blendable_split(cfg, asked=None):
     """An ensemble's blend is chosen on its validation rows: a prepared split of fewer rows than it needs
-    (`VAL_FRACTION=0.0003`) trained every member, then the blend refused them all."""
+    (`VAL_FRACTION=0.0003`) trained every member, then the blend refused them all. asked: the VAL_FRACTION
+    `make train` asks prepare for (checked before it splits the data every run shares, from the class counts
+    of meta.json: a stratified split's size does not depend on its seed)."""
     from pipeline.ensemble import MIN_SHARED_ROWS
 
-    n_val = len(dataset.load_split()[1]) if cfg.split_seed < 0 else MIN_SHARED_ROWS  # (its own split: not read)
+    if asked is not None:
+        counts = dataset.load_meta().get("class_counts")
+        if not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts):
+            return  # an old or odd meta.json: checked again once prepared
+        n_val = len(dataset.stratified_split(np.repeat(np.arange(len(counts)), counts), float(asked), 0)[1])
+    elif cfg.split_seed < 0:
+        n_val = len(dataset.load_split()[1])
+    else:
+        return  # its own split (SPLIT_SEED): the blend says so if it is too small
     if n_val < MIN_SHARED_ROWS:
-        raise UserError(f"the prepared validation split holds {n_val} rows, and an ensemble's blend is chosen on "
-                        f"at least {MIN_SHARED_ROWS}: prepare a larger VAL_FRACTION (`make train VAL_FRACTION=0.1 "
-                        f"...` splits the data again first)")
+        raise UserError(f"the {'asked' if asked is not None else 'prepared'} validation split holds {n_val} rows, "
+                        f"and an ensemble's blend is chosen on at least {MIN_SHARED_ROWS}: prepare a larger "
+                        f"VAL_FRACTION (`make train VAL_FRACTION=0.1 ...` splits the data again first)")
 
 
 def train_members(folder, preset, cfg, force, deadline):

@@ -134,21 +134,29 @@ def test_make_variables_are_written_into_the_settings_cell(tmp_path, capsys):
 
 
 def test_continue_keeps_the_builds_settings_not_the_templates(tmp_path, capsys, monkeypatch):
-    # `make kernel PRESET=quick SEED=3 GPU=1`, then `make kernel CONTINUE=1`: a CPU `standard` seed 0 notebook,
+    # `make kernel PRESET=quick SEED=3 EPOCHS=4`, then `make kernel CONTINUE=1`: a `standard` seed 0 notebook,
     # whose run (kaggle-standard) trained afresh beside the one to continue
-    monkeypatch.delenv("PIPELINE_MAKE_VARS", raising=False)
     out = tmp_path / "k"
     args = ["--id", KERNEL_ID, "--out", str(out)]
-    assert kernel.main([*args, "--preset", "quick", "--seed", "3", "--gpu"]) == 0
+    assert kernel.main([*args, "--preset", "quick", "--seed", "3", "--epochs", "4", "--device", "gpu", "--gpu"]) == 0
     capsys.readouterr()
-    assert kernel.main([*args, "--continue", "--max-time", "2h"]) == 0
-    assert "CONTINUE=1: keeping the build's PRESET=quick, DEVICE=auto, SEED=3, GPU=1" in capsys.readouterr().out
+    assert kernel.main([*args, "--continue", "--max-time", "2h"]) == 0  # GPU=0: a CPU session, as asked
+    assert "CONTINUE=1: keeping the build's PRESET=quick, EPOCHS=4, SEED=3, which name the run" in \
+        capsys.readouterr().out
     (cell,) = _cells(out / kernel.NOTEBOOK, "settings")
-    assert _settings_of(cell.source) == {**kernel.template_settings(), "PRESET": "quick", "SEED": 3, "MAX_TIME": "2h"}
-    assert kernel.built_options(out)["GPU"] == 1 and kernel.built_options(out)["CONTINUE"] == 1
-    monkeypatch.setenv("PIPELINE_MAKE_VARS", "GPU")  # GPU=0 given: a CPU session, as asked
-    assert kernel.main([*args, "--continue", "--preset", "standard"]) == 0
-    assert kernel.built_options(out)["PRESET"] == "standard" and kernel.built_options(out)["GPU"] == 0
+    assert _settings_of(cell.source) == {**kernel.template_settings(), "PRESET": "quick", "EPOCHS": 4, "SEED": 3,
+                                         "MAX_TIME": "2h"}  # DEVICE and MAX_TIME continue any run: as given
+    assert kernel.built_options(out)["GPU"] == 0 and kernel.built_options(out)["CONTINUE"] == 1
+    assert kernel.main([*args, "--continue", "--preset", "standard"]) == 0  # given: the new preset, said
+    assert kernel.built_options(out)["PRESET"] == "standard" and kernel.built_options(out)["SEED"] == 3
+    # a build that cannot be read (an older one, a settings cell edited apart): built as given, with a line
+    notebook = out / kernel.NOTEBOOK
+    notebook.write_text(notebook.read_text().replace('DEVICE = \\"auto\\"', "DEVICE_ = 1"))
+    capsys.readouterr()
+    assert kernel.main([*args, "--continue", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "give PRESET=, EPOCHS=, SEED=" in err, err
+    assert kernel.built_options(out)["PRESET"] == "standard"
 
 
 def test_a_training_setting_the_notebook_does_not_take_is_refused(tmp_path, capsys, monkeypatch):

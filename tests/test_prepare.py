@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +125,27 @@ MALFORMED = [
 ]
 
 
-def test_a_second_prepare_at_once_is_refused_and_a_mixed_output_is_prepared_again(prepared, capsys):
+def test_a_second_prepare_at_once_waits_and_a_mixed_output_is_prepared_again(prepared, capsys):
     # two prepares at once mixed meta.json of one with split.npz of the other, and every later
     # `prepare --if-needed` said "nothing to do" while training held out another fraction of the rows
-    from pipeline.fileio import held_lock, load_npz, save_npz
+    from pipeline.fileio import load_npz, save_npz
 
     raw, out, before = prepared
     lock = out.parent / f".{out.name}.lock"
-    with held_lock(lock, "pid 4242 (prepare, since today)", lambda holder: holder):
-        assert run(raw, out, "--val-fraction", "0.5") == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is being prepared by pid 4242 (prepare" in err, err
+    lock.write_text("pid 4242 (prepare, since today)")
+    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
+           "time.sleep(1.5)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        started = time.monotonic()
+        assert run(raw, out, "--if-needed") == 0  # waits for the other, then finds nothing to do
+        assert time.monotonic() - started > 0.5
+        captured = capsys.readouterr()
+        assert "waiting for pid 4242 (prepare" in captured.err and "nothing to do" in captured.out, captured
+    finally:
+        holder.kill()
+        holder.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     split = load_npz(out / "split.npz")  # what the race left: another split than meta.json's
     save_npz(out / "split.npz", {"train_idx": split["train_idx"][:-5], "val_idx": split["val_idx"][:-1]})

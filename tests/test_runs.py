@@ -736,6 +736,13 @@ def test_an_ensemble_on_a_split_too_small_to_blend_is_refused_before_it_trains(r
     one_error_line(capsys, "the prepared validation split holds 10 rows", "VAL_FRACTION")
     assert not (root / "runs" / "ens").exists()
     assert train.main(["--run", "one", "--preset", "quick", *FAST]) == 0  # a single net has no blend to choose
+    # `make train VAL_FRACTION=0.0003 PRESET=overnight`: asked before prepare splits the data every run shares
+    meta_path = root / "data" / "processed" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "class_counts": [12] * 10}))
+    capsys.readouterr()
+    assert train.main(["--run", "ens", *ENSEMBLE, "VAL_FRACTION=0.05", "--check-config"]) == 2
+    one_error_line(capsys, "the asked validation split holds 10 rows")
+    assert train.main(["--run", "ens", *ENSEMBLE, "VAL_FRACTION=0.2", "--check-config"]) == 0
 
 
 def test_forced_members_on_an_unfinished_single_net_are_refused(root, capsys):
