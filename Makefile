@@ -224,11 +224,12 @@ CLEANED := $(PROCESSED)/* runs/*/ $(SUBMISSION) submissions/.run submissions/.su
   data/.kaggle-download-*
 clean: ## remove processed data, runs, the submission and its records, and temp files a killed stage left (keeps data/raw, data/external, .venv, build/, submissions/kernel/ and the upload record)
 	@# a run in use (its .lock held: a training, a blend, a prediction) or a prepare under way is not pulled from
-	@# under its process: each lock is taken, and held until everything is removed (a stage that locks meanwhile
-	@# is refused, as it is beside any holder)
+	@# under its process: each lock is taken, noted as clean's, and held until everything is removed (a run's stage
+	@# that locks meanwhile is refused, naming clean; a prepare waits for it)
 	@if command -v flock >/dev/null; then fd=9; for lock in runs/*/.lock $(PREPARE_LOCK); do \
 	  [ -e "$$lock" ] || continue; fd=$$((fd + 1)); what=$${lock%/.lock}; [ "$$lock" != $(PREPARE_LOCK) ] || what=$(PROCESSED); \
 	  eval "exec $$fd<\"\$$lock\"" || { echo "error: cannot read $$lock, so $$what may be in use: check, then remove it" >&2; exit 2; }; \
-	  flock -n "$$fd" || { echo "error: $$what is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; done; fi; \
+	  flock -n "$$fd" || { echo "error: $$what is in use ($$(cat "$$lock")): stop it first" >&2; exit 2; }; \
+	  { echo "pid $$$$ (make clean, since $$(date '+%Y-%m-%d %H:%M:%S'))" > "$$lock"; } 2>/dev/null || true; done; fi; \
 	echo 'rm -rf $(CLEANED)'; rm -rf $(CLEANED)
 	find $(PROCESSED) $(RAW) data/external submissions -maxdepth 1 -name '.*.tmp' -type f -delete 2>/dev/null; true

@@ -564,11 +564,14 @@ def test_clean_holds_the_locks_until_everything_is_removed(tmp_path):
     rm = bin_dir / "rm"  # what a stage locking now would find: each lock taken or free
     rm.write_text(f"#!/bin/bash\nfor l in runs/x/.lock data/.processed.lock; do flock -n \"$l\" true && echo \"$l free\" "
                   f">> {tmp_path / 'seen'} || echo \"$l held\" >> {tmp_path / 'seen'}; done\n"
+                  f"cat runs/x/.lock >> {tmp_path / 'seen'}; echo >> {tmp_path / 'seen'}\n"
                   f"exec {shutil.which('rm')} \"$@\"\n")
     rm.chmod(0o755)
     result = sandbox_make(box, "clean", env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "seen").read_text().splitlines()[:2] == ["runs/x/.lock held", "data/.processed.lock held"]
+    seen = (tmp_path / "seen").read_text().splitlines()
+    assert seen[:2] == ["runs/x/.lock held", "data/.processed.lock held"], seen
+    assert "(make clean, since " in seen[2], seen  # a stage refused meanwhile names clean, not an old holder
     assert not (box / "runs" / "x").exists()
 
 
