@@ -8,7 +8,7 @@ hidden answer key says of each member alone, of the mean of the first k, and of 
 is read here only to print those scores, after every choice is made: nothing it holds reaches a choice.
 Below the table, an extrapolation (not a run): the error of the mean of k members fitted as a + b/k (least
 squares over k = 1..K; the issue asks for K >= 5 before it is quoted), and what it gives at 5, 8, 10 and 15
-members (4 hours on 2 cores are about 5 members of 45 epochs or 7-8 of 32; the preset's night is 10 of 45). Runs while the ensemble still trains (it reads finished members only; each member's test probabilities are
+members (4 hours on 2 cores are about 5 members of 45 epochs or 7-8 of 32; the preset's night is 9 of 45). Runs while the ensemble still trains (it reads finished members only; each member's test probabilities are
 cached in its folder as `make ensemble` caches them).
 """
 import argparse
