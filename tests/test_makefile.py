@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import TrainConfig, apply_values, make_overrides, stage_variables
 from pipeline import submit
+from tests.lock_holder import held_elsewhere
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -536,17 +537,10 @@ def test_clean_leaves_a_run_in_use_alone(tmp_path):
     built(box)
     lock = box / "runs" / "x" / ".lock"
     lock.write_text("pid 1234 (train, since today)")
-    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
-           "time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "1"
+    with held_elsewhere(lock):
         result = sandbox_make(box, "clean")
         assert result.returncode != 0 and "runs/x is in use (pid 1234 (train" in result.stderr, result.stderr
         assert (box / "runs" / "x" / "summary.json").exists() and (box / "submissions" / "submission.csv").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert sandbox_make(box, "clean").returncode == 0
     assert not (box / "runs" / "x").exists()
 

@@ -129,23 +129,17 @@ def test_a_second_prepare_at_once_waits_and_a_mixed_output_is_prepared_again(pre
     # two prepares at once mixed meta.json of one with split.npz of the other, and every later
     # `prepare --if-needed` said "nothing to do" while training held out another fraction of the rows
     from pipeline.fileio import load_npz, save_npz
+    from tests.lock_holder import held_elsewhere
 
     raw, out, before = prepared
     lock = out.parent / f".{out.name}.lock"
     lock.write_text("pid 4242 (prepare, since today)")
-    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
-           "time.sleep(1.5)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "1"
+    with held_elsewhere(lock, seconds=1.5):
         started = time.monotonic()
         assert run(raw, out, "--if-needed") == 0  # waits for the other, then finds nothing to do
         assert time.monotonic() - started > 0.5
         captured = capsys.readouterr()
         assert "waiting for pid 4242 (prepare" in captured.err and "nothing to do" in captured.out, captured
-    finally:
-        holder.kill()
-        holder.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     split = load_npz(out / "split.npz")  # what the race left: another split than meta.json's
     save_npz(out / "split.npz", {"train_idx": split["train_idx"][:-5], "val_idx": split["val_idx"][:-1]})
