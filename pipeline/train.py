@@ -490,11 +490,15 @@ def train_ensemble(folder, preset, cfg, force):
     deadline = time.monotonic() + seconds if seconds else None
     if ensemble_record(folder) is None:
         check_members(folder, cfg, force)
-    check_members_train_csv(folder, cfg)  # before the config is recorded: a refused MEMBERS=N leaves no trace
-    check_members_split(folder, cfg, force)
-    check_blendable_split(cfg)
-    if not all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
-        check_buildable(cfg)  # (a finished ensemble on a machine without its GPU still says "nothing to do")
+    members = [runs.run_of(folder / "members" / str(k)) for k in range(cfg.members)]
+    finished = [m for m in members if m.finished]
+    if len(finished) < len(members):  # what the members still to train would meet, before the config is recorded
+        # (a refused MEMBERS=N leaves no trace; a finished ensemble, even on a machine without its GPU, says
+        # "nothing to do")
+        check_members_train_csv(folder, finished)
+        check_members_split(folder, cfg, force)
+        check_blendable_split(cfg)
+        check_buildable(cfg)
     new = not (folder / "config.toml").is_file()
     folder.mkdir(parents=True, exist_ok=True)
     record_ensemble_config(folder, preset, cfg)
@@ -520,16 +524,12 @@ def check_buildable(cfg):
                   warmup_epochs=cfg.warmup_epochs)
 
 
-def check_members_train_csv(folder, cfg):
-    """Members still to train would learn the train.csv prepared now; a finished member that learnt another one
-    could not be blended with them (pipeline.ensemble refuses it), so the ensemble is refused before hours of
-    training rather than after."""
+def check_members_train_csv(folder, finished):
+    """Members still to train would learn the train.csv prepared now; a finished member (of `finished`) that
+    learnt another one could not be blended with them (pipeline.ensemble refuses it), so the ensemble is refused
+    before hours of training rather than after."""
     now = dataset.load_meta().get("train_sha256")
-    finished = [runs.run_of(folder / "members" / str(k)) for k in range(cfg.members)]
-    if not now or all(m.finished for m in finished):
-        return
-    other = [m.name.rsplit("/", 1)[-1] for m in finished
-             if m.finished and m.summary().get("train_sha256") not in (None, now)]
+    other = [m.name.rsplit("/", 1)[-1] for m in finished if now and m.summary().get("train_sha256") not in (None, now)]
     if other:
         raise UserError(f"runs/{folder.name}/members/{', '.join(other)} learnt another train.csv than the one "
                         f"prepared now, and an ensemble blends members of one train.csv: prepare the one they "
@@ -544,8 +544,6 @@ def check_members_split(folder, cfg, force):
     a word. FORCE=1 continues on another VAL_FRACTION of the same split seed (the smaller fraction's validation
     rows lie within the larger's, so every member holds them out), never on another split seed (too few rows
     held out by all to blend them)."""
-    if all(runs.run_of(folder / "members" / str(k)).finished for k in range(cfg.members)):
-        return
     started, now = started_split(folder), training_data(cfg)
     if started is None or started == now["split"]:
         return
